@@ -1,0 +1,1 @@
+"""Shared core of the latent sCT pipeline: I/O, geometry, intensities, VAE, metrics, phantom, CLI."""
