@@ -131,8 +131,8 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         )
     if image.GetDimension() != 3:
         raise VolumeError(f"{path}: {image.GetDimension()}D image; a 3D volume is needed")
-    if min(image.GetSize()) < 2 and image.GetSize()[2] < 2:
-        raise VolumeError(f"{path}: a single slice {image.GetSize()}; a 3D volume is needed")
+    if min(image.GetSize()) < 2:
+        raise VolumeError(f"{path}: a single slice, size (x, y, z) {image.GetSize()}; a 3D volume is needed")
     view = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(view.dtype, np.floating) and not np.isfinite(view).all():
         count = int((~np.isfinite(view)).sum())

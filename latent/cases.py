@@ -1,0 +1,205 @@
+"""Case discovery in the SynthRAD2025 / SynthRAD2023 layouts, grid checks and data splits."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from latent.io import VolumeError, VolumeProperties, is_volume_path, read_image
+
+#: Regions of SynthRAD2025 (Task 1) and SynthRAD2023 (Task 1); values are region codes in the pid.
+REGION_CODES = {"AB": "AB", "HN": "HN", "TH": "TH", "brain": "B", "pelvis": "P"}
+#: SynthRAD2025 pid: 1 + region + centre letter + 3 digits; SynthRAD2023: 1 + B|P + centre + 3 digits.
+PID_PATTERN = re.compile(r"^1(?P<region>AB|HN|TH|B|P)(?P<centre>[A-Z])(?P<number>\d{3})$")
+#: Volume roles and the file stems they are stored under.
+ROLES = ("mr", "ct", "mask")
+
+
+class CaseError(ValueError):
+    """A case is incomplete or inconsistent (message names the case)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """One patient: paths of its MR (always), CT and mask (when present)."""
+
+    pid: str
+    region: str
+    centre: str
+    mr: Path
+    ct: Path | None = None
+    mask: Path | None = None
+
+    @property
+    def folder(self) -> Path:
+        """The case's folder."""
+        return self.mr.parent
+
+
+def parse_pid(pid: str) -> tuple[str, str]:
+    """Return ``(region, centre)`` of a SynthRAD patient id, e.g. ``'1ABA005' -> ('AB', 'A')``.
+
+    Raises:
+        CaseError: the id does not follow the SynthRAD convention.
+    """
+    match = PID_PATTERN.match(pid)
+    if match is None:
+        raise CaseError(f"{pid}: not a SynthRAD patient id (expected e.g. 1ABA005 or 1BA001)")
+    region = match["region"]
+    region = {"B": "brain", "P": "pelvis"}.get(region, region)
+    return region, match["centre"]
+
+
+def _find_role_file(folder: Path, role: str) -> Path | None:
+    for entry in sorted(folder.iterdir()):
+        name = entry.name.lower()
+        if entry.is_file() and is_volume_path(entry) and name.split(".")[0] == role:
+            return entry
+    return None
+
+
+def discover_cases(root: str | os.PathLike, regions: Iterable[str] | None = None) -> list[Case]:
+    """Find every case under ``root``.
+
+    Accepts the data set root (holding ``Task1/``), the ``Task1`` folder itself or one region
+    folder. A case folder needs an ``mr`` volume (.mha, .nii.gz, .nii, .nrrd); ``ct`` and
+    ``mask`` are optional (validation/test cases have no CT).
+
+    Args:
+        root: data set root.
+        regions: keep only these regions (e.g. ``["AB", "TH"]``).
+
+    Returns:
+        Cases sorted by patient id.
+
+    Raises:
+        CaseError: no cases found under ``root``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise CaseError(f"{root}: data folder not found")
+    if (root / "Task1").is_dir():
+        root = root / "Task1"
+    region_dirs = [root] if root.name in REGION_CODES else [
+        d for d in sorted(root.iterdir()) if d.is_dir() and d.name in REGION_CODES
+    ]
+    wanted = set(regions) if regions else None
+    cases = []
+    for region_dir in region_dirs:
+        if wanted is not None and region_dir.name not in wanted:
+            continue
+        for folder in sorted(p for p in region_dir.iterdir() if p.is_dir()):
+            if folder.name.lower() == "overviews":
+                continue
+            mr = _find_role_file(folder, "mr")
+            if mr is None:
+                continue
+            try:
+                region, centre = parse_pid(folder.name)
+            except CaseError:
+                region, centre = region_dir.name, "?"
+            cases.append(Case(
+                pid=folder.name, region=region, centre=centre, mr=mr,
+                ct=_find_role_file(folder, "ct"), mask=_find_role_file(folder, "mask"),
+            ))
+    if not cases:
+        raise CaseError(f"{root}: no cases found (expected Task1/<region>/<pid>/mr.mha)")
+    return sorted(cases, key=lambda case: case.pid)
+
+
+def check_case_grid(case: Case) -> VolumeProperties:
+    """Check that the case's MR, CT and mask share one grid; return that grid.
+
+    Raises:
+        CaseError: naming the case, the volume and what differs.
+        VolumeError: a file is unreadable.
+    """
+    reference = VolumeProperties.from_image(read_image(case.mr))
+    for role in ("ct", "mask"):
+        path = getattr(case, role)
+        if path is None:
+            continue
+        other = VolumeProperties.from_image(read_image(path))
+        differences = reference.grid_differences(other)
+        if differences:
+            raise CaseError(f"{case.pid}: {role} grid differs from mr: {'; '.join(differences)}")
+    return reference
+
+
+def make_splits(
+    cases: Sequence[Case],
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    by_centre: bool = True,
+) -> dict[str, list[str]]:
+    """Deterministic train/val/test split stratified by region (and centre).
+
+    Each stratum is shuffled with ``seed`` and cut by ``fractions``; a stratum with at least
+    three cases gives every split at least one case, so small phantom sets still have a
+    validation and a test case per region.
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` of patient ids, each sorted.
+    """
+    if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for case in cases:
+        strata[(case.region, case.centre if by_centre else "")].append(case.pid)
+    # Small strata are merged per region so that rounding does not starve val/test.
+    if by_centre and any(len(pids) < 3 for pids in strata.values()):
+        return make_splits(cases, fractions, seed, by_centre=False)
+    splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for key in sorted(strata):
+        pids = sorted(strata[key])
+        random.Random(f"{seed}:{key[0]}:{key[1]}").shuffle(pids)
+        count = len(pids)
+        n_val = round(count * fractions[1])
+        n_test = round(count * fractions[2])
+        if count >= 3:
+            n_val, n_test = max(n_val, 1 if fractions[1] > 0 else 0), max(n_test, 1 if fractions[2] > 0 else 0)
+        n_train = count - n_val - n_test
+        splits["train"] += pids[:n_train]
+        splits["val"] += pids[n_train:n_train + n_val]
+        splits["test"] += pids[n_train + n_val:]
+    return {name: sorted(pids) for name, pids in splits.items()}
+
+
+def save_splits(splits: dict[str, list[str]], path: str | os.PathLike) -> Path:
+    """Write splits as JSON (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(splits, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
+    """Read splits written by :func:`save_splits`.
+
+    Raises:
+        CaseError: the file is missing or malformed.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CaseError(f"{path}: split file not found") from None
+    except json.JSONDecodeError as error:
+        raise CaseError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise CaseError(f"{path}: expected an object of lists, e.g. {{'train': [...], 'val': [...]}}")
+    return {str(name): [str(pid) for pid in pids] for name, pids in data.items()}
+
+
+__all__ = [
+    "Case", "CaseError", "VolumeError", "check_case_grid", "discover_cases", "load_splits",
+    "make_splits", "parse_pid", "save_splits",
+]

@@ -1,0 +1,151 @@
+"""`latent evaluate`: score a prediction folder against the data set, SynthRAD-style.
+
+A prediction folder holds ``<pid>.mha`` (or ``.nii.gz``) per case on the case's native grid.
+Every case with a CT and a mask is scored; a missing prediction, one on another grid, or a
+broken input is a one-line per-case error, the others are still scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from latent.cases import Case, CaseError, discover_cases
+from latent.io import VolumeError, read_volume
+from latent.metrics import score_case
+from latent.runner import CaseRun, run_over_cases
+
+#: Metric columns, in table order, with their display precision.
+METRIC_COLUMNS = {"mae": 1, "psnr": 2, "ms_ssim": 4, "ssim": 4, "bone_dice": 3, "bone_hd95": 2}
+PREDICTION_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
+
+
+def find_prediction(pred_dir: Path, pid: str) -> Path:
+    """The prediction file of ``pid`` in ``pred_dir``.
+
+    Raises:
+        CaseError: no prediction for that case.
+    """
+    for suffix in PREDICTION_SUFFIXES:
+        candidate = pred_dir / f"{pid}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise CaseError(f"{pid}: no prediction {pred_dir / (pid + '.mha')} (or .nii.gz)")
+
+
+def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
+    """Score one prediction file against its case's CT inside the case's mask."""
+    if case.ct is None or case.mask is None:
+        raise CaseError(f"{case.pid}: needs ct and mask to be scored")
+    ct, ct_properties = read_volume(case.ct, dtype=np.float32)
+    mask, mask_properties = read_volume(case.mask)
+    sct, sct_properties = read_volume(prediction, dtype=np.float32)
+    for name, properties in (("mask", mask_properties), ("prediction", sct_properties)):
+        differences = ct_properties.grid_differences(properties)
+        if differences:
+            path = case.mask if name == "mask" else prediction
+            raise CaseError(f"{case.pid}: {name} {path} is on another grid than the CT: {'; '.join(differences)}")
+    if not np.any(mask):
+        raise CaseError(f"{case.pid}: empty mask {case.mask}")
+    scores = score_case(ct, sct, mask > 0, ct_properties.spacing)
+    return {"pid": case.pid, "region": case.region, "centre": case.centre, **{k: float(v) for k, v in scores.items()}}
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return math.nan, math.nan
+    if any(math.isinf(v) for v in finite):
+        return (math.inf if all(v > 0 for v in finite if math.isinf(v)) else math.nan), math.nan
+    return float(np.mean(finite)), float(np.std(finite))
+
+
+def summarise(rows: Iterable[dict], group_key: str = "region", columns: Iterable[str] = METRIC_COLUMNS) -> list[dict]:
+    """Mean and std of each metric per group and over all rows (group ``'all'``)."""
+    rows = list(rows)
+    columns = list(columns)
+    groups = sorted({str(row[group_key]) for row in rows}) + ["all"]
+    summary = []
+    for group in groups:
+        members = [row for row in rows if group == "all" or str(row[group_key]) == group]
+        entry: dict = {group_key: group, "n": len(members)}
+        for column in columns:
+            entry[column], entry[f"{column}_std"] = _mean_std([float(row[column]) for row in members if column in row])
+        summary.append(entry)
+    return summary
+
+
+def format_summary(summary: list[dict], group_key: str = "region", columns: Iterable[str] = METRIC_COLUMNS) -> str:
+    """Markdown table of :func:`summarise` output (mean +- std)."""
+    columns = list(columns)
+    header = f"| {group_key} | n | " + " | ".join(columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 2)]
+    for entry in summary:
+        cells = []
+        for column in columns:
+            digits = METRIC_COLUMNS.get(column, 3)
+            mean, std = entry[column], entry[f"{column}_std"]
+            cells.append(f"{mean:.{digits}f} +- {std:.{digits}f}" if not math.isnan(std) else f"{mean:.{digits}f}")
+        lines.append(f"| {entry[group_key]} | {entry['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@dataclass
+class Evaluation:
+    """Per-case scores, failures and the summary."""
+
+    run: CaseRun[dict]
+    summary: list[dict]
+
+    @property
+    def rows(self) -> list[dict]:
+        """Per-case score rows, sorted by patient id."""
+        return [self.run.results[pid] for pid in sorted(self.run.results)]
+
+
+def write_rows_csv(rows: list[dict], path: Path) -> Path:
+    """Write rows as CSV atomically (columns from the first row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+    return path
+
+
+def evaluate_predictions(
+    pred_dir: str | os.PathLike,
+    data_root: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    pids: Iterable[str] | None = None,
+    quiet: bool = False,
+) -> Evaluation:
+    """Score every case with a CT in ``data_root`` (or only ``pids``) against ``pred_dir``.
+
+    Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary and failures).
+    """
+    pred_dir = Path(pred_dir)
+    if not pred_dir.is_dir():
+        raise CaseError(f"{pred_dir}: prediction folder not found")
+    cases = [case for case in discover_cases(data_root) if case.ct is not None]
+    if pids is not None:
+        wanted = set(pids)
+        cases = [case for case in cases if case.pid in wanted]
+    run = run_over_cases(cases, lambda case: score_prediction(case, find_prediction(pred_dir, case.pid)), "evaluate", quiet)
+    evaluation = Evaluation(run, summarise(run.results.values()) if run.results else [])
+    if out is not None:
+        out = Path(out)
+        write_rows_csv(evaluation.rows, out)
+        report = {"cases": evaluation.rows, "summary": evaluation.summary, "failures": run.failures}
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return evaluation
