@@ -1,0 +1,148 @@
+"""PyTorch dataset over a latent cache: split-aware, optional preload, aligned random crops.
+
+Each item is ``{"pid": str, key: float32 tensor}``. Latents keep their channel axis,
+``(C, d, h, w)``; pixel volumes and masks get one, ``(1, D, H, W)`` / ``(1, d, h, w)``, so
+a default ``DataLoader`` batch is ``(B, C, ...)`` for every key.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
+
+
+def _per_channel(values: Sequence[float], z):
+    """``values`` shaped (C, 1, 1, 1) in z's library, dtype and device (broadcasts over B)."""
+    channels = z.shape[-4]
+    if len(values) != channels:
+        raise ValueError(f"{len(values)} statistics for {channels} latent channels")
+    if isinstance(z, torch.Tensor):
+        return torch.as_tensor(values, dtype=z.dtype, device=z.device).reshape(-1, 1, 1, 1)
+    return np.asarray(values, dtype=z.dtype).reshape(-1, 1, 1, 1)
+
+
+def standardise(z, mean: Sequence[float], std: Sequence[float]):
+    """``(z - mean) / std`` per latent channel; z is (C, d, h, w) or (B, C, d, h, w)."""
+    return (z - _per_channel(mean, z)) / _per_channel(std, z)
+
+
+def destandardise(z, mean: Sequence[float], std: Sequence[float]):
+    """Inverse of :func:`standardise`: ``z * std + mean`` per latent channel."""
+    return z * _per_channel(std, z) + _per_channel(mean, z)
+
+
+def read_split(split_json_path: str | Path, split_name: str) -> list[str]:
+    """Case ids of one split from ``{"train": [...], "val": [...], "test": [...]}``."""
+    with open(split_json_path, encoding="utf-8") as handle:
+        splits = json.load(handle)
+    if split_name not in splits:
+        raise KeyError(f"{split_json_path} has no split {split_name!r}; it has {sorted(splits)}")
+    return list(splits[split_name])
+
+
+class LatentPairDataset(Dataset):
+    """Cases of one split from a :class:`~cache.store.LatentCache`.
+
+    Args:
+        cache: the producer group to read.
+        pids: case ids of the split; every one must hold every key.
+        keys: arrays to return (``mr_mu``, ``ct_mu``, ``mask_latent``, ``mr_pixels``,
+            ``ct_pixels``, ``mask_pixels``).
+        preload: read all cases into memory once (stored dtype, float16 by default).
+        crop: random crop size in latent voxels (int or (d, h, w)); the same crop is taken
+            from every latent-resolution key and the matching box, ``cache.downsample``
+            (4) times larger, from pixel keys.
+        seed: crops depend only on (seed, epoch, index), so workers and reruns agree.
+        normalise: standardise ``mr_mu``/``ct_mu`` with the cache's stored per-channel
+            statistics (``(z - mean) / std``); undo with :func:`destandardise`.
+    """
+
+    def __init__(self, cache: LatentCache, pids: Iterable[str], keys: Sequence[str] = ("mr_mu", "ct_mu"),
+                 preload: bool = False, crop: int | Sequence[int] | None = None, seed: int = 0,
+                 normalise: bool = True) -> None:
+        self.cache = cache
+        self.pids = list(pids)
+        self.keys = tuple(keys)
+        unknown = [key for key in self.keys if key not in ARRAY_KEYS]
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; allowed: {list(ARRAY_KEYS)}")
+        lacking = [pid for pid in self.pids if not cache.has_case(pid, need=self.keys)]
+        if lacking:
+            raise CacheError(f"{len(lacking)} case(s) lack {list(self.keys)} or are not cached: "
+                             f"{lacking[:10]}")
+        self.crop = None if crop is None else _triple(crop)
+        self.downsample = cache.downsample  # pixel keys are cropped this many times larger
+        if self.crop is not None and self.downsample is None and set(self.keys) & set(PIXEL_KEYS):
+            raise CacheError(f"producer {cache.key} records no pixel-to-latent factor")
+        self.seed = seed
+        self.epoch = 0
+        self.stats = {}
+        if normalise and any(key in LATENT_KEYS for key in self.keys):
+            stored = cache.latent_stats() or {}
+            for key in (k for k in self.keys if k in LATENT_KEYS):
+                if not stored.get(key):
+                    raise CacheError(f"no latent statistics for {key} in producer {cache.key}; "
+                                     "run update_latent_stats(train_pids) or pass normalise=False")
+                self.stats[key] = stored[key]
+        self._memory = ({pid: cache.read_case(pid, self.keys, as_float32=False) for pid in self.pids}
+                        if preload else None)
+
+    @classmethod
+    def from_split(cls, cache: LatentCache, split_json_path: str | Path, split_name: str,
+                   **kwargs) -> LatentPairDataset:
+        """Dataset of the cases listed under ``split_name`` in a split JSON file."""
+        return cls(cache, read_split(split_json_path, split_name), **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw a new set of crops (call once per epoch)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.pids)
+
+    def __getitem__(self, index: int) -> dict:
+        pid = self.pids[index]
+        arrays = (self._memory[pid] if self._memory is not None
+                  else self.cache.read_case(pid, self.keys, as_float32=False))
+        if self.crop is not None:
+            arrays = self._crop(arrays, np.random.default_rng([self.seed, self.epoch, index]))
+        item = {"pid": pid}
+        for key in self.keys:
+            # np.array copies: a tensor must never alias the preloaded arrays
+            tensor = torch.from_numpy(np.array(arrays[key], dtype=np.float32))
+            if tensor.ndim == 3:
+                tensor = tensor.unsqueeze(0)
+            if key in self.stats:
+                tensor = standardise(tensor, self.stats[key]["mean"], self.stats[key]["std"])
+            item[key] = tensor
+        return item
+
+    def _crop(self, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """One random box in latent voxels, scaled by the downsampling for pixel keys."""
+        first = next(iter(arrays))
+        grid = arrays[first].shape[-3:]
+        if first in PIXEL_KEYS:
+            grid = tuple(n // self.downsample for n in grid)
+        if any(c > n for c, n in zip(self.crop, grid)):
+            raise ValueError(f"crop {self.crop} is larger than the latent grid {grid}")
+        start = [int(rng.integers(0, n - c + 1)) for c, n in zip(self.crop, grid)]
+        out = {}
+        for key, data in arrays.items():
+            scale = self.downsample if key in PIXEL_KEYS else 1
+            box = tuple(slice(s * scale, (s + c) * scale) for s, c in zip(start, self.crop))
+            out[key] = data[(..., *box)]
+        return out
+
+
+def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:
+    sizes = (size,) * 3 if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"crop must be a positive int or three of them, got {size!r}")
+    return sizes
