@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from latent.cases import CaseError
-from latent.grid import GridError
-from latent.io import VolumeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MR -> synthetic CT in a VAE latent space.")
 
-#: Input errors that end a command with one line on stderr and exit status 2 (no traceback).
-USER_ERRORS = (VolumeError, CaseError, GridError, FileNotFoundError, ValueError)
+from latent.cli_common import USER_ERRORS, fail, report_failures, setup_logging, split_pids
+from latent.cli_stages import cache_app, encode, vae_app
 
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one error line and exit."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-
-
-def _report_failures(failures: dict[str, str]) -> None:
-    for message in failures.values():
-        typer.echo(f"error: {message}", err=True)
-    if failures:
-        typer.echo(f"{len(failures)} case(s) failed", err=True)
-        raise typer.Exit(1)
-
-
-def _split_pids(split_file: Optional[Path], split: Optional[str]) -> Optional[list[str]]:
-    if split_file is None:
-        return None
-    from latent.cases import load_splits
-
-    splits = load_splits(split_file)
-    if split not in splits:
-        raise CaseError(f"{split_file}: no split {split!r} (has {', '.join(splits)})")
-    return splits[split]
+app.command()(encode)
+app.add_typer(cache_app, name="cache")
+app.add_typer(vae_app, name="vae")
 
 
 @app.command()
@@ -56,7 +26,7 @@ def phantom(
     seed: int = typer.Option(0, help="Random seed (same seed, same data)."),
     size: str = typer.Option("small", help="small (fast, demo/tests) or synthrad (1 x 1 x 3 mm, SynthRAD extents)."),
     misregistration: bool = typer.Option(False, help="Small rigid MR/CT misregistration."),
-    metal: bool = typer.Option(False, help="Add metal implants to some cases."),
+    metal: bool = typer.Option(False, help="Add one metal implant (screw, pacemaker or dental crown) to every case."),
 ) -> None:
     """Generate a paired MR/CT phantom data set in the SynthRAD2025 layout."""
     from latent.phantom import generate_phantom_dataset
@@ -91,27 +61,58 @@ def split(
 
 @app.command()
 def predict(
-    out: Path = typer.Option(..., help="Prediction folder (<pid>.mha per case)."),
-    data: Optional[Path] = typer.Option(None, help="Data set root."),
-    method: Optional[str] = typer.Option(None, help="Baseline: water or bulk."),
+    out: Path = typer.Option(..., help="Prediction folder (<pid>.mha per case, <pid>_std.mha for K > 1 samples)."),
+    data: Optional[Path] = typer.Option(None, help="Data set root (SynthRAD layout)."),
+    method: Optional[str] = typer.Option(None, help="Baseline instead of a model: water or bulk."),
+    model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output)."),
+    mr: Optional[Path] = typer.Option(None, help="One MR file instead of --data."),
+    mask: Optional[Path] = typer.Option(None, help="Body mask of --mr (derived from the MR when absent)."),
+    from_cache: Optional[Path] = typer.Option(None, "--from-cache", help="Read MR latents from this cache instead of encoding."),
+    gc_io: Optional[tuple[Path, Path]] = typer.Option(None, "--gc-io", help="Grand Challenge INPUT and OUTPUT folders."),
+    vae: Optional[str] = typer.Option(None, help="VAE spec (default: the one recorded in the run)."),
+    samples: int = typer.Option(1, min=1, help="Samples averaged for diffusion models; a std map is written for K > 1."),
+    seed: int = typer.Option(0),
+    fmt: str = typer.Option("mha", "--format", help="mha, nii.gz, nii, nrrd or dicom."),
+    which: str = typer.Option("best", help="best or final model of the run."),
+    device: str = typer.Option("cpu"),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON."),
     split: str = typer.Option("test", help="Which split to predict when --split-file is given."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Write one sCT per case on the MR's native grid."""
-    from latent.predict import predict_baseline
-
-    _setup_logging(quiet)
-    if method is None or data is None:
-        fail("give --method water|bulk and --data ROOT")
+    """Write one sCT per case on the MR's exact native grid (baseline or trained model)."""
+    setup_logging(quiet)
     try:
-        pids = _split_pids(split_file, split)
-        fit_pids = _split_pids(split_file, "train") if split_file else None
-        run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
+        pids = split_pids(split_file, split)
+        if method is not None:
+            from latent.predict import predict_baseline
+
+            if data is None:
+                fail("--method needs --data ROOT")
+            fit_pids = split_pids(split_file, "train") if split_file else None
+            run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
+        elif model is not None:
+            from decode import predict_run as runner
+
+            trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
+            options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which)
+            if gc_io is not None:
+                run = runner.predict_grand_challenge(trained, loaded_vae, gc_io[0], gc_io[1], options, quiet)
+            elif mr is not None:
+                path = runner.predict_files(trained, loaded_vae, mr, mask, out, options)
+                typer.echo(f"wrote {path}")
+                return
+            elif from_cache is not None:
+                run = runner.predict_from_cache(trained, loaded_vae, from_cache, out, pids, options, quiet)
+            elif data is not None:
+                run = runner.predict_dataset(trained, loaded_vae, data, out, pids, options, quiet)
+            else:
+                fail("--model needs one of --data ROOT, --mr FILE, --from-cache CACHE or --gc-io IN OUT")
+        else:
+            fail("give --method water|bulk or --model RUN_DIR")
     except USER_ERRORS as error:
         fail(str(error))
-    typer.echo(f"wrote {len(run.results)} predictions to {out}")
-    _report_failures(run.failures)
+    typer.echo(f"wrote {len(run.results)} predictions to {out if gc_io is None else gc_io[1]}")
+    report_failures(run.failures)
 
 
 @app.command()
@@ -126,14 +127,14 @@ def evaluate(
     """Score predictions with SynthRAD2025 metrics (MAE, PSNR, MS-SSIM) plus SSIM and bone Dice/HD95."""
     from latent.evaluate import evaluate_predictions, format_summary
 
-    _setup_logging(quiet)
+    setup_logging(quiet)
     try:
-        evaluation = evaluate_predictions(pred, data, out, pids=_split_pids(split_file, split), quiet=quiet)
+        evaluation = evaluate_predictions(pred, data, out, pids=split_pids(split_file, split), quiet=quiet)
     except USER_ERRORS as error:
         fail(str(error))
     if evaluation.summary:
         typer.echo(format_summary(evaluation.summary))
-    _report_failures(evaluation.run.failures)
+    report_failures(evaluation.run.failures)
 
 
 @app.command()
@@ -145,7 +146,7 @@ def demo(
     """The main job: phantom data -> baselines -> evaluation, with a report."""
     from latent.demo import DemoConfig, run_demo
 
-    _setup_logging(False)
+    setup_logging(False)
     run_demo(out, DemoConfig(cases=cases, seed=seed))
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'report.md'}")
 

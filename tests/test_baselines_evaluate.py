@@ -1,0 +1,95 @@
+"""Baselines and `latent evaluate` on phantoms: grids, scores, and per-case errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latent.cases import discover_cases
+from latent.evaluate import evaluate_predictions, format_summary
+from latent.io import read_volume, write_volume
+from latent.predict import predict_baseline
+
+
+@pytest.fixture()
+def data_copy(phantom_root: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(phantom_root, root)
+    return root
+
+
+def test_water_baseline_is_on_the_native_grid(phantom_root: Path, tmp_path: Path) -> None:
+    run = predict_baseline("water", phantom_root, tmp_path / "water", quiet=True)
+    assert run.ok and len(run.results) == 6
+    for case in discover_cases(phantom_root):
+        sct, sct_properties = read_volume(tmp_path / "water" / f"{case.pid}.mha")
+        mask, mask_properties = read_volume(case.mask)
+        assert sct_properties.same_grid(mask_properties, tolerance=0)
+        assert set(np.unique(sct[mask > 0])) == {0} and set(np.unique(sct[mask == 0])) <= {-1000}
+
+
+def test_identical_prediction_scores_perfectly(phantom_root: Path, tmp_path: Path) -> None:
+    pred = tmp_path / "ct_copy"
+    pred.mkdir()
+    for case in discover_cases(phantom_root):
+        shutil.copy(case.ct, pred / f"{case.pid}.mha")
+    evaluation = evaluate_predictions(pred, phantom_root, tmp_path / "scores.csv", quiet=True)
+    assert evaluation.run.ok
+    for row in evaluation.rows:
+        assert row["mae"] == 0.0 and row["psnr"] == float("inf")
+        assert row["ms_ssim"] == pytest.approx(1.0) and row["bone_dice"] == pytest.approx(1.0)
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert {row["pid"] for row in report["cases"]} == {c.pid for c in discover_cases(phantom_root)}
+    assert "| all | 6 |" in format_summary(evaluation.summary)
+
+
+def test_bulk_beats_water_on_phantoms(phantom_root: Path, tmp_path: Path) -> None:
+    cases = discover_cases(phantom_root)
+    test_ids = [cases[0].pid, cases[3].pid]
+    fit_ids = [case.pid for case in cases if case.pid not in test_ids]
+    scores = {}
+    for method in ("water", "bulk"):
+        predict_baseline(method, phantom_root, tmp_path / method, pids=test_ids, fit_pids=fit_ids, quiet=True)
+        evaluation = evaluate_predictions(tmp_path / method, phantom_root, pids=test_ids, quiet=True)
+        scores[method] = np.mean([row["mae"] for row in evaluation.rows])
+    assert scores["bulk"] < scores["water"]
+    assert scores["bulk"] > 30  # the task is not trivial
+    model = json.loads((tmp_path / "bulk" / "bulk_model.json").read_text())
+    assert model["fitted_on"] == sorted(fit_ids)
+
+
+def test_broken_cases_are_reported_and_others_scored(data_copy: Path, tmp_path: Path) -> None:
+    cases = discover_cases(data_copy)
+    pred = tmp_path / "pred"
+    predict_baseline("water", data_copy, pred, quiet=True)
+    # 1: missing prediction; 2: prediction on another grid; 3: truncated CT; 4: empty mask.
+    (pred / f"{cases[0].pid}.mha").unlink()
+    sct, properties = read_volume(pred / f"{cases[1].pid}.mha")
+    write_volume(pred / f"{cases[1].pid}.mha", sct[:-1], type(properties)(properties.spacing, properties.origin,
+                 properties.direction, (properties.size[0], properties.size[1], properties.size[2] - 1)))
+    data = cases[2].ct.read_bytes()
+    cases[2].ct.write_bytes(data[: len(data) // 3])
+    mask, mask_properties = read_volume(cases[3].mask)
+    write_volume(cases[3].mask, np.zeros_like(mask), mask_properties)
+    evaluation = evaluate_predictions(pred, data_copy, quiet=True)
+    failures = evaluation.run.failures
+    assert set(failures) == {c.pid for c in cases[:4]}
+    assert "no prediction" in failures[cases[0].pid]
+    assert "on another grid" in failures[cases[1].pid] and "size" in failures[cases[1].pid]
+    assert "cannot be read" in failures[cases[2].pid] and "ct.mha" in failures[cases[2].pid]
+    assert "empty mask" in failures[cases[3].pid]
+    assert sorted(r["pid"] for r in evaluation.rows) == sorted(c.pid for c in cases[4:])
+
+
+def test_predict_reports_broken_inputs(data_copy: Path, tmp_path: Path) -> None:
+    cases = discover_cases(data_copy)
+    nan_mr = np.full((4, 5, 6), np.nan, np.float32)
+    from latent.io import VolumeProperties
+    write_volume(cases[0].mr, nan_mr, VolumeProperties((1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (6, 5, 4), "float32"))
+    cases[1].mask.unlink()
+    run = predict_baseline("water", data_copy, tmp_path / "pred", quiet=True)
+    assert "NaN/inf" in run.failures[cases[0].pid]
+    assert "no mask" in run.failures[cases[1].pid]
+    assert len(run.results) == len(cases) - 2

@@ -1,0 +1,44 @@
+"""The `latent` command line: in-process calls and one subprocess smoke test per verb."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from latent.cli import app
+
+runner = CliRunner()
+
+
+def test_phantom_split_predict_evaluate_in_process(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = runner.invoke(app, ["phantom", "--out", str(data), "--cases", "6", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["split", "--data", str(data), "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 0 and "train=" in result.output
+    result = runner.invoke(app, ["predict", "--method", "bulk", "--data", str(data), "--out", str(tmp_path / "p"), "-q"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "p"), "--data", str(data),
+                                 "--out", str(tmp_path / "scores.csv"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "| all | 6 |" in result.output and (tmp_path / "scores.csv").is_file()
+
+
+def test_missing_prediction_folder_is_one_line_error(tmp_path: Path, phantom_root: Path) -> None:
+    result = runner.invoke(app, ["evaluate", "--pred", str(tmp_path / "nope"), "--data", str(phantom_root)])
+    assert result.exit_code == 2
+    assert "nope: prediction folder not found" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_subprocess_smoke(tmp_path: Path, phantom_root: Path) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "latent.cli", "predict", "--method", "water", "--data", str(phantom_root),
+         "--out", str(tmp_path / "p"), "-q"], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    completed = subprocess.run(
+        [sys.executable, "-m", "latent.cli", "evaluate", "--pred", str(tmp_path / "p"), "--data", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and completed.stderr.strip().startswith("error:")
+    assert "Traceback" not in completed.stderr
