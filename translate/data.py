@@ -1,0 +1,151 @@
+"""Training and validation data for ``translate/train.py``, read from the latent cache.
+
+Thin glue over :mod:`cache`: open the producer group a run names (or the only one), build
+:class:`cache.LatentPairDataset` s of the split's cases with the arrays the model family needs,
+and wrap them in loaders whose batches follow the contract in ``translate/models/base.py``:
+float32 tensors with a channel axis, ``(B, 4, d, h, w)`` latents, ``(B, 1, D, H, W)`` pixels
+and masks. The training order is a permutation seeded by ``(seed, epoch)`` so that a resumed
+run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from translate.models.base import TranslationModel
+
+logger = logging.getLogger(__name__)
+
+LATENT_KEYS = ("mr_mu", "ct_mu")
+CHANNEL_KEYS = ("mask_latent", "mr_pixels", "ct_pixels", "mask_pixels")
+
+
+def model_batch_keys(model_cls: type[TranslationModel]) -> tuple[str, ...]:
+    """Cache arrays a family trains on: its ``batch_keys`` class attribute, else a default.
+
+    Defaults: latent input -> ``mr_mu`` + ``ct_mu`` (latent output) or ``ct_pixels`` +
+    ``mask_pixels`` (full-range output); pixel input -> ``mr_pixels``, ``ct_pixels``, ``mask_pixels``.
+    """
+    keys = getattr(model_cls, "batch_keys", None)
+    if keys:
+        return tuple(keys)
+    if model_cls.input_key == "mr_pixels":
+        return ("mr_pixels", "ct_pixels", "mask_pixels")
+    if model_cls.output_space == "ct_full":
+        return (model_cls.input_key, "ct_pixels", "mask_pixels")
+    return (model_cls.input_key, "ct_mu")
+
+
+def resolve_producer(cache_path: str | Path, producer: str) -> tuple[str, dict]:
+    """``(key, record)`` of the producer to train on; ``"auto"`` picks the store's only one.
+
+    Raises:
+        ValueError: ``auto`` with zero or several producers, or an unknown key (lists the present ones).
+    """
+    from cache import list_producers
+
+    present = list_producers(cache_path)
+    if producer == "auto":
+        if len(present) != 1:
+            raise ValueError(f"data.producer: 'auto' needs exactly one producer in {cache_path}, found "
+                             f"{len(present)} ({', '.join(present) or 'none'}); name one")
+        producer = next(iter(present))
+    if producer not in present:
+        raise ValueError(f"data.producer: {producer!r} is not in {cache_path}; present: {', '.join(present) or 'none'}")
+    return producer, present[producer]
+
+
+def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str], seed: int
+                         ) -> tuple[Dataset, Dataset | None, dict]:
+    """Train / validation datasets of a run's ``data`` section (a ``DataConfig``).
+
+    Returns:
+        ``(train_dataset, val_dataset or None, producer)`` where ``producer`` holds the key, the
+        record and the latent statistics used to standardise (``producer.json`` of the run).
+    """
+    from cache import LatentCache, LatentPairDataset
+
+    if data.cache is None or data.split_file is None:
+        missing = "data.cache" if data.cache is None else "data.split_file"
+        raise ValueError(f"{missing}: required (or pass train_dataset to train())")
+    key, record = resolve_producer(data.cache, data.producer)
+    cache = LatentCache.open(data.cache, key, mode="r")
+    train_dataset = LatentPairDataset.from_split(cache, data.split_file, data.train_split, keys=tuple(keys),
+                                                 preload=data.preload, crop=data.crop, seed=seed)
+    val_dataset = None
+    if data.val_split is not None:
+        val_dataset = LatentPairDataset.from_split(cache, data.split_file, data.val_split, keys=tuple(val_keys),
+                                                   preload=data.preload, crop=data.val_crop, seed=seed)
+        if data.val_limit is not None:
+            val_dataset = Subset(val_dataset, range(min(data.val_limit, len(val_dataset))))
+    producer = {"producer_key": key, "record": record, "latent_stats": cache.latent_stats(),
+                "cache": str(data.cache), "split_file": str(data.split_file),
+                "train_split": data.train_split, "val_split": data.val_split}
+    logger.info("data: producer %s, %d train / %d val cases", key, len(train_dataset),
+                0 if val_dataset is None else len(val_dataset))
+    return train_dataset, val_dataset, producer
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation that depends only on ``(seed, epoch)`` (call :meth:`set_epoch`)."""
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+def conform_item(item: dict[str, Any]) -> dict[str, Any]:
+    """One dataset item -> the batch contract (float32, channel axis on masks and pixels)."""
+    out = {}
+    for key, value in item.items():
+        if isinstance(value, torch.Tensor) or key in LATENT_KEYS + CHANNEL_KEYS:
+            value = torch.as_tensor(value).float()
+            if key in CHANNEL_KEYS and value.ndim == 3:
+                value = value.unsqueeze(0)
+            if key in LATENT_KEYS + CHANNEL_KEYS and value.ndim != 4:
+                raise ValueError(f"{key}: item of shape {tuple(value.shape)}, expected (C, d, h, w)")
+        out[key] = value
+    return out
+
+
+def collate_train(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack items into a training batch of tensors only (case ids are dropped)."""
+    items = [conform_item(item) for item in items]
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]
+            if isinstance(items[0][key], torch.Tensor)}
+
+
+def collate_val(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items into a validation batch; non-tensor entries (``pid``) become lists."""
+    items = [conform_item(item) for item in items]
+    return {key: torch.stack([item[key] for item in items]) if isinstance(items[0][key], torch.Tensor)
+            else [item[key] for item in items] for key in items[0]}
+
+
+def train_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Loader in a ``(seed, epoch)``-seeded order; its sampler is reachable as ``loader.sampler``."""
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed),
+                      num_workers=num_workers, collate_fn=collate_train, drop_last=False,
+                      persistent_workers=False, generator=torch.Generator().manual_seed(seed))
+
+
+def val_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
+    """Loader of the validation cases in their split order."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_val)

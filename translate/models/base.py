@@ -1,0 +1,139 @@
+"""The contract every translation model follows, and its save/load format.
+
+A model is an ``nn.Module`` built from a typed (pydantic) config. The training loop in
+``translate/train.py`` knows nothing about a model's maths: for each of the model's
+``phases`` (``("main",)``, or e.g. ``("discriminator", "generator")`` for GANs) it zeroes that
+phase's optimizer, calls ``model(batch, phase=...)`` through the Accelerate-wrapped module,
+back-propagates ``losses["loss"]`` and steps. Inference calls :meth:`TranslationModel.translate`.
+
+Batches are dicts of float32 tensors from the latent cache (``cache.dataset``):
+``mr_mu`` / ``ct_mu`` (B, 4, d, h, w) standardised latents, ``mr_pixels`` (B, 1, D, H, W)
+normalised MR, ``ct_pixels`` (B, 1, D, H, W) CT on the full range mapped to [-1, 1],
+``mask_pixels`` (B, 1, D, H, W) and ``mask_latent`` (B, 1, d, h, w) in {0, 1}.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+#: family name -> "module:Class" (imported lazily so a family's heavy deps load only when used).
+MODEL_FAMILIES: dict[str, str] = {
+    "l2l_ddim": "translate.models.l2l_ddim:LatentDiffusion",
+    "l2l_controlnet": "translate.models.l2l_controlnet:LatentControlNet",
+    "l2l_regress": "translate.models.l2l_regress:LatentRegression",
+    "l2sct": "translate.models.l2sct:LatentToSCT",
+    "pix2pix": "translate.models.pix2pix:Pix2Pix",
+    "cyclegan": "translate.models.cyclegan:CycleGAN",
+    "cut": "translate.models.cut:CUT",
+}
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+OutputSpace = Literal["ct_latent", "ct_full"]
+
+
+class ModelConfig(BaseModel):
+    """Base of every model config: unknown fields are refused with their name."""
+
+    model_config = ConfigDict(extra="forbid")
+    family: str
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class TranslationModel(nn.Module):
+    """Base class: subclasses set the class variables and implement forward and translate."""
+
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    #: Batch key the model translates from (``mr_mu`` for latent models, ``mr_pixels`` for pixel ones).
+    input_key: ClassVar[str] = "mr_mu"
+    #: What :meth:`translate` returns: a standardised CT latent or CT in [-1, 1] (full HU range).
+    output_space: ClassVar[OutputSpace] = "ct_latent"
+    #: Optimisation phases, each with its own optimizer, run in this order every step.
+    phases: ClassVar[tuple[str, ...]] = ("main",)
+    #: Whether :meth:`translate` is stochastic (diffusion): then K samples give an uncertainty map.
+    stochastic: ClassVar[bool] = False
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def phase_parameters(self, phase: str) -> list[nn.Parameter]:
+        """Parameters optimised in ``phase`` (default: all trainable ones)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, batch: dict[str, torch.Tensor], phase: str = "main") -> dict[str, torch.Tensor]:
+        """Losses of one phase; ``"loss"`` is back-propagated, the others are logged."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def translate(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Translate a batch of inputs (``batch[input_key]``) into ``output_space``."""
+        raise NotImplementedError
+
+    # -- persistence ------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` atomically (temp folder, then rename)."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            (staging / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+            save_file(state, str(staging / WEIGHTS_NAME))
+            if directory.exists():
+                retired = directory.with_name(f".{directory.name}.old")
+                shutil.rmtree(retired, ignore_errors=True)
+                os.replace(directory, retired)
+                os.replace(staging, directory)
+                shutil.rmtree(retired, ignore_errors=True)
+            else:
+                os.replace(staging, directory)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+
+def model_class(family: str) -> type[TranslationModel]:
+    """The model class of a family name.
+
+    Raises:
+        ValueError: unknown family (lists the known ones).
+    """
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}")
+    module_name, class_name = MODEL_FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_model(config: dict[str, Any] | ModelConfig) -> TranslationModel:
+    """Build a model from a config dict (validated by the family's config class) or object."""
+    family = config.family if isinstance(config, ModelConfig) else config.get("family")
+    if family is None:
+        raise ValueError("model config has no 'family' field")
+    cls = model_class(family)
+    typed = config if isinstance(config, cls.config_class) else cls.config_class.model_validate(
+        config.model_dump() if isinstance(config, ModelConfig) else config)
+    return cls(typed)
+
+
+def load_pretrained(directory: str | os.PathLike, map_location: str = "cpu") -> TranslationModel:
+    """Load a model saved by :meth:`TranslationModel.save_pretrained`."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    model = build_model(json.loads(config_path.read_text()))
+    model.load_state_dict(load_file(str(weights_path), device=map_location))
+    return model.eval()

@@ -1,0 +1,440 @@
+"""Shared pieces of the pixel-space GANs: config, generator, discriminator, sampling, inference.
+
+Tensor layouts: volumes are ``(B, 1, D, H, W)`` (z, y, x); 2D/2.5D training views are stacks of
+``k`` neighbouring axial slices as channels, ``(N, k, H, W)``; 3D views are patches
+``(N, 1, d, h, w)``. Generators work on "signed" intensities: CT on the full range mapped to
+[-1, 1] (as in the batches) and MR as ``2 * mr - 1`` (background 0 -> -1, p99.5 = 1 -> 1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.inferers import SlidingWindowInferer
+from monai.networks.layers import SkipConnection
+from monai.networks.nets import MultiScalePatchDiscriminator, UNet
+from pydantic import field_validator, model_validator
+from torch import nn
+
+from latent.intensity import AIR_HU, ct_to_full
+from translate.models.base import ModelConfig, TranslationModel
+from translate.models.gan_losses import build_discriminator, check_discriminator_input
+
+#: Pad value of every signed image: MR background (0) and CT pad (-1024 HU) both map to -1.
+SIGNED_BACKGROUND = -1.0
+
+
+#: Air (-1000 HU) on the [-1, 1] full-range CT scale: target of the background term.
+AIR_SIGNED = float(ct_to_full(np.float32(AIR_HU)))
+#: Water (0 HU) on the [-1, 1] scale (about -0.5): where a fresh MR->CT generator starts.
+WATER_SIGNED = float(ct_to_full(np.float32(0.0)))
+
+
+def mr_to_signed(mr: torch.Tensor) -> torch.Tensor:
+    """Normalised MR (0 -> 0, p99.5 -> 1) to the generators' scale, ``2 mr - 1`` (no clipping)."""
+    return 2.0 * mr - 1.0
+
+
+class PixelGANConfig(ModelConfig):
+    """Fields shared by Pix2Pix, CycleGAN and CUT (sampling, networks, inference).
+
+    Attributes:
+        mode: ``"2d"`` axial slices, ``"2.5d"`` stacks of ``context_slices`` slices, ``"3d"`` patches.
+        context_slices: k (odd) neighbouring slices of a 2.5D stack; edge slices repeat at the ends.
+        slices_per_volume: axial slices (2D/2.5D) drawn per volume and step, among slices with body.
+        patch_size: (d, h, w) 3D training patch and sliding-window size; multiples of the
+            generator's downsampling factor.
+        patches_per_volume: 3D patches drawn per volume and step, centred on random body voxels.
+        channels, strides, num_res_units, norm: MONAI ``UNet`` generator (strides default to 2 per
+            level; downsampling = product of strides; in-plane sizes are padded to a multiple).
+        disc_channels, disc_layers, disc_num_d, disc_norm: MONAI ``MultiScalePatchDiscriminator``
+            (discriminator i has ``disc_layers * (i + 1)`` layers; inputs need
+            ``min size >= 2 ** (disc_layers * disc_num_d + 1)``).
+        gan_criterion: adversarial criterion (LSGAN by default).
+        inference_batch_size: slices per generator call in slice-wise inference.
+        sw_overlap, sw_batch_size, sw_sigma_scale: 3D sliding-window inference (gaussian blending).
+    """
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    mode: Literal["2d", "2.5d", "3d"] = "2.5d"
+    context_slices: int = 3
+    slices_per_volume: int = 8
+    patch_size: tuple[int, int, int] = (32, 64, 64)
+    patches_per_volume: int = 2
+    channels: tuple[int, ...] = (32, 64, 128, 256)
+    strides: tuple[int, ...] | None = None
+    num_res_units: int = 2
+    norm: str = "INSTANCE"
+    disc_channels: int = 64
+    disc_layers: int = 2
+    disc_num_d: int = 2
+    disc_norm: str = "INSTANCE"
+    gan_criterion: Literal["least_squares", "bce", "hinge"] = "least_squares"
+    inference_batch_size: int = 16
+    sw_overlap: float = 0.5
+    sw_batch_size: int = 4
+    sw_sigma_scale: float = 0.125
+
+    @field_validator("context_slices")
+    @classmethod
+    def _odd_context(cls, value: int) -> int:
+        if value < 1 or value % 2 == 0:
+            raise ValueError(f"context_slices must be an odd number >= 1 (the centre slice is predicted), got {value}")
+        return value
+
+    @field_validator("num_res_units")
+    @classmethod
+    def _residual(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"num_res_units must be >= 1 (residual UNet generator), got {value}")
+        return value
+
+    @field_validator("sw_overlap")
+    @classmethod
+    def _overlap(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"sw_overlap must be in [0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PixelGANConfig":
+        if len(self.channels) < 2:
+            raise ValueError(f"channels: needs at least 2 levels, got {list(self.channels)}")
+        if self.strides is not None and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"strides: needs len(channels) - 1 = {len(self.channels) - 1} entries, got {list(self.strides)}")
+        factor = self.downsampling
+        if self.mode == "3d" and any(size % factor for size in self.patch_size):
+            raise ValueError(f"patch_size: {list(self.patch_size)} must be a multiple of the generator's "
+                             f"downsampling factor {factor} (product of strides)")
+        for name in ("slices_per_volume", "patches_per_volume", "inference_batch_size", "sw_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for slice modes, 3 for patches."""
+        return 3 if self.mode == "3d" else 2
+
+    @property
+    def stack_depth(self) -> int:
+        """Slices per 2.5D stack (1 in 2D and 3D modes)."""
+        return self.context_slices if self.mode == "2.5d" else 1
+
+    @property
+    def generator_strides(self) -> tuple[int, ...]:
+        """UNet strides (default 2 per level)."""
+        return tuple(self.strides) if self.strides is not None else (2,) * (len(self.channels) - 1)
+
+    @property
+    def downsampling(self) -> int:
+        """Spatial factor the generator's input must be a multiple of."""
+        return math.prod(self.generator_strides)
+
+
+class TanhUNet(nn.Module):
+    """MONAI residual ``UNet`` + zero-initialised 1x1 convolution head + ``tanh``; encoder exposed for CUT.
+
+    The head's weights start at 0 and its bias at ``atanh(initial_output)``, so a fresh network
+    outputs exactly ``initial_output`` everywhere (water for MR -> CT, not the +1023 HU a
+    zero-centred tanh gives) and learns from there (the head's weight gradients are non-zero).
+    """
+
+    def __init__(self, config: PixelGANConfig, in_channels: int, out_channels: int, initial_output: float) -> None:
+        super().__init__()
+        self.unet = UNet(spatial_dims=config.spatial_dims, in_channels=in_channels, out_channels=config.channels[0],
+                         channels=config.channels, strides=config.generator_strides,
+                         num_res_units=config.num_res_units, norm=config.norm)
+        convolution = nn.Conv3d if config.spatial_dims == 3 else nn.Conv2d
+        self.head = convolution(config.channels[0], out_channels, kernel_size=1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.constant_(self.head.bias, math.atanh(initial_output))
+        #: Channels of :meth:`encode`'s feature maps: the input, then every encoder level.
+        self.encoder_channels = [in_channels, *config.channels]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, in, *spatial)`` -> ``(N, out, *spatial)`` in (-1, 1)."""
+        return torch.tanh(self.head(self.unet(x)))
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        """The down path of the MONAI UNet in order (level 0 down block ... bottom block).
+
+        MONAI nests ``Sequential(down, SkipConnection(sub), up)``; each down block receives the
+        previous one's output, so chaining them reproduces the encoder's activations.
+        """
+        blocks, level = [], self.unet.model
+        while True:
+            blocks.append(level[0])
+            inner = level[1].submodule
+            if isinstance(inner, nn.Sequential) and len(inner) == 3 and isinstance(inner[1], SkipConnection):
+                level = inner
+            else:
+                blocks.append(inner)
+                return blocks
+
+    def encode(self, x: torch.Tensor, layers: tuple[int, ...]) -> list[torch.Tensor]:
+        """Encoder feature maps: layer 0 is the input, layer i the output of encoder block i - 1."""
+        features, current = [x] if 0 in layers else [], x
+        for index, block in enumerate(self.encoder_blocks(), start=1):
+            if index > max(layers):
+                break
+            current = block(current)
+            if index in layers:
+                features.append(current)
+        return features
+
+
+# -- sampling ---------------------------------------------------------------------------------
+def pad_to_multiple(x: torch.Tensor, multiple: int, value: float, axes: int = 2) -> torch.Tensor:
+    """Pad the last ``axes`` dimensions at their end up to a multiple of ``multiple``."""
+    pads: list[int] = []
+    for size in reversed(x.shape[-axes:]):
+        pads += [0, (-size) % multiple]
+    return F.pad(x, pads, value=value) if any(pads) else x
+
+
+def body_slices(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the axial slices of a ``(1, D, H, W)`` mask with body (all slices if none)."""
+    present = (mask[0] > 0).flatten(1).any(dim=1)
+    indices = torch.nonzero(present).flatten()
+    return indices if indices.numel() else torch.arange(mask.shape[1], device=mask.device)
+
+
+def sample_slices(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``(B, count)`` slice indices per volume of ``(B, 1, D, H, W)``: distinct while enough body slices."""
+    rows = []
+    for volume_mask in mask:
+        valid = body_slices(volume_mask)
+        if count <= valid.numel():
+            rows.append(valid[torch.randperm(valid.numel(), device=valid.device)[:count]])
+        else:
+            rows.append(valid[torch.randint(valid.numel(), (count,), device=valid.device)])
+    return torch.stack(rows)
+
+
+def gather_stacks(volume: torch.Tensor, batch_index: torch.Tensor, z: torch.Tensor, depth: int) -> torch.Tensor:
+    """Stacks of ``depth`` slices centred on ``z`` (edge slices repeated): ``(N, depth, H, W)``."""
+    offsets = torch.arange(depth, device=volume.device) - depth // 2
+    planes = (z.to(volume.device)[:, None] + offsets).clamp(0, volume.shape[2] - 1)
+    return volume[:, 0][batch_index.to(volume.device)[:, None], planes]
+
+
+def sample_patch_starts(mask: torch.Tensor, count: int, patch: tuple[int, int, int]) -> torch.Tensor:
+    """``(B, count, 3)`` patch corners whose patches are centred on random body voxels (clamped inside)."""
+    shape = torch.tensor(mask.shape[2:], device=mask.device)
+    half, size = torch.tensor(patch, device=mask.device) // 2, torch.tensor(patch, device=mask.device)
+    rows = []
+    for volume_mask in mask:
+        voxels = torch.nonzero(volume_mask[0] > 0)
+        if voxels.numel():
+            centres = voxels[torch.randint(voxels.shape[0], (count,), device=mask.device)]
+        else:
+            centres = (torch.rand(count, 3, device=mask.device) * shape).long()
+        rows.append(torch.minimum((centres - half).clamp_min(0), (shape - size).clamp_min(0)))
+    return torch.stack(rows)
+
+
+def gather_patches(volume: torch.Tensor, batch_index: torch.Tensor, starts: torch.Tensor,
+                   patch: tuple[int, int, int]) -> torch.Tensor:
+    """``(N, 1, *patch)`` patches of ``(B, 1, D, H, W)`` at corners ``starts`` (N, 3)."""
+    return torch.stack([volume[int(b), :, z:z + patch[0], y:y + patch[1], x:x + patch[2]]
+                        for b, (z, y, x) in zip(batch_index.tolist(), starts.tolist())])
+
+
+def pad_volume_to(volume: torch.Tensor, size: tuple[int, int, int], value: float) -> torch.Tensor:
+    """Pad a ``(B, C, D, H, W)`` volume at its end so every axis is at least ``size``."""
+    pads: list[int] = []
+    for have, want in zip(reversed(volume.shape[2:]), reversed(size)):
+        pads += [0, max(0, want - have)]
+    return F.pad(volume, pads, value=value) if any(pads) else volume
+
+
+def unpaired_partner(batch_size: int) -> torch.Tensor:
+    """Batch index whose CT pairs with each MR in unpaired training: ``roll`` by one case.
+
+    With two or more cases per batch an MR view never meets its own case's CT; with one case
+    the caller must draw different slices / positions instead (:func:`avoid_same`).
+    """
+    return torch.roll(torch.arange(batch_size), shifts=1)
+
+
+def avoid_same(drawn: torch.Tensor, forbidden: torch.Tensor, redraw: Callable[[], torch.Tensor],
+               attempts: int = 20) -> torch.Tensor:
+    """Redraw the rows of ``drawn`` equal to ``forbidden`` (same slice / corner as the MR view)."""
+    for _ in range(attempts):
+        clash = (drawn == forbidden).reshape(drawn.shape[0], drawn.shape[1], -1).all(dim=-1)
+        if not clash.any():
+            break
+        drawn = torch.where(clash.reshape(clash.shape + (1,) * (drawn.dim() - 2)), redraw(), drawn)
+    return drawn
+
+
+# -- inference --------------------------------------------------------------------------------
+def slicewise_translate(volume: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor], depth: int,
+                        batch_size: int, multiple: int, output_channel: int = 0,
+                        pad_value: float = SIGNED_BACKGROUND) -> torch.Tensor:
+    """Run a 2D network over every axial slice (2.5D: over edge-padded k-slice stacks).
+
+    Args:
+        volume: ``(B, 1, D, H, W)`` network-scale input.
+        predictor: ``(n, depth, H', W') -> (n, C, H', W')`` with H', W' multiples of ``multiple``.
+        output_channel: channel of the prediction kept for each slice (the centre one for k -> k nets).
+
+    Returns:
+        ``(B, 1, D, H, W)``; in-plane padding (at the end, ``pad_value``) is cropped off.
+    """
+    batch, _, slices, height, width = volume.shape
+    output = volume.new_empty(volume.shape)
+    for b in range(batch):
+        for start in range(0, slices, batch_size):
+            z = torch.arange(start, min(slices, start + batch_size), device=volume.device)
+            stack = gather_stacks(volume, torch.full_like(z, b), z, depth)
+            prediction = predictor(pad_to_multiple(stack, multiple, pad_value))
+            output[b, 0, start:start + z.numel()] = prediction[:, output_channel, :height, :width]
+    return output
+
+
+def make_inferer(roi_size: tuple[int, ...], overlap: float = 0.5, sw_batch_size: int = 4,
+                 sigma_scale: float = 0.125, pad_value: float = SIGNED_BACKGROUND) -> SlidingWindowInferer:
+    """MONAI sliding-window inferer with gaussian blending (seam-free) and constant padding."""
+    return SlidingWindowInferer(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
+                                sigma_scale=sigma_scale, padding_mode="constant", cval=pad_value)
+
+
+def sliding_window_translate(volume: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor],
+                             inferer: SlidingWindowInferer) -> torch.Tensor:
+    """``(B, C, D, H, W)`` -> the predictor's blended output over the whole volume (plain tensor)."""
+    output = inferer(volume, predictor)
+    return output.as_tensor() if hasattr(output, "as_tensor") else output
+
+
+# -- the shared model skeleton ----------------------------------------------------------------
+def centre_channel(stack: torch.Tensor) -> torch.Tensor:
+    """The centre slice of ``(N, k, ...)`` stacks, keeping the channel axis: ``(N, 1, ...)``."""
+    middle = stack.shape[1] // 2
+    return stack[:, middle:middle + 1]
+
+
+class PixelGAN(TranslationModel):
+    """Base of the pixel GANs: view sampling, step counter, phase hand-over, whole-volume inference.
+
+    Subclasses set ``self.generator`` (the MR -> CT :class:`TanhUNet`), ``self.output_channel``
+    (the output channel that is the centre slice) and implement ``forward``. Phases run
+    generator first: the generator phase stashes its detached fakes and views, and the
+    discriminator phase of the same batch reuses them (one generator pass per step); called
+    alone or on another batch, the discriminator phase samples and generates afresh.
+    """
+
+    input_key = "mr_pixels"
+    output_space = "ct_full"
+    phases = ("generator", "discriminator")
+    generator: TanhUNet
+    output_channel: int = 0
+
+    def __init__(self, config: PixelGANConfig) -> None:
+        super().__init__(config)
+        # Generator-phase forward calls in training mode; a buffer so checkpoints carry it.
+        self.register_buffer("generator_steps", torch.zeros((), dtype=torch.long))
+        self._stash_source: torch.Tensor | None = None
+        self._stashed: dict[str, torch.Tensor] | None = None
+
+    def count_step(self) -> int:
+        """The step number before this call; increments the counter in training mode."""
+        current = int(self.generator_steps)
+        if self.training:
+            self.generator_steps += 1
+        return current
+
+    def stash(self, batch: dict[str, torch.Tensor], **tensors: torch.Tensor) -> None:
+        """Keep detached views / fakes of ``batch`` for the discriminator phase."""
+        self._stash_source = batch[self.input_key]
+        self._stashed = {name: value.detach() for name, value in tensors.items()}
+
+    def unstash(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The stash of this very batch (then cleared), or None."""
+        stashed, source = self._stashed, self._stash_source
+        self._stashed, self._stash_source = None, None
+        return stashed if stashed is not None and source is batch[self.input_key] else None
+
+    def sample_views(self, batch: dict[str, torch.Tensor], paired: bool) -> dict[str, torch.Tensor]:
+        """Training views of a batch of whole volumes.
+
+        Returns ``mr`` (signed MR), ``ct``, ``mask`` (the MR views' body mask) and ``ct_mask``, each
+        ``(N, k, H', W')`` (in-plane padded to the generator's multiple) or ``(N, 1, *patch_size)``.
+        Paired: CT views at the MR views' places. Unpaired: CT views from the next case of the
+        batch (``torch.roll``) at independently drawn places, which differ from the MR's places
+        when the batch holds one case, so no view pair is ever aligned.
+        """
+        config: PixelGANConfig = self.config
+        mr = mr_to_signed(batch["mr_pixels"].float())
+        ct, mask = batch["ct_pixels"].float(), batch["mask_pixels"].float()
+        if config.mode == "3d":
+            mr, ct = (pad_volume_to(volume, config.patch_size, SIGNED_BACKGROUND) for volume in (mr, ct))
+            mask = pad_volume_to(mask, config.patch_size, 0.0)
+        cases = mr.shape[0]
+        own = torch.arange(cases, device=mr.device)
+        partner = own if paired else unpaired_partner(cases).to(mr.device)
+        mr_places = self._draw_places(mask)
+        ct_places = mr_places if paired else self._draw_places(mask[partner])
+        if not paired and cases == 1:
+            ct_places = avoid_same(ct_places, mr_places, lambda: self._draw_places(mask[partner]))
+        return {"mr": self._gather(mr, own, mr_places, SIGNED_BACKGROUND), "mask": self._gather(mask, own, mr_places, 0.0),
+                "ct": self._gather(ct, partner, ct_places, SIGNED_BACKGROUND),
+                "ct_mask": self._gather(mask, partner, ct_places, 0.0)}
+
+    def _draw_places(self, mask: torch.Tensor) -> torch.Tensor:
+        """Per case, slice indices ``(B, n)`` or patch corners ``(B, n, 3)``."""
+        config: PixelGANConfig = self.config
+        if config.mode == "3d":
+            return sample_patch_starts(mask, config.patches_per_volume, config.patch_size)
+        return sample_slices(mask, config.slices_per_volume)
+
+    def _gather(self, volume: torch.Tensor, cases: torch.Tensor, places: torch.Tensor, pad_value: float) -> torch.Tensor:
+        """The views of ``volume`` at ``places`` of each case in ``cases``."""
+        config: PixelGANConfig = self.config
+        index = cases.repeat_interleave(places.shape[1])
+        if config.mode == "3d":
+            return gather_patches(volume, index, places.flatten(0, 1), config.patch_size)
+        stacks = gather_stacks(volume, index, places.flatten(), config.stack_depth)
+        return pad_to_multiple(stacks, config.downsampling, pad_value)
+
+    def make_discriminator(self, in_channels: int) -> MultiScalePatchDiscriminator:
+        """A multi-scale PatchGAN for ``in_channels``-channel views, sized by the ``disc_*`` fields."""
+        config: PixelGANConfig = self.config
+        return build_discriminator(config.spatial_dims, in_channels, config.disc_channels, config.disc_layers,
+                                   config.disc_num_d, config.disc_norm)
+
+    def check_view(self, view: torch.Tensor) -> None:
+        """Fail with the config fields to change when views are too small for the discriminator."""
+        check_discriminator_input(view, self.config.disc_layers, self.config.disc_num_d)
+
+    @staticmethod
+    def zero_loss(module: nn.Module) -> torch.Tensor:
+        """A 0 loss for a phase switched off this step; it reaches every parameter of ``module``
+        (zero gradients, so Adam leaves them unchanged) so that DDP sees them all used."""
+        return sum(parameter.sum() for parameter in module.parameters()) * 0.0
+
+    @torch.no_grad()
+    def translate(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Whole-volume sCT: ``(B, 1, D, H, W)`` normalised MR -> ``(B, 1, D, H, W)`` CT in [-1, 1].
+
+        2D / 2.5D: slice-wise over all axial slices (edge-padded stacks, batched, in-plane padded
+        to the downsampling multiple and cropped back). 3D: gaussian-blended sliding windows of
+        ``patch_size`` with ``sw_overlap``. Deterministic (``generator`` is unused).
+        """
+        config: PixelGANConfig = self.config
+        signed = mr_to_signed(inputs.float())
+        if config.mode == "3d":
+            inferer = make_inferer(config.patch_size, config.sw_overlap, config.sw_batch_size, config.sw_sigma_scale)
+            network = self.generator
+            channel = self.output_channel
+            output = sliding_window_translate(signed, lambda x: network(x)[:, channel:channel + 1], inferer)
+        else:
+            output = slicewise_translate(signed, self.generator, config.stack_depth, config.inference_batch_size,
+                                         config.downsampling, self.output_channel)
+        return output.clamp(-1.0, 1.0)

@@ -1,0 +1,160 @@
+"""Typed training config (``TrainConfig``), YAML recipes and dotted command-line overrides.
+
+A recipe has four sections: ``data`` (where the latents come from), ``model`` (validated by the
+family's own config class, picked by ``model.family``), ``train`` (budget, schedule, precision,
+checkpoints, validation, resume) and ``run_dir``. Unknown fields are refused, and every error
+names its field with a dotted path (``model.channels: ...``, ``train.max_step: Extra inputs ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+
+from translate.models.base import ModelConfig, model_class
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """Where the latents come from."""
+
+    #: Latent cache store (zarr directory).
+    cache: str | None = None
+    #: Producer key inside the store, or "auto" for the store's only producer.
+    producer: str = "auto"
+    #: JSON ``{"train": [...], "val": [...], ...}`` of case ids.
+    split_file: str | None = None
+    train_split: str = "train"
+    #: None: no validation data.
+    val_split: str | None = "val"
+    batch_size: int = Field(1, ge=1)
+    val_batch_size: int = Field(1, ge=1)
+    #: Random training crop in latent voxels (int or (d, h, w)); None = whole volumes.
+    crop: int | tuple[int, int, int] | None = None
+    #: Validation crop (None: whole volumes, what inference sees).
+    val_crop: int | tuple[int, int, int] | None = None
+    preload: bool = False
+    #: Cache arrays added to the validation batches (e.g. ct_pixels for a decode-based validator).
+    extra_val_keys: tuple[str, ...] = ()
+    #: Validate on the first N validation cases only.
+    val_limit: int | None = Field(None, ge=1)
+
+
+class TrainSection(_Section):
+    """Budget, schedule, precision, checkpoints."""
+
+    seed: int = 0
+    max_steps: int = Field(1000, ge=1)
+    #: Wall-clock budget of this invocation's loop (seconds; a resumed run gets a new one); None = steps only.
+    max_seconds: float | None = Field(None, gt=0)
+    lr_schedule: Literal["none", "cosine"] = "none"
+    warmup_steps: int = Field(0, ge=0)
+    #: Cosine floor as a fraction of the model's lr.
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    optimizer: Literal["adamw", "adam"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    #: Gradient-norm clip per phase; None = off.
+    grad_clip: float | None = Field(1.0, gt=0)
+    #: "auto": bf16 where the hardware runs it fast (CUDA with bf16; CPU with AVX512-BF16 or AMX), else "no".
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    grad_accum: int = Field(1, ge=1)
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    #: Checkpoints kept (oldest removed first).
+    keep_checkpoints: int = Field(2, ge=1)
+    #: Validation period in steps; None = only at the end.
+    val_every: int | None = Field(500, ge=1)
+    #: Samples averaged per case by the default validator for stochastic models.
+    val_samples: int = Field(1, ge=1)
+    #: "default" (canonical-grid MAE) or "package.module:factory" with factory(config) -> Validator.
+    validator: str = "default"
+    #: False: fresh run; True: continue from the latest checkpoint in run_dir (fresh if none);
+    #: a path: continue from that checkpoint folder.
+    resume: bool | str = False
+    tensorboard: bool = True
+
+
+class TrainConfig(_Section):
+    """Everything a training run needs; unknown fields are refused with their dotted name."""
+
+    data: DataConfig = DataConfig()
+    #: Validated by the family's config class (``model.family`` picks it).
+    model: SerializeAsAny[ModelConfig]
+    train: TrainSection = TrainSection()
+    run_dir: str = "runs/run"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _family_config(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            if "family" not in value:
+                raise ValueError("model.family is required")
+            try:
+                family_class = model_class(value["family"])
+            except ValueError as error:
+                raise ValueError(f"family: {error}") from None
+            return family_class.config_class.model_validate(value)
+        return value
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names every bad field (dotted path)."""
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        # Our validators start their messages with the field they judge ("channels: ...").
+        field, sep, rest = message.partition(": ")
+        if sep and field.isidentifier():
+            where, message = f"{where}.{field}", rest
+        lines.append(f"{where}: {message}" + (f" (got {item['input']!r})" if item["type"] == "extra_forbidden" else ""))
+    return "invalid training config:\n  " + "\n  ".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed with ``yaml.safe_load``) to a config dict."""
+    for override in overrides:
+        path, sep, text = override.partition("=")
+        if not sep or not path:
+            raise ConfigError(f"override {override!r}: expected dotted.key=value")
+        node = raw
+        parts = path.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> TrainConfig:
+    """Validate a config dict.
+
+    Raises:
+        ConfigError: naming each bad field, e.g. ``model.channels: ...`` or ``train.max_step: ...``.
+    """
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML recipe (optional), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    return parse_config(apply_overrides(raw, overrides))

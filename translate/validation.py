@@ -1,0 +1,101 @@
+"""Periodic validation during training: the :class:`Validator` protocol and a canonical-grid default.
+
+``translate/train.py`` calls a validator every ``train.val_every`` steps on the main process, with
+the unwrapped model in eval mode and the validation batches (an iterable of batch dicts on the CPU,
+one case per batch by default, ``"pid"`` a list of case ids). The returned metrics are logged and
+``metrics["mae"]`` (lower is better) selects ``run_dir/best/``.
+
+The real validator (decode -> native grid -> SynthRAD metrics) needs the VAE and the native
+files; it plugs in through ``train(config, validator=...)`` or ``train.validator:
+"package.module:factory"`` where ``factory(config: TrainConfig) -> Validator``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
+
+import torch
+
+from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from translate.models.base import TranslationModel
+
+if TYPE_CHECKING:
+    from translate.train import TrainConfig
+
+#: [-1, 1] full-range units -> HU differences.
+HU_PER_UNIT = (FULL_CT_MAX_HU - FULL_CT_MIN_HU) / 2.0
+
+
+@runtime_checkable
+class Validator(Protocol):
+    """``validator(model, val_batches) -> {"mae": float, ...}`` (lower ``mae`` is better)."""
+
+    def __call__(self, model: TranslationModel, val_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        ...
+
+
+def predict(model: TranslationModel, inputs: torch.Tensor, num_samples: int = 1, seed: int = 0) -> torch.Tensor:
+    """``model.translate`` (mean of ``num_samples`` seeded samples for a stochastic model)."""
+    if not model.stochastic:
+        return model.translate(inputs)
+    samples = []
+    for index in range(num_samples):
+        generator = torch.Generator(device=inputs.device).manual_seed(seed + index)
+        samples.append(model.translate(inputs, generator=generator).float())
+    return torch.stack(samples).mean(0)
+
+
+class CanonicalValidator:
+    """Built-in validator on the canonical grid (no VAE, no native files).
+
+    - ``output_space == "ct_full"``: ``mae`` is the HU MAE inside ``mask_pixels``.
+    - ``output_space == "ct_latent"``: ``mae`` is the mean absolute error of the standardised CT
+      latent (latent units, not HU: a proxy until the decode-based validator is plugged in).
+
+    Args:
+        num_samples: samples averaged for stochastic models.
+        seed: generator seed of the first sample (the same every validation, so rounds compare).
+    """
+
+    def __init__(self, num_samples: int = 1, seed: int = 0) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+
+    @torch.no_grad()
+    def __call__(self, model: TranslationModel, val_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0.0
+        for batch in val_batches:
+            inputs = batch[model.input_key].to(device)
+            prediction = predict(model, inputs, self.num_samples, self.seed).float()
+            if model.output_space == "ct_full":
+                target = batch["ct_pixels"].to(device).float()
+                mask = batch["mask_pixels"].to(device).float()
+                total += float(((prediction - target).abs() * mask).sum()) * HU_PER_UNIT
+                count += float(mask.sum())
+            else:
+                target = batch["ct_mu"].to(device).float()
+                total += float((prediction - target).abs().sum())
+                count += target.numel()
+        if count == 0:
+            raise ValueError("validation saw no voxels (empty validation set or empty masks)")
+        return {"mae": total / count}
+
+
+def load_validator(spec: str, config: "TrainConfig") -> Validator:
+    """``"default"`` -> :class:`CanonicalValidator`; ``"module:factory"`` -> ``factory(config)``.
+
+    Raises:
+        ValueError: malformed spec or a factory that does not return a callable.
+    """
+    if spec == "default":
+        return CanonicalValidator(num_samples=config.train.val_samples, seed=config.train.seed)
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"train.validator: expected 'default' or 'package.module:factory', got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attribute)
+    validator = factory(config)
+    if not callable(validator):
+        raise ValueError(f"train.validator: {spec} returned {type(validator).__name__}, not a callable")
+    return validator
