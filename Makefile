@@ -19,7 +19,6 @@ $(STAMP): $(PY) pyproject.toml requirements-dose.txt
 	$(PIP) install -q "$(TORCH_PIN)"
 	$(PIP) install -q -e ".[test]" "$(TORCH_PIN)"
 	$(PIP) install -q --no-deps -r requirements-dose.txt
-	$(PIP) install -q -e ".[dose-core]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 install: $(STAMP)

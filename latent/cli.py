@@ -92,8 +92,12 @@ def predict(
             run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
         elif model is not None:
             from decode import predict_run as runner
+            from latent.vae import VAEError
 
-            trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
+            try:
+                trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
+            except VAEError as error:  # a RuntimeError, so not among USER_ERRORS
+                fail(str(error))
             options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which)
             if gc_io is not None:
                 run = runner.predict_grand_challenge(trained, loaded_vae, gc_io[0], gc_io[1], options, quiet)
@@ -142,12 +146,16 @@ def demo(
     out: Path = typer.Option(Path("demo_run"), help="Output folder."),
     cases: int = typer.Option(30, min=6, help="Phantom cases."),
     seed: int = typer.Option(0),
+    vae_seconds: float = typer.Option(240.0, help="Training budget of the demo VAE."),
+    train_seconds: Optional[float] = typer.Option(None, help="Training budget of each method (default: per-method)."),
+    dose: bool = typer.Option(True, help="Dose evaluation of one test case (needs the dose extra)."),
 ) -> None:
-    """The main job: phantom data -> baselines -> evaluation, with a report."""
-    from latent.demo import DemoConfig, run_demo
+    """The main job on phantom data: baselines, VAE + latent cache, trained methods, evaluation, dose."""
+    from latent.demo import DEMO_METHODS, DemoConfig, run_demo
 
     setup_logging(False)
-    run_demo(out, DemoConfig(cases=cases, seed=seed))
+    methods = {name: (recipe, train_seconds or seconds) for name, (recipe, seconds) in DEMO_METHODS.items()}
+    run_demo(out, DemoConfig(cases=cases, seed=seed, vae_seconds=vae_seconds, methods=methods, dose=dose))
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'report.md'}")
 
 

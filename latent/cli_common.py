@@ -27,6 +27,9 @@ def fail(message: str, code: int = 2) -> None:
 def setup_logging(quiet: bool) -> None:
     """INFO to stderr, or WARNING with ``--quiet``."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Library chatter (checkpoint saves, per-case phantom timings) stays out of the user's way.
+    for name in ("accelerate", "latent.phantom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def report_failures(failures: dict[str, str], exit_code: int = 1) -> None:

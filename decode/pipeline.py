@@ -1,0 +1,199 @@
+"""End-to-end prediction with a trained run: MR files (or cached latents) -> sCT on the native grid.
+
+``latent predict --model RUN_DIR`` lands here. The run records the cache producer it was
+trained on (VAE weights hash, VAE config, canonical grid, normalisation) and the latent
+statistics; prediction from raw MR files re-creates exactly that input and refuses a VAE whose
+weights differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from decode.native import canonical_to_native_sct, std_to_native
+from decode.sct import output_to_canonical_hu
+from latent.cases import Case
+from latent.grid import CanonicalGrid, GridMapping
+from latent.prepare import PreparedCase
+from translate.models.base import TranslationModel, load_pretrained
+
+
+class RunMismatchError(ValueError):
+    """The VAE or grid given for prediction differs from the one the run was trained on."""
+
+
+@dataclass
+class TrainedRun:
+    """A run directory's model and the producer record it was trained on."""
+
+    run_dir: Path
+    model: TranslationModel
+    producer: dict[str, Any]
+
+    @property
+    def record(self) -> dict[str, Any]:
+        """The cache producer record (VAE hash and config, grid, normalisation)."""
+        return self.producer["record"]
+
+    @property
+    def grid(self) -> CanonicalGrid:
+        """The canonical grid the run was trained on."""
+        return CanonicalGrid.from_dict(self.record["grid"])
+
+    def latent_stats(self, key: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Per-channel (mean, std) used to standardise ``mr_mu`` / ``ct_mu`` (None, None if unused)."""
+        stats = (self.producer.get("latent_stats") or {}).get(key)
+        if not stats:
+            return None, None
+        return torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
+
+    @property
+    def needs_vae(self) -> bool:
+        """Latent input (MR encode) or latent output (CT decode) needs the run's VAE."""
+        return self.model.input_key == "mr_mu" or self.model.output_space == "ct_latent"
+
+
+def load_run(run_dir: str | os.PathLike, which: str = "best") -> TrainedRun:
+    """Load ``run_dir/best`` (falling back to ``final``) and ``run_dir/producer.json``."""
+    run_dir = Path(run_dir)
+    producer_path = run_dir / "producer.json"
+    if not producer_path.is_file():
+        raise FileNotFoundError(f"{producer_path}: missing; is {run_dir} a training run folder?")
+    folder = run_dir / which
+    if not folder.is_dir():
+        folder = run_dir / "final"
+    model = load_pretrained(folder)
+    return TrainedRun(run_dir, model, json.loads(producer_path.read_text()))
+
+
+def check_vae_matches(run: TrainedRun, vae) -> None:
+    """Refuse a VAE whose weights or architecture differ from the run's producer."""
+    info = vae.producer_info()
+    expected = run.record["vae_weights_sha256"]
+    if info["weights_sha256"] != expected:
+        raise RunMismatchError(
+            f"VAE {getattr(vae, 'source', '') or info.get('name')} has weights sha256 {info['weights_sha256'][:12]}..., "
+            f"but run {run.run_dir} was trained on latents of {expected[:12]}...; pass the run's VAE with --vae"
+        )
+
+
+def check_grid_matches(run: TrainedRun, grid: CanonicalGrid) -> None:
+    """Refuse a canonical grid other than the run's."""
+    if grid != run.grid:
+        raise RunMismatchError(f"grid {grid.spec()} differs from the run's grid {run.grid.spec()}")
+
+
+@dataclass
+class CasePrediction:
+    """Native-grid sCT (and std map for K > 1 samples) with per-stage seconds."""
+
+    hu: np.ndarray
+    std: np.ndarray | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _standardise(z: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
+    if mean is None:
+        return z
+    shape = (1, -1, 1, 1, 1)
+    return (z - mean.reshape(shape).to(z.device)) / std.reshape(shape).to(z.device)
+
+
+def translate_input(run: TrainedRun, inputs: torch.Tensor, samples: int, seed: int = 0) -> list[torch.Tensor]:
+    """``samples`` outputs of the model (one for deterministic models), seeded ``seed + k``."""
+    model = run.model
+    if not model.stochastic or samples <= 1:
+        generator = torch.Generator(device=inputs.device).manual_seed(seed)
+        return [model.translate(inputs, generator=generator) if model.stochastic else model.translate(inputs)]
+    outputs = []
+    for index in range(samples):
+        generator = torch.Generator(device=inputs.device).manual_seed(seed + index)
+        outputs.append(model.translate(inputs, generator=generator))
+    return outputs
+
+
+def predict_canonical(run: TrainedRun, vae, mr_input: torch.Tensor, samples: int = 1, seed: int = 0,
+                      tile: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+    """Model input (encoded MR latent already standardised, or MR pixels) -> canonical HU (+ std)."""
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    with torch.no_grad():
+        outputs = translate_input(run, mr_input, samples, seed)
+    seconds["translate"] = time.perf_counter() - started
+    started = time.perf_counter()
+    mean, std = run.latent_stats("ct_mu")
+    volumes = [output_to_canonical_hu(out, run.model.output_space, vae, mean, std, tile=tile)[0] for out in outputs]
+    seconds["decode"] = time.perf_counter() - started
+    # float64: sums of float32 samples are exact, so the std is exactly 0 where the samples agree.
+    stack = np.stack(volumes).astype(np.float64)
+    std_map = stack.std(0).astype(np.float32) if len(volumes) > 1 else None
+    return stack.mean(0).astype(np.float32), std_map, seconds
+
+
+def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int = 1, seed: int = 0,
+                     tile: Sequence[int] | None = None) -> CasePrediction:
+    """Encode (if the model is latent), translate, decode and map one prepared case to its native grid."""
+    from latent.vae_inference import encode_mu
+
+    seconds: dict[str, float] = {"encode": 0.0}
+    device = next(run.model.parameters()).device
+    mr = torch.from_numpy(np.ascontiguousarray(prepared.mr_unit, dtype=np.float32))[None, None].to(device)
+    if run.model.input_key == "mr_mu":
+        started = time.perf_counter()
+        with torch.no_grad():
+            latent = encode_mu(vae, mr, tile=tile)
+        mean, std = run.latent_stats("mr_mu")
+        mr = _standardise(latent, mean, std)
+        seconds["encode"] = time.perf_counter() - started
+    hu, std_map, stage_seconds = predict_canonical(run, vae, mr, samples, seed, tile)
+    seconds.update(stage_seconds)
+    started = time.perf_counter()
+    native = canonical_to_native_sct(hu, prepared.mapping, prepared.native_mask)
+    native_std = None if std_map is None else std_to_native(std_map, prepared.mapping, prepared.native_mask)
+    seconds["decode"] += time.perf_counter() - started
+    return CasePrediction(native, native_std, seconds)
+
+
+def predict_cached(run: TrainedRun, vae, cache, pid: str, samples: int = 1, seed: int = 0,
+                   tile: Sequence[int] | None = None) -> tuple[CasePrediction, GridMapping]:
+    """Predict one case from the cache's stored MR latent / pixels (no re-encoding)."""
+    from latent.io import read_volume
+
+    attrs = cache.case_attrs(pid)
+    mapping = GridMapping.from_dict(attrs["geometry"])
+    key = run.model.input_key
+    device = next(run.model.parameters()).device
+    array = cache.read_case(pid, [key])[key]
+    tensor = torch.from_numpy(array)[None].to(device)
+    if key == "mr_mu":
+        mean, std = run.latent_stats("mr_mu")
+        tensor = _standardise(tensor, mean, std)
+    elif tensor.ndim == 4:
+        tensor = tensor[None]
+    hu, std_map, seconds = predict_canonical(run, vae, tensor, samples, seed, tile)
+    mask_path = attrs.get("source_paths", {}).get("mask")
+    native_mask = read_volume(mask_path)[0] if mask_path else None
+    native = canonical_to_native_sct(hu, mapping, native_mask)
+    native_std = None if std_map is None else std_to_native(std_map, mapping, native_mask)
+    return CasePrediction(native, native_std, {"encode": 0.0, **seconds}), mapping
+
+
+def case_from_files(mr: Path, mask: Path | None, pid: str | None = None) -> Case:
+    """A :class:`Case` for a lone MR file (``--mr FILE [--mask FILE]``)."""
+    from latent.io import strip_volume_suffix
+
+    return Case(pid=pid or strip_volume_suffix(mr.name), region="?", centre="?", mr=mr, mask=mask)
+
+
+__all__ = [
+    "CasePrediction", "RunMismatchError", "TrainedRun", "case_from_files", "check_grid_matches",
+    "check_vae_matches", "load_run", "predict_cached", "predict_canonical", "predict_prepared",
+]

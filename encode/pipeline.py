@@ -1,0 +1,189 @@
+"""`latent encode`: every case -> canonical grid -> normalise -> frozen VAE -> latent cache.
+
+Resumable (a case already in the cache with the same source hashes is skipped), shardable
+(``--shard i/n`` for array jobs; under ``accelerate launch`` each process takes its share),
+and tolerant: a bad case is written to a failure manifest and the others are encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache import LatentCache, producer_record, sha256_file
+from latent.prepare import CASE_ERRORS, PreparedCase, latent_mask, prepare_case, resolve_grid
+from latent.cases import Case, CaseError, discover_cases, load_splits
+from latent.grid import CanonicalGrid
+from latent.intensity import normalisation_record
+from latent.vae import LoadedVAE
+from latent.vae_inference import encode_mu
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeReport:
+    """What one encode run did."""
+
+    producer_key: str
+    grid: CanonicalGrid
+    encoded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    coverage: float = 1.0
+    seconds: float = 0.0
+    manifest: Path | None = None
+
+
+def grid_record(grid: CanonicalGrid) -> dict:
+    """Canonical grid as stored in the producer record."""
+    return {**grid.to_dict(), "direction": "identity (LPS)", "placement": "centred on body mask bounding box"}
+
+
+def shard_cases(cases: Sequence[Case], index: int, count: int) -> list[Case]:
+    """Every ``count``-th case starting at ``index`` (cases sorted by pid)."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+    return [case for position, case in enumerate(sorted(cases, key=lambda c: c.pid)) if position % count == index]
+
+
+def source_hashes(case: Case) -> dict[str, str]:
+    """SHA-256 of each source file of a case."""
+    return {role: sha256_file(path) for role in ("mr", "ct", "mask") if (path := getattr(case, role)) is not None}
+
+
+def encode_prepared(vae: LoadedVAE, prepared: PreparedCase, tile: Sequence[int] | None, bf16: bool) -> dict[str, np.ndarray]:
+    """Cache arrays of one prepared case: latents (posterior means), masks and pixel volumes."""
+    device = vae.device
+
+    def encode(volume: np.ndarray) -> np.ndarray:
+        tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
+        return encode_mu(vae, tensor, tile=tile, bf16=bf16)[0].cpu().numpy()
+
+    arrays = {
+        "mr_mu": encode(prepared.mr_unit),
+        "mask_latent": latent_mask(prepared.mask, vae.downsample_factor),
+        "mr_pixels": prepared.mr_unit,
+        "mask_pixels": prepared.mask,
+    }
+    if prepared.ct_vae is not None:
+        arrays["ct_mu"] = encode(prepared.ct_vae)
+        arrays["ct_pixels"] = prepared.ct_full
+    return arrays
+
+
+def _is_current(cache: LatentCache, case: Case, hashes: dict[str, str]) -> bool:
+    need = ["mr_mu"] + (["ct_mu"] if case.ct is not None else [])
+    return cache.has_case(case.pid, need=need) and cache.source_hashes(case.pid) == hashes
+
+
+def _process_share(index: int, count: int) -> tuple[int, int]:
+    """Fold ``accelerate launch`` processes into the shard: each process takes its share."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    return index * state.num_processes + state.process_index, count * state.num_processes
+
+
+def encode_dataset(
+    data_root: str | os.PathLike,
+    cache_path: str | os.PathLike,
+    vae: LoadedVAE,
+    grid_spec: str = "auto",
+    *,
+    max_shape: tuple[int, int, int] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    split_file: str | os.PathLike | None = None,
+    tile: Sequence[int] | None = None,
+    bf16: bool = False,
+    quiet: bool = False,
+) -> EncodeReport:
+    """Encode every case of ``data_root`` into the cache at ``cache_path``.
+
+    Args:
+        data_root: SynthRAD-layout data set.
+        cache_path: zarr store (created when missing).
+        vae: the frozen VAE (:func:`latent.vae.load_vae`).
+        grid_spec: ``auto``, a preset name or ``'SXxSYxSZ:DxHxW'``.
+        max_shape: cap for ``auto`` (z, y, x).
+        shard: ``(i, n)``: encode only every n-th case starting at i.
+        split_file: split JSON; its ``train`` cases define the latent statistics.
+        tile: encoder window (z, y, x) in voxels, or None for one pass.
+        bf16: bfloat16 autocast.
+
+    Returns:
+        An :class:`EncodeReport`; failures are also written to a JSON manifest beside the cache.
+    """
+    started = time.perf_counter()
+    cases = discover_cases(data_root)
+    grid, coverage = resolve_grid(grid_spec, cases, max_shape)
+    record = producer_record(vae.producer_info(), grid_record(grid), normalisation_record())
+    cache = LatentCache(cache_path, record)
+    report = EncodeReport(cache.key, grid, coverage=coverage)
+    index, count = _process_share(*shard)
+    mine = shard_cases(cases, index, count)
+    logger.info("encode: %d of %d cases in shard %d/%d, grid %s, producer %s", len(mine), len(cases), index, count, grid.spec(), cache.key)
+    for case in tqdm(mine, desc="encode", unit="case", disable=quiet):
+        try:
+            hashes = source_hashes(case)
+            if _is_current(cache, case, hashes):
+                report.skipped.append(case.pid)
+                continue
+            prepared = prepare_case(case, grid)
+            arrays = encode_prepared(vae, prepared, tile, bf16)
+            attrs = {
+                "region": case.region, "centre": case.centre, "geometry": prepared.mapping.to_dict(),
+                "mr_scaling": prepared.scaling.to_dict(), "source_sha256": hashes,
+                "source_paths": {role: str(getattr(case, role)) for role in hashes},
+            }
+            cache.write_case(case.pid, arrays, attrs, overwrite=True)
+            report.encoded.append(case.pid)
+        except CASE_ERRORS as error:
+            message = str(error).splitlines()[0]
+            report.failures[case.pid] = message if case.pid in message else f"{case.pid}: {message}"
+            logger.error(report.failures[case.pid])
+    report.manifest = _write_manifest(Path(cache_path), report, index, count)
+    _update_statistics(cache, cases, split_file, set(report.failures))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _write_manifest(cache_path: Path, report: EncodeReport, index: int, count: int) -> Path:
+    folder = cache_path.with_name(cache_path.name + ".manifests")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"encode_{report.producer_key}_shard{index}of{count}.json"
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps({
+        "producer_key": report.producer_key, "grid": report.grid.to_dict(), "coverage": report.coverage,
+        "encoded": report.encoded, "skipped": report.skipped, "failures": report.failures,
+    }, indent=2) + "\n")
+    os.replace(temporary, path)
+    return path
+
+
+def _update_statistics(cache: LatentCache, cases: Sequence[Case], split_file: str | os.PathLike | None,
+                       failed: set[str]) -> None:
+    """Recompute latent statistics once every usable case with a CT is in the cache (main process)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return
+    with_ct = [case.pid for case in cases if case.ct is not None and case.pid not in failed]
+    training = set(load_splits(split_file)["train"]) if split_file else set(with_ct)
+    pids = [pid for pid in with_ct if pid in training and cache.has_case(pid, need=["ct_mu"])]
+    complete = all(cache.has_case(pid, need=["ct_mu"]) for pid in with_ct)
+    if pids and complete:
+        cache.update_latent_stats(pids)
+    elif not complete:
+        logger.info("latent statistics not updated: some cases are not encoded yet (other shards?)")

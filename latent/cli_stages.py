@@ -1,0 +1,195 @@
+"""CLI verbs of the latent stages: `latent encode`, `latent cache ...`, `latent vae ...`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from latent.cli_common import USER_ERRORS, fail, report_failures, setup_logging, split_pids
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check a latent cache.")
+vae_app = typer.Typer(no_args_is_help=True, help="Fit, load and check the VAE.")
+
+
+def parse_shape(text: Optional[str]) -> Optional[tuple[int, int, int]]:
+    """``'64x128x128'`` -> (64, 128, 128); ``None``/``'none'`` -> None."""
+    if text is None or text.lower() == "none":
+        return None
+    try:
+        values = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"shape {text!r}: expected DxHxW, e.g. 64x128x128") from None
+    if len(values) != 3:
+        raise ValueError(f"shape {text!r}: expected three numbers DxHxW")
+    return values
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``'1/4'`` -> (1, 4)."""
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    return index, count
+
+
+def open_cache(cache: Path, producer: Optional[str]):
+    """Open a cache read-only; with one producer group it is chosen automatically."""
+    from cache import LatentCache, list_producers
+
+    if not cache.exists():
+        raise FileNotFoundError(f"{cache}: cache not found")
+    producers = list_producers(cache)
+    if producer is None:
+        if len(producers) != 1:
+            raise ValueError(f"{cache}: holds {len(producers)} producers ({', '.join(producers) or 'none'}); pass --producer")
+        producer = next(iter(producers))
+    return LatentCache.open(cache, producer)
+
+
+def encode(
+    data: Path = typer.Option(..., help="Data set root (SynthRAD layout)."),
+    cache: Path = typer.Option(..., help="Zarr latent cache (created when missing)."),
+    vae: str = typer.Option(..., help="maisi-ct, maisi-mr, a .pt/.safetensors file, or a VAE folder (latent vae fit)."),
+    grid: str = typer.Option("auto", help="auto, a preset (synthrad-1.5mm, ...) or 'SXxSYxSZ:DxHxW'."),
+    max_shape: Optional[str] = typer.Option(None, help="Cap for --grid auto, DxHxW."),
+    shard: str = typer.Option("0/1", help="Encode every n-th case starting at i (cluster array jobs)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON: its train cases define latent statistics."),
+    tile: Optional[str] = typer.Option(None, help="Encoder window DxHxW (sliding window, gaussian blending); default one pass."),
+    bf16: bool = typer.Option(False, help="bfloat16 autocast."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    keep_going: bool = typer.Option(False, help="Exit 0 even if some cases failed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Encode every case (MR, and CT when present) onto the canonical grid into the latent cache."""
+    from encode.pipeline import encode_dataset
+    from latent.vae import VAEError, load_vae
+
+    setup_logging(quiet)
+    try:
+        loaded = load_vae(vae, device=device)
+        report = encode_dataset(data, cache, loaded, grid, max_shape=parse_shape(max_shape), shard=parse_shard(shard),
+                                split_file=split_file, tile=parse_shape(tile), bf16=bf16, quiet=quiet)
+    except (*USER_ERRORS, VAEError) as error:
+        fail(str(error))
+    typer.echo(f"producer {report.producer_key}, grid {report.grid.spec()}"
+               + ("" if report.coverage != report.coverage else f" (covers {report.coverage:.0%} of bodies)")
+               + f": encoded {len(report.encoded)}, already cached {len(report.skipped)}, failed {len(report.failures)}"
+               + f" in {report.seconds:.1f} s")
+    if report.failures:
+        typer.echo(f"failure manifest: {report.manifest}", err=True)
+        report_failures(report.failures, exit_code=0 if keep_going else 1)
+
+
+@cache_app.command("info")
+def cache_info(
+    cache: Path = typer.Argument(..., help="Zarr latent cache."),
+    producer: Optional[str] = typer.Option(None, help="Producer key (needed when the store holds several)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Producer, cases per region, sizes on disk and the latent scale factor."""
+    try:
+        info = open_cache(cache, producer).info()
+    except USER_ERRORS as error:
+        fail(str(error))
+    typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_cache_info(info))
+
+
+def format_cache_info(info: dict) -> str:
+    """Human-readable summary of :meth:`cache.LatentCache.info`."""
+    record = info.get("producer", {})
+    grid = record.get("grid", {})
+    lines = [
+        f"producer     {info.get('producer_key', record.get('producer_key'))}",
+        f"vae weights  {str(record.get('vae_weights_sha256', '?'))[:16]}...",
+        f"grid         spacing {grid.get('spacing')} mm, shape {grid.get('shape')}",
+        f"cases        {info.get('cases')} " + str(info.get("cases_per_region", {})),
+    ]
+    sizes = info.get("sizes", {})
+    if sizes:
+        ratio = sizes.get("ratio")  # None for a producer group without arrays
+        lines.append(f"size         {sizes.get('stored_bytes', 0) / 2**20:.1f} MiB stored, "
+                     f"{sizes.get('raw_float32_bytes', 0) / 2**20:.1f} MiB as raw float32 "
+                     f"(ratio {'n/a' if ratio is None else f'{ratio:.2f}'})")
+    scale = info.get("scale_factor")
+    lines.append(f"scale factor {scale}")
+    return "\n".join(lines)
+
+
+@cache_app.command("verify")
+def cache_verify(
+    cache: Path = typer.Argument(..., help="Zarr latent cache."),
+    producer: Optional[str] = typer.Option(None, help="Producer key."),
+    sources: bool = typer.Option(False, help="Also re-hash the source files recorded for each case."),
+) -> None:
+    """Every complete case readable, shapes and hashes consistent."""
+    try:
+        store = open_cache(cache, producer)
+        paths = {pid: store.case_attrs(pid).get("source_paths", {}) for pid in store.case_ids()} if sources else None
+        problems = store.verify(paths)
+    except USER_ERRORS as error:
+        fail(str(error))
+    for problem in problems:
+        typer.echo(f"problem: {problem}", err=True)
+    if problems:
+        raise typer.Exit(1)
+    typer.echo(f"ok: {len(store.case_ids())} cases verified")
+
+
+@vae_app.command("fit")
+def vae_fit(
+    data: Path = typer.Option(..., help="Data set root."),
+    out: Path = typer.Option(..., help="Output VAE folder (config.json + model.safetensors)."),
+    grid: str = typer.Option("auto", help="Canonical grid the VAE is trained at (use the same for encode)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Train on this split's train cases."),
+    config: Optional[Path] = typer.Option(None, help="YAML/JSON with VAEFitConfig fields."),
+    seconds: Optional[float] = typer.Option(None, help="Time budget in seconds."),
+    max_steps: Optional[int] = typer.Option(None, help="Step budget."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a small VAE of the MAISI family (4 latent channels, x4) on your own MR and CT."""
+    from latent.vae_pipeline import fit_vae_on_dataset
+
+    setup_logging(quiet)
+    try:
+        path = fit_vae_on_dataset(data, out, grid, split_file=split_file, config_path=config, seconds=seconds,
+                                  max_steps=max_steps, resume=resume, quiet=quiet)
+    except USER_ERRORS as error:
+        fail(str(error))
+    typer.echo(f"wrote {path}")
+
+
+@vae_app.command("check")
+def vae_check_command(
+    cache: Path = typer.Option(..., help="Latent cache made with this VAE."),
+    vae: str = typer.Option(..., help="The VAE that made the cache."),
+    data: Path = typer.Option(..., help="Data set root (native CT and masks)."),
+    out: Path = typer.Option(..., help="Folder for the reconstructions (<pid>.mha) and scores."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file"),
+    split: str = typer.Option("test"),
+    producer: Optional[str] = typer.Option(None),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """decode(encode(CT)) on the native grid, scored: the floor of latent-to-latent methods."""
+    from decode.vae_check import vae_check
+    from latent.evaluate import format_summary, summarise, write_rows_csv
+    from latent.vae import VAEError, load_vae
+
+    setup_logging(quiet)
+    try:
+        store = open_cache(cache, producer)
+        loaded = load_vae(vae)
+        if loaded.producer_info()["weights_sha256"] != store.record["vae_weights_sha256"]:
+            raise ValueError(f"{vae}: not the VAE that made {cache} (weights hash differs); pass the cache's VAE")
+        evaluation = vae_check(store, loaded, data, out, split_pids(split_file, split), quiet=quiet)
+    except (*USER_ERRORS, VAEError) as error:
+        fail(str(error))
+    if evaluation.rows:
+        write_rows_csv(evaluation.rows, out / "scores.csv")
+        columns = ["mae", "psnr", "ms_ssim", "bone_dice", "mae_above_1000"]
+        typer.echo(format_summary(summarise(evaluation.rows, columns=columns), columns=columns))
+    report_failures(evaluation.run.failures)

@@ -1,0 +1,142 @@
+"""One case from native files to normalised canonical-grid volumes (the encoder's input).
+
+Used by ``latent encode``, ``latent vae fit`` and end-to-end prediction, so every route sees
+the same resampling and normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from latent.cases import Case, CaseError, check_case_grid
+from latent.grid import CanonicalGrid, GridMapping, auto_grid, body_extent_mm, parse_grid_spec, plan_mapping, to_canonical
+from latent.intensity import CT_PAD_HU, MRScaling, ct_to_full, ct_to_vae, fit_mr_scaling, mr_to_unit
+from latent.io import VolumeError, VolumeProperties, read_volume
+
+#: Input problems a batch job records per case (anything else is a bug and propagates).
+CASE_ERRORS = (VolumeError, CaseError, ValueError, FileNotFoundError)
+#: Threshold: more body than this outside the canonical field of view is an error.
+MAX_MASK_FRACTION_OUTSIDE = 0.5
+
+
+@dataclass
+class PreparedCase:
+    """Canonical-grid volumes of one case, each (z, y, x) of the grid's shape.
+
+    ``mr_unit``: MR / p99.5 inside the mask; ``ct_vae``: CT in [0, 1] (VAE window, None without
+    CT); ``ct_full``: CT in [-1, 1] over [-1024, 3071] HU; ``mask``: body mask {0, 1}.
+    """
+
+    case: Case
+    mapping: GridMapping
+    scaling: MRScaling
+    mr_unit: np.ndarray
+    mask: np.ndarray
+    native_mask: np.ndarray
+    ct_vae: np.ndarray | None = None
+    ct_full: np.ndarray | None = None
+
+
+def read_native(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, VolumeProperties]:
+    """Read MR, mask and (if present) CT of a case after checking they share one grid."""
+    if case.mask is None:
+        raise CaseError(f"{case.pid}: no mask file in {case.folder}")
+    properties = check_case_grid(case)
+    mr, _ = read_volume(case.mr, dtype=np.float32)
+    mask = (read_volume(case.mask)[0] > 0).astype(np.uint8)
+    if not mask.any():
+        raise CaseError(f"{case.pid}: empty mask {case.mask}")
+    ct = read_volume(case.ct, dtype=np.float32)[0] if case.ct is not None else None
+    return mr, mask, ct, properties
+
+
+def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True) -> PreparedCase:
+    """Resample a case onto ``grid`` centred on its body and normalise it.
+
+    Raises:
+        CaseError / VolumeError: unreadable or inconsistent inputs, or a body mostly outside
+            the canonical field of view (message names the case).
+    """
+    mr, mask, ct, properties = read_native(case)
+    mapping = plan_mapping(mask, properties, grid)
+    if mapping.mask_fraction_outside > MAX_MASK_FRACTION_OUTSIDE:
+        raise CaseError(
+            f"{case.pid}: {mapping.mask_fraction_outside:.0%} of the body falls outside the canonical grid "
+            f"{grid.spec()}; choose a larger --grid"
+        )
+    scaling = fit_mr_scaling(mr, mask)
+    prepared = PreparedCase(
+        case=case, mapping=mapping, scaling=scaling,
+        mr_unit=mr_to_unit(to_canonical(mr, mapping, pad_value=0.0), scaling),
+        mask=to_canonical(mask, mapping, is_mask=True), native_mask=mask,
+    )
+    if with_ct and ct is not None:
+        ct_canonical = to_canonical(ct, mapping, pad_value=CT_PAD_HU)
+        prepared.ct_vae = ct_to_vae(ct_canonical)
+        prepared.ct_full = ct_to_full(ct_canonical)
+    return prepared
+
+
+def prepare_mr_only(mr: np.ndarray, mask: np.ndarray, properties: VolumeProperties, case: Case,
+                    grid: CanonicalGrid) -> PreparedCase:
+    """Like :func:`prepare_case` for in-memory MR and mask arrays (prediction from files)."""
+    mask = (mask > 0).astype(np.uint8)
+    mapping = plan_mapping(mask, properties, grid)
+    scaling = fit_mr_scaling(mr, mask)
+    return PreparedCase(
+        case=case, mapping=mapping, scaling=scaling,
+        mr_unit=mr_to_unit(to_canonical(mr, mapping, pad_value=0.0), scaling),
+        mask=to_canonical(mask, mapping, is_mask=True), native_mask=mask,
+    )
+
+
+def latent_mask(mask: np.ndarray, factor: int = 4) -> np.ndarray:
+    """Latent-resolution mask: a latent voxel is in the body when any of its image voxels is."""
+    z, y, x = (s // factor for s in mask.shape)
+    blocks = mask[: z * factor, : y * factor, : x * factor].reshape(z, factor, y, factor, x, factor)
+    return blocks.max(axis=(1, 3, 5)).astype(np.uint8)
+
+
+def resolve_grid(spec: str, cases: Sequence[Case], max_shape: tuple[int, int, int] | None = None) -> tuple[CanonicalGrid, float]:
+    """A grid from a spec; ``auto`` measures every readable case's body (median spacing)."""
+    if spec != "auto":
+        return parse_grid_spec(spec), float("nan")
+    extents, spacings = [], []
+    for case in cases:
+        try:
+            _, mask, _, properties = read_native(case)
+        except CASE_ERRORS:
+            continue  # reported when the case itself is encoded
+        extents.append(body_extent_mm(mask, properties))
+        spacings.append(properties.spacing)
+    if not extents:
+        raise CaseError("no readable case to choose an automatic grid from")
+    return auto_grid(extents, spacings, max_shape)
+
+
+#: In-plane dilation of a derived body mask, in voxels (SynthRAD masks are dilated 10 voxels).
+DERIVED_MASK_DILATION = 10
+
+
+def body_mask_from_mr(mr: np.ndarray) -> np.ndarray:
+    """A body mask for an MR given without one: threshold, largest component, holes filled, dilated.
+
+    The threshold is 10 % of the volume's 99th percentile; holes are filled slice by slice and
+    the mask is dilated in-plane like SynthRAD's masks.
+    """
+    from scipy import ndimage
+
+    threshold = 0.1 * float(np.percentile(mr, 99))
+    foreground = mr > threshold
+    labels, count = ndimage.label(foreground)
+    if count == 0:
+        raise ValueError("MR has no signal above 10% of its 99th percentile: cannot derive a body mask")
+    sizes = ndimage.sum(foreground, labels, index=range(1, count + 1))
+    body = labels == (int(np.argmax(sizes)) + 1)
+    body = np.stack([ndimage.binary_fill_holes(slice_) for slice_ in body])
+    structure = np.zeros((1, 3, 3), bool)
+    structure[0] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.binary_dilation(body, structure, iterations=DERIVED_MASK_DILATION).astype(np.uint8)
