@@ -142,6 +142,36 @@ def evaluate(
 
 
 @app.command()
+def dose(
+    pred: Path = typer.Option(..., help="Prediction folder (<pid>.mha on the native grids)."),
+    data: Path = typer.Option(..., help="Data set root with ct.mha and mask.mha per case."),
+    out: Path = typer.Option(..., help="Output folder: per-case JSON/CSV, summary, DVH and dose-difference PNGs."),
+    modes: str = typer.Option("photon,proton,range", help="Any of photon, proton (plans) and range (plan-free proxy)."),
+    dose_grid: Optional[float] = typer.Option(None, "--dose-grid", help="Dose grid spacing in mm (protocol default 3)."),
+    protocol: Optional[Path] = typer.Option(None, help="Protocol YAML/JSON (beam templates, prescription, gamma)."),
+    plan_cache: Optional[Path] = typer.Option(None, help="Plan cache folder (plans optimised on each CT are reused)."),
+    split_file: Optional[Path] = typer.Option(None, "--split-file"),
+    split: str = typer.Option("test"),
+    figures: bool = typer.Option(True, help="Write DVH and dose-difference figures."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Dose evaluation: plans optimised on the CT, recomputed on the sCT, challenge dose metrics."""
+    from latent.dose import DoseExtraMissing, ProtocolError, run_dose
+
+    setup_logging(quiet)
+    try:
+        dose_run = run_dose(pred, data, out, modes=modes, dose_grid_mm=dose_grid, protocol=protocol,
+                            plan_cache=plan_cache, pids=split_pids(split_file, split), figures=figures, quiet=quiet)
+    except DoseExtraMissing as error:
+        fail(str(error))
+    except (*USER_ERRORS, ProtocolError) as error:
+        fail(str(error))
+    if dose_run.summary:
+        typer.echo(dose_run.table())
+    report_failures(dose_run.failures)
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo_run"), help="Output folder."),
     cases: int = typer.Option(30, min=6, help="Phantom cases."),

@@ -249,10 +249,13 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
     cache_info = format_cache_info(open_cache(cache_path, None).info())
     print(cache_info)
     results.append(vae_floor_result(data, out, vae_dir, cache_path, test, vae_seconds))
+    train_times = {"vae": vae_seconds}
     for name, (recipe, seconds) in config.methods.items():
         logger.info("training %s for %.0f s", name, seconds)
         overrides = [f"model.num_inference_steps={config.ddim_steps}"] if name.startswith("l2l_ddim") else []
         run_dir, train_seconds = train_method(name, config.configs_dir / recipe, out, seconds, overrides)
+        train_times[name] = train_seconds
+        (out / "train_seconds.json").write_text(json.dumps(train_times, indent=2) + "\n")
         results.append(predict_method(name, run_dir, data, out, test, train_seconds, vae_spec=str(vae_dir)))
     if config.dose:
         add_dose(results, data, out, test[: config.dose_cases])

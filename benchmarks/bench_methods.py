@@ -1,0 +1,115 @@
+"""Every method side by side on the phantom test split: accuracy and compute.
+
+Reuses a finished demo folder (``make demo`` -> ``demo_run``: phantom data, split, demo VAE,
+latent cache, the baselines, the VAE floor and the demo methods), then trains the remaining
+methods with the same CPU budget each, adds a DDIM step sweep and the Pix2Pix NGF ablation
+(lambda_NGF 20 vs 0), and writes ``benchmarks/results/bench_methods.{csv,md,json}``.
+
+    python benchmarks/bench_methods.py --demo demo_run [--seconds 150] [--steps 5,10,25,50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from latent.cases import load_splits  # noqa: E402
+from latent.demo import (  # noqa: E402
+    MethodResult, _evaluate, baseline_results, comparison_rows, format_comparison, predict_method, train_method,
+    vae_floor_result,
+)
+from latent.evaluate import write_rows_csv  # noqa: E402
+
+#: Methods the demo does not train: name -> (recipe, extra overrides).
+EXTRA_METHODS = {
+    "l2l_regress": ("l2l_regress_demo.yaml", []),
+    "l2l_controlnet_prior": ("l2l_controlnet_prior_demo.yaml", []),
+    "l2l_controlnet": ("l2l_controlnet_demo.yaml", []),
+    "cyclegan": ("cyclegan_demo.yaml", []),
+    "cut": ("cut_demo.yaml", []),
+    "pix2pix_ngf0": ("pix2pix_demo.yaml", ["model.lambda_ngf=0.0"]),
+}
+DEMO_TRAINED = ("l2sct", "l2l_ddim", "pix2pix")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--demo", type=Path, default=ROOT / "demo_run", help="finished demo folder to build on")
+    parser.add_argument("--seconds", type=float, default=150.0, help="CPU training budget of each extra method")
+    parser.add_argument("--steps", default="5,10,25,50", help="DDIM step sweep")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("accelerate", "latent.phantom"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    demo = args.demo.resolve()
+    data, vae_dir, cache = demo / "data", demo / "vae", demo / "cache.zarr"
+    if not (cache.exists() and vae_dir.exists()):
+        print(f"error: {demo}: run `make demo` first (needs data/, vae/ and cache.zarr)", file=sys.stderr)
+        return 2
+    splits = load_splits(demo / "splits.json")
+    test = splits["test"]
+    results: list[MethodResult] = baseline_results(data, demo, splits)
+    results.append(vae_floor_result(data, demo, vae_dir, cache, test, 0.0))
+    train_times = json.loads((demo / "train_seconds.json").read_text()) if (demo / "train_seconds.json").exists() else {}
+    for name in DEMO_TRAINED:
+        run_dir = demo / "runs" / name
+        if run_dir.exists():
+            results.append(predict_method(name, run_dir, data, demo, test, train_times.get(name, 0.0), vae_spec=str(vae_dir)))
+    for name, (recipe, overrides) in EXTRA_METHODS.items():
+        if name == "l2l_controlnet":
+            overrides = [*overrides, f"model.prior_path={demo / 'runs' / 'l2l_controlnet_prior' / 'final'}"]
+        logging.info("training %s for %.0f s", name, args.seconds)
+        run_dir, seconds = train_method(name, ROOT / "configs" / recipe, demo, args.seconds, overrides)
+        if name == "l2l_controlnet":
+            seconds += train_times.get("l2l_controlnet_prior", 0.0)
+        train_times[name] = seconds
+        if name != "l2l_controlnet_prior":
+            results.append(predict_method(name, run_dir, data, demo, test, seconds, vae_spec=str(vae_dir)))
+    sweep = []
+    ddim_run = demo / "runs" / "l2l_ddim"
+    if ddim_run.exists():
+        for steps in (int(s) for s in args.steps.split(",")):
+            result = sweep_ddim(ddim_run, steps, data, demo, test, vae_dir, train_times.get("l2l_ddim", 0.0))
+            sweep.append(result)
+    rows = comparison_rows(results)
+    sweep_rows = comparison_rows(sweep)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_rows_csv(rows + sweep_rows, args.out / "bench_methods.csv")
+    (args.out / "bench_methods.json").write_text(json.dumps({"methods": rows, "ddim_sweep": sweep_rows}, indent=2, default=float) + "\n")
+    report = (
+        "# Methods on the phantom test split (2-core CPU, demo budgets)\n\n"
+        f"{len(test)} test cases, trained on {len(splits['train'])} phantom cases; every method has the same CPU "
+        f"training budget ({args.seconds:.0f} s for the methods added here; the demo's own budgets for "
+        f"{', '.join(DEMO_TRAINED)}); seconds per volume are end to end from the raw MR file.\n\n"
+        f"{format_comparison(rows)}\n\n## DDIM step sweep (l2l_ddim, same run)\n\n{format_comparison(sweep_rows)}\n\n"
+        "## Pix2Pix NGF ablation\n\n`pix2pix` (lambda_NGF 20) vs `pix2pix_ngf0` (lambda_NGF 0) above.\n"
+    )
+    (args.out / "bench_methods.md").write_text(report)
+    print(report)
+    return 0
+
+
+def sweep_ddim(run_dir: Path, steps: int, data: Path, demo: Path, test: list[str], vae_dir: Path,
+               train_seconds: float) -> MethodResult:
+    """Predict with a trained l2l_ddim run at ``steps`` DDIM steps."""
+    from decode.predict_run import PredictOptions, load_run_and_vae, predict_dataset
+
+    run, vae = load_run_and_vae(run_dir, str(vae_dir))
+    run.model.config.num_inference_steps = steps  # read by the sampler at every translate call
+    pred_dir = demo / "predictions" / f"l2l_ddim_{steps}steps"
+    predict_dataset(run, vae, data, pred_dir, pids=test, options=PredictOptions(), quiet=True)
+    timings = json.loads((pred_dir / "timings.json").read_text())["mean_seconds"]
+    parameters = sum(p.numel() for p in run.model.parameters())
+    return _evaluate(f"l2l_ddim_{steps}steps", data, pred_dir, demo, test, sum(timings.values()),
+                     train_seconds=train_seconds, parameters=parameters, stage_seconds=timings)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
