@@ -18,8 +18,7 @@ numpy/scipy implementation to ~1e-15 relative (see ``benchmarks/bench_metrics.py
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -367,37 +366,3 @@ def score_case(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray, spacing_xyz: S
     scores["bone_dice"] = bone_dice(ct, sct, mask)
     scores["bone_hd95"] = bone_hd95(ct, sct, mask, spacing_xyz)
     return scores
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def _stats(values: Iterable[float]) -> dict[str, float]:
-    data = np.asarray([float(v) for v in values], dtype=np.float64)
-    finite = data[np.isfinite(data)]
-    return {
-        "mean": float(finite.mean()) if finite.size else math.nan,
-        "std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
-        "n": int(finite.size),
-        "n_nonfinite": int(data.size - finite.size),
-    }
-
-
-def summarise(rows: Sequence[Mapping[str, object]], group_key: str) -> dict[str, Any]:
-    """Mean and sample std (ddof=1) of every numeric column, per ``row[group_key]`` and overall.
-
-    Non-finite values (PSNR of identical volumes, HD95 with bone missing on one side, nan)
-    are left out of mean/std and counted in ``n_nonfinite``, so they stay visible.
-    Returns ``{"overall": {metric: stats}, "groups": {group: {metric: stats}}}`` with
-    stats ``{"mean", "std", "n", "n_nonfinite"}``.
-    """
-    metrics = sorted({k for row in rows for k, v in row.items() if k != group_key and _is_number(v)})
-    groups: dict[str, list[Mapping[str, object]]] = {}
-    for row in rows:
-        groups.setdefault(str(row[group_key]), []).append(row)
-
-    def table(subset: Sequence[Mapping[str, object]]) -> dict[str, dict[str, float]]:
-        return {m: _stats(r[m] for r in subset if m in r) for m in metrics}  # type: ignore[misc]
-
-    return {"overall": table(rows), "groups": {name: table(groups[name]) for name in sorted(groups)}}

@@ -291,19 +291,3 @@ def test_bone_hd95_matches_monai() -> None:
 
 
 # --- summaries -------------------------------------------------------------------------------
-
-
-def test_summarise_groups_and_nonfinite() -> None:
-    rows = [
-        {"centre": "A", "mae": 50.0, "psnr": 30.0},
-        {"centre": "A", "mae": 70.0, "psnr": math.inf},
-        {"centre": "B", "mae": 90.0, "psnr": 28.0},
-    ]
-    table = metrics.summarise(rows, "centre")
-    assert table["overall"]["mae"] == {"mean": 70.0, "std": pytest.approx(20.0), "n": 3, "n_nonfinite": 0}
-    assert table["groups"]["A"]["mae"]["mean"] == 60.0
-    psnr_a = table["groups"]["A"]["psnr"]
-    assert (psnr_a["mean"], psnr_a["n"], psnr_a["n_nonfinite"]) == (30.0, 1, 1)
-    assert math.isnan(psnr_a["std"])
-    assert set(table["groups"]) == {"A", "B"}
-    assert "centre" not in table["overall"]
