@@ -26,7 +26,7 @@ PRODUCER_KEY_LENGTH = 16
 #: vae_info entries that say where the weights came from, not what they compute: kept in
 #: the record for the reader, left out of the key (the same bytes from another path or
 #: hub revision are the same producer). Every other entry (config, class, layout, ...) is hashed.
-VAE_LOCATION_KEYS = ("path", "weights_path", "filename", "repo_id", "revision", "cache_dir", "url")
+VAE_LOCATION_KEYS = ("name", "path", "weights_path", "filename", "repo_id", "revision", "cache_dir", "url")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HASH_CHUNK_BYTES = 1 << 20

@@ -44,7 +44,8 @@ def load_run_and_vae(run_dir: str | os.PathLike, vae_spec: str | None, which: st
     run.model.to(device)
     if not run.needs_vae:
         return run, None
-    spec = vae_spec or run.record.get("vae_location", {}).get("path") or run.record.get("vae_other", {}).get("name")
+    location = run.record.get("vae_location", {})
+    spec = vae_spec or location.get("path") or location.get("name")
     if not spec:
         raise CaseError(f"{run_dir}: the run does not record where its VAE is; pass --vae")
     vae = load_vae(str(spec), device=device)

@@ -72,7 +72,8 @@ def native_validator(config) -> NativeValidator:
     if family.output_space == "ct_latent":
         from latent.vae import load_vae
 
-        spec = record.get("vae_location", {}).get("path") or record.get("vae_other", {}).get("name")
+        location = record.get("vae_location", {})
+        spec = location.get("path") or location.get("name")
         vae = load_vae(str(spec))
     producer = {"producer_key": key, "record": record, "latent_stats": cache.latent_stats()}
     return NativeValidator(cache, producer, vae, samples=config.train.val_samples, seed=config.train.seed)

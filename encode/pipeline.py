@@ -152,7 +152,7 @@ def encode_dataset(
             report.failures[case.pid] = message if case.pid in message else f"{case.pid}: {message}"
             logger.error(report.failures[case.pid])
     report.manifest = _write_manifest(Path(cache_path), report, index, count)
-    _update_statistics(cache, cases, split_file, set(report.failures))
+    _update_statistics(cache, cases, split_file, set(report.failures), Path(cache_path))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -170,9 +170,25 @@ def _write_manifest(cache_path: Path, report: EncodeReport, index: int, count: i
     return path
 
 
+def _recorded_failures(cache_path: Path, producer_key: str) -> set[str]:
+    """Cases that some shard or process of this producer recorded as failed in its manifest."""
+    folder = cache_path.with_name(cache_path.name + ".manifests")
+    failed: set[str] = set()
+    for path in folder.glob(f"encode_{producer_key}_shard*.json"):
+        try:
+            failed |= set(json.loads(path.read_text()).get("failures", {}))
+        except (OSError, json.JSONDecodeError):
+            continue  # an unreadable manifest only makes the statistics wait
+    return failed
+
+
 def _update_statistics(cache: LatentCache, cases: Sequence[Case], split_file: str | os.PathLike | None,
-                       failed: set[str]) -> None:
-    """Recompute latent statistics once every usable case with a CT is in the cache (main process)."""
+                       failed: set[str], cache_path: Path) -> None:
+    """Recompute latent statistics once every usable case with a CT is in the cache (main process).
+
+    A case another shard or process failed on (its manifest says so) does not count as
+    missing, so the outcome does not depend on which shard finishes last.
+    """
     from accelerate import PartialState
 
     state = PartialState()
@@ -182,7 +198,8 @@ def _update_statistics(cache: LatentCache, cases: Sequence[Case], split_file: st
     with_ct = [case.pid for case in cases if case.ct is not None and case.pid not in failed]
     training = set(load_splits(split_file)["train"]) if split_file else set(with_ct)
     pids = [pid for pid in with_ct if pid in training and cache.has_case(pid, need=["ct_mu"])]
-    complete = all(cache.has_case(pid, need=["ct_mu"]) for pid in with_ct)
+    failed_elsewhere = _recorded_failures(cache_path, cache.key)
+    complete = all(cache.has_case(pid, need=["ct_mu"]) or pid in failed_elsewhere for pid in with_ct)
     if pids and complete:
         cache.update_latent_stats(pids)
     elif not complete:
