@@ -49,9 +49,15 @@ MAISI_CONFIG: Mapping[str, Any] = MappingProxyType(
 )
 
 #: MAISI constructor arguments that change how the network runs, not what it computes
-#: (memory slab splitting, fp16 norm output, printing). Chosen per device by :func:`build_vae`,
-#: never stored in a config or a cache key.
+#: (memory slab splitting, fp16 norm output, printing). Set by :func:`build_vae`, never stored
+#: in a config or a cache key.
 MAISI_RUNTIME_KEYS = frozenset({"num_splits", "dim_split", "norm_float16", "print_info", "save_mem"})
+#: Runtime choice: fp16 norm output fails outside CUDA autocast; slab splitting (exact, saves
+#: memory) crashed on small inputs with 8 slabs and was slower on CPU with 4, and the sliding
+#: window is this project's memory strategy, so one slab. Not yet exercised on a GPU.
+MAISI_RUNTIME = MappingProxyType(
+    {"norm_float16": False, "num_splits": 1, "dim_split": 1, "print_info": False, "save_mem": False}
+)
 
 #: Array layouts a VAE's weights expect. Ours: the canonical (z, y, x) arrays in ITK's LPS world.
 LAYOUT_CANONICAL = "zyx_lps"
@@ -194,10 +200,8 @@ def build_vae(class_name: str, config: Mapping[str, Any], device: str | torch.de
 
     Args:
         class_name: ``"AutoencoderKlMaisi"`` or ``"AutoencoderKL"``.
-        config: constructor keyword arguments. For MAISI, runtime options are dropped and chosen
-            for ``device``: no fp16 norm output (fails outside CUDA autocast), and slab splitting
-            only on CUDA (4 slabs; exact, saves memory), none on CPU (splitting crashes on small
-            inputs and is slower there).
+        config: constructor keyword arguments. For MAISI, runtime options are replaced by
+            :data:`MAISI_RUNTIME`.
         device: where the parameters go.
 
     Returns:
@@ -208,16 +212,8 @@ def build_vae(class_name: str, config: Mapping[str, Any], device: str | torch.de
     if class_name == "AutoencoderKlMaisi":
         from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 
-        on_cuda = device.type == "cuda"
-        runtime = {
-            "norm_float16": False,
-            "num_splits": 4 if on_cuda else 1,
-            "dim_split": 1,
-            "print_info": False,
-            "save_mem": False,
-        }
         factory: Any = AutoencoderKlMaisi
-        kwargs = {**kwargs, **runtime}
+        kwargs = {**kwargs, **MAISI_RUNTIME}
     elif class_name == "AutoencoderKL":
         from monai.networks.nets import AutoencoderKL
 
@@ -260,7 +256,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch/safetensors raise many types for a corrupt file
-        raise VAEError(f"cannot read VAE weights {path}: {type(exc).__name__}: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise VAEError(f"cannot read VAE weights {path}: {type(exc).__name__}: {first}") from exc
     if isinstance(state, Mapping) and STATE_DICT_WRAPPER_KEY in state:
         state = state[STATE_DICT_WRAPPER_KEY]
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
