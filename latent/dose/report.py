@@ -6,9 +6,7 @@ the dose extra and is imported only when a figure is drawn.
 
 from __future__ import annotations
 
-import csv
 import math
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -142,16 +140,3 @@ def format_summary(summary: list[dict], columns: Iterable[str], group_key: str =
             cells.append("-" if math.isnan(mean) else f"{mean:.{digits}f} +- {std:.{digits}f}" if not math.isnan(std) and entry["n"] > 1 else f"{mean:.{digits}f}")
         lines.append(f"| {entry[group_key]} | {entry['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """Write rows as CSV atomically (union of the rows' keys as columns)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
-    return path
