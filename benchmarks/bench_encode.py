@@ -165,8 +165,8 @@ def _markdown(report: dict) -> str:
         "# VAE encode benchmark (MAISI architecture, random weights, CPU)",
         "",
         f"Machine: {report['machine']}; torch {report['torch']}; threads {report['threads']}; "
-        f"load average at start / end: {report['load_start']} / {report['load_end']} "
-        "(other jobs shared the CPUs: times are upper bounds).",
+        f"load average (1/5/15 min) at start: {report['load_start']}; at end: {report['load_end']} "
+        "(one entry per run merged into this table; other jobs shared the CPUs: times are upper bounds).",
         "",
         "| configuration | s / volume | network s | overhead vs network | peak RSS GiB | windows |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -244,7 +244,8 @@ def main() -> None:
         order = [c[0] for c in FULL]
         rank = {label: index for index, label in enumerate(order)}
         report["runs"] = sorted(kept + report["runs"], key=lambda row: rank.get(row["label"], len(rank)))
-        report["load_start"] = f"{previous['load_start']} (first run), {report['load_start']} (merged run)"
+        report["load_start"] = f"{previous['load_start']}; then {report['load_start']}"
+        report["load_end"] = f"{previous['load_end']}; then {report['load_end']}"
         previous_derived = previous.get("derived", {})
         report["notes"] = previous.get("notes", []) + report["notes"]
         report["skipped"] = [c[0] for c in FULL if c[0] not in {r["label"] for r in report["runs"]}]
@@ -259,7 +260,7 @@ def main() -> None:
             derived[f"{size} untiled encode_mu / raw forward (separate runs)"] = f"{ratio:.2f}x"
     for size, tiled_label in (("64^3", "64^3 tiled 32^3"), ("128^3", "128^3 tiled 64^3")):
         tiled, untiled = by_label.get(tiled_label), by_label.get(f"{size} untiled")
-        if tiled and untiled:
+        if tiled and untiled and "save" in tiled and "save" in untiled:  # both run in this call
             error = _relative_error(tiled["save"], untiled["save"])
             derived[f"{tiled_label} seam error (relative L2 vs untiled, random weights)"] = f"{error:.4f}"
             derived[f"{tiled_label} time vs untiled"] = f"{tiled['seconds'] / untiled['seconds']:.2f}x"

@@ -289,7 +289,7 @@ def fit_vae(
     set_seed(config.seed)
     accelerator = _make_accelerator(config)
     if accelerator.device.type == "cpu" and config.mixed_precision != "no":
-        logger.warning("mixed precision on CPU: bf16 3D-conv backward ran ~10x slower than fp32 on a 2-core CPU")
+        logger.warning("mixed precision on CPU: bf16 3D convolutions ran 10x+ slower than fp32 on CPUs without AMX")
     model = _build_model(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     prepared = [model, optimizer]

@@ -135,7 +135,9 @@ def encode_mu(
         tile: window (z, y, x) in image voxels, multiples of the factor; ``None`` = the VAE's
             own ``inference_tile`` (a VAE trained on crops) or else one whole-volume pass.
         overlap: wanted window overlap fraction (rounded down to whole latent voxels).
-        bf16: run the network under bfloat16 autocast (about 2x faster on CPUs with AMX).
+        bf16: run the network under bfloat16 autocast: about 2x faster on CUDA and on CPUs
+            with AMX / avx512_bf16, but far slower on CPUs without native bf16 (AVX2 only: a
+            32^3 MAISI encode took minutes instead of seconds).
         progress: tqdm bar over the windows.
 
     Returns:
@@ -182,7 +184,7 @@ def decode(
         tile: window (z, y, x) in *image* voxels (latent window = tile / factor); ``None`` = the
             VAE's own ``inference_tile``, or else one whole-volume pass.
         overlap: wanted window overlap fraction.
-        bf16: bfloat16 autocast.
+        bf16: bfloat16 autocast (see :func:`encode_mu`).
         progress: tqdm bar over the windows.
 
     Returns:

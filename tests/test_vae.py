@@ -38,6 +38,16 @@ FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 TINY_FIT = {"channels": (8, 8, 16), "norm_num_groups": 4, "checkpoint_every": 2, "seed": 3, "final_eval_volumes": 1}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny nets gain nothing from a second thread, and two OpenMP threads on a 2-core machine
+    that runs anything else were ~4x slower than one here (busy-waiting barriers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _tiny_maisi(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return build_vae("AutoencoderKlMaisi", TINY_MAISI)
