@@ -77,7 +77,8 @@ def summarise(rows: Iterable[dict], group_key: str = "region", columns: Iterable
         members = [row for row in rows if group == "all" or str(row[group_key]) == group]
         entry: dict = {group_key: group, "n": len(members)}
         for column in columns:
-            entry[column], entry[f"{column}_std"] = _mean_std([float(row[column]) for row in members if column in row])
+            entry[column], entry[f"{column}_std"] = _mean_std(
+                [float(row[column]) for row in members if row.get(column) is not None])
         summary.append(entry)
     return summary
 

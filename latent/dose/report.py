@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 
@@ -105,27 +105,6 @@ def plot_dose_difference(path: Path, hu: np.ndarray, doses: dict[str, tuple[np.n
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     return path
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return math.nan, math.nan
-    return float(np.mean(finite)), float(np.std(finite))
-
-
-def summarise(rows: Iterable[dict], columns: Iterable[str], group_key: str = "region") -> list[dict]:
-    """Mean and std of each column per ``group_key`` value and over all rows (group ``'all'``)."""
-    rows, columns = list(rows), list(columns)
-    groups = sorted({str(row[group_key]) for row in rows}) + ["all"]
-    summary = []
-    for group in groups:
-        members = [row for row in rows if group == "all" or str(row[group_key]) == group]
-        entry: dict = {group_key: group, "n": len(members)}
-        for column in columns:
-            entry[column], entry[f"{column}_std"] = _mean_std([row[column] for row in members if column in row])
-        summary.append(entry)
-    return summary
 
 
 def format_summary(summary: list[dict], columns: Iterable[str], group_key: str = "region") -> str:

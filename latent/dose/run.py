@@ -37,8 +37,8 @@ from latent.dose.extra import require_dose_extra
 from latent.dose.plan_cache import PlanCache, plan_key
 from latent.dose.protocol import ALL_MODES, PLAN_MODES, RANGE_MODE, DoseProtocol, ProtocolError, load_protocol
 from latent.dose.range_proxy import range_shifts
-from latent.dose.report import DOSE_COLUMNS, format_summary, plot_dose_difference, plot_dvh, summarise
-from latent.evaluate import write_rows_csv
+from latent.dose.report import DOSE_COLUMNS, format_summary, plot_dose_difference, plot_dvh
+from latent.evaluate import summarise, write_rows_csv
 from latent.dose.structures import Structure, case_structures, write_structure_file
 
 logger = logging.getLogger(__name__)
@@ -339,7 +339,7 @@ def run_dose(
         result.rows.append(row)
         result.details[pid] = detail
     result.failures = dict(run.failures)
-    result.summary = summarise(result.rows, result.columns) if result.rows else []
+    result.summary = summarise(result.rows, columns=result.columns) if result.rows else []
     if result.rows:
         write_rows_csv(result.rows, out_dir / "dose_metrics.csv")
     (out_dir / "dose_summary.md").write_text(
