@@ -45,6 +45,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from cache.chunk_read import read_single_chunk
 from cache.producer import canonical_value, is_sha256, key_of_record, sha256_file
 
 LATENT_KEYS = ("mr_mu", "ct_mu")
@@ -395,8 +396,8 @@ class LatentCache:
             if absent:
                 raise KeyError(f"case {pid} has no {absent}; it holds {present}")
             try:
-                group = zarr.open_group(self._case_dir(pid), mode="r", use_consolidated=False)
-                out = {key: group[key][...] for key in wanted}
+                case_dir = self._case_dir(pid)
+                out = {key: _read_array(case_dir / key) for key in wanted}
             except Exception:
                 if self.case_attrs(pid)["write_id"] == write_id:
                     raise
@@ -689,6 +690,12 @@ def case_problems(case_dir: Path, keys: list[str]) -> tuple[dict[str, tuple], li
         elif not np.all(np.isfinite(data)):
             problems.append(f"{key}: holds NaN or inf")
     return shapes, problems
+
+
+def _read_array(array_dir: Path) -> np.ndarray:
+    """One stored array: straight from its chunk file when in the cache's layout, else via zarr."""
+    fast = read_single_chunk(array_dir)
+    return fast if fast is not None else zarr.open_array(array_dir, mode="r")[...]
 
 
 def _cross_case_problems(shapes: dict[str, dict[str, tuple]]) -> list[str]:

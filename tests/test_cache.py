@@ -301,17 +301,17 @@ def test_overwrite_swaps_whole_case(store, monkeypatch, exchange):
 def test_read_overlapping_an_overwrite_never_mixes_versions(store, monkeypatch):
     old, new = make_case(50), make_case(51, offset=5.0)
     store.write_case("1ABA001", old, attrs())
-    original_getitem = zarr.Group.__getitem__
+    original_read = store_module._read_array
     reads = []
 
-    def getitem_then_overwrite(group, name):
-        value = original_getitem(group, name)
-        reads.append(name)
+    def read_then_overwrite(array_dir):
+        value = original_read(array_dir)
+        reads.append(array_dir.name)
         if len(reads) == 1:  # another writer replaces the case between our two arrays
             store.write_case("1ABA001", new, attrs(), overwrite=True)
         return value
 
-    monkeypatch.setattr(zarr.Group, "__getitem__", getitem_then_overwrite)
+    monkeypatch.setattr(store_module, "_read_array", read_then_overwrite)
     out = store.read_case("1ABA001", ["mr_mu", "ct_mu"])
     assert reads == ["mr_mu", "ct_mu", "mr_mu", "ct_mu"]  # the mixed first read was retried
     np.testing.assert_array_equal(out["mr_mu"], f16(new["mr_mu"]))
@@ -496,3 +496,40 @@ def test_verify_rehashes_sources(store, tmp_path):
                      overwrite=True)
     assert store.verify({"1ABA001": {"mr": source}}) == [
         "latent_stats are stale: their cases were rewritten or removed"]
+
+
+# ---------------------------------------------------------------------- fast chunk read
+
+
+def test_fast_chunk_read_equals_zarr_and_falls_back_for_other_layouts(filled, tmp_path):
+    from cache.chunk_read import read_single_chunk
+
+    case_dir = filled.group_dir / "cases" / "1ABA001"
+    for key in filled.array_keys("1ABA001"):
+        fast = read_single_chunk(case_dir / key)
+        reference = zarr.open_array(case_dir / key, mode="r")[...]
+        assert fast is not None and fast.dtype == reference.dtype and fast.flags.writeable
+        np.testing.assert_array_equal(fast, reference)
+    # several chunks, or another codec chain: not the cache's layout -> None, read_case uses zarr
+    chunked = zarr.create_array(tmp_path / "chunked", shape=(4, 6), chunks=(2, 6), dtype="float32")
+    chunked[...] = np.arange(24, dtype=np.float32).reshape(4, 6)
+    assert read_single_chunk(tmp_path / "chunked") is None
+    plain = zarr.create_array(tmp_path / "plain", shape=(4, 6), chunks=(4, 6), dtype="float32", compressors=None)
+    plain[...] = 1.0
+    assert read_single_chunk(tmp_path / "plain") is None
+    np.testing.assert_array_equal(store_module._read_array(tmp_path / "chunked"), chunked[...])
+
+
+def test_fast_chunk_read_refuses_damaged_chunks_naming_the_file(filled):
+    from cache.chunk_read import ChunkError
+
+    chunk = filled.group_dir / "cases" / "1ABA001" / "mr_mu" / "c" / "0" / "0" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(ChunkError, match=f"{chunk}: CRC32C checksum mismatch"):
+        filled.read_case("1ABA001", ["mr_mu"])
+    chunk.unlink()
+    with pytest.raises(ChunkError, match="chunk file missing"):
+        filled.read_case("1ABA001", ["mr_mu"])
+    np.testing.assert_array_equal(filled.read_case("1ABA000", ["mr_mu"])["mr_mu"], f16(make_case(20)["mr_mu"]))
