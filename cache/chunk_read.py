@@ -12,6 +12,7 @@ so the fast path can only ever be an optimisation, never a second format.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import google_crc32c
@@ -49,22 +50,24 @@ def _fast_layout(meta: dict) -> tuple[tuple[int, ...], np.dtype] | None:
     return shape, dtype.newbyteorder("<")
 
 
-def read_single_chunk(array_dir: str | Path) -> np.ndarray | None:
-    """The array stored in ``array_dir``, or ``None`` when it is not in the fast-path layout.
+def array_layout(array_dir: str | Path) -> tuple[tuple[int, ...], np.dtype] | None:
+    """(shape, dtype) of the array in ``array_dir`` when in the fast-path layout, else ``None``."""
+    with open(os.path.join(os.fspath(array_dir), "zarr.json"), encoding="utf-8") as handle:
+        return _fast_layout(json.load(handle))
+
+
+def read_chunk(array_dir: str | Path, layout: tuple[tuple[int, ...], np.dtype]) -> np.ndarray:
+    """Decode the single chunk of an array whose :func:`array_layout` is ``layout``.
 
     Raises:
-        ChunkError: the layout matches but the chunk file is missing, fails its CRC32C or
-            decodes to the wrong number of bytes (message names the file).
+        ChunkError: the chunk file is missing, fails its CRC32C or decodes to the wrong number
+            of bytes (message names the file).
     """
-    array_dir = Path(array_dir)
-    with open(array_dir / "zarr.json", encoding="utf-8") as handle:
-        layout = _fast_layout(json.load(handle))
-    if layout is None:
-        return None
     shape, dtype = layout
-    chunk = array_dir.joinpath("c", *(["0"] * len(shape)))
+    chunk = os.path.join(os.fspath(array_dir), "c", *(["0"] * len(shape)))
     try:
-        data = chunk.read_bytes()
+        with open(chunk, "rb") as handle:
+            data = handle.read()
     except FileNotFoundError:
         raise ChunkError(f"{chunk}: chunk file missing") from None
     payload, stored = data[:-_CRC_BYTES], data[-_CRC_BYTES:]
@@ -77,3 +80,13 @@ def read_single_chunk(array_dir: str | Path) -> np.ndarray | None:
         raise ChunkError(f"{chunk}: Blosc frame holds {size} bytes, expected {out.nbytes}")
     _BLOSC.decode(payload, out=out)
     return out
+
+
+def read_single_chunk(array_dir: str | Path) -> np.ndarray | None:
+    """The array stored in ``array_dir``, or ``None`` when it is not in the fast-path layout.
+
+    Raises:
+        ChunkError: see :func:`read_chunk`.
+    """
+    layout = array_layout(array_dir)
+    return None if layout is None else read_chunk(array_dir, layout)

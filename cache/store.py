@@ -45,7 +45,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from cache.chunk_read import read_single_chunk
+from cache.chunk_read import array_layout, read_chunk
 from cache.producer import canonical_value, is_sha256, key_of_record, sha256_file
 
 LATENT_KEYS = ("mr_mu", "ct_mu")
@@ -64,6 +64,8 @@ _STORE_TAG = "latent_sct_cache"
 _PID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
 _READ_ATTEMPTS = 3
+#: Bound on the memoised array layouts (about 6 per case).
+_MAX_LAYOUTS = 100_000
 
 
 class CacheError(Exception):
@@ -117,6 +119,9 @@ class LatentCache:
             raise CacheError(f"{path}: the latent cache needs a local directory (atomic rename)")
         self.path = Path(path)
         self.mode = mode
+        # Parsed array metadata per (pid, write_id, key): a published case is never edited in
+        # place (a rewrite gets a new write_id), so an entry stays valid for its write_id.
+        self._layouts: dict[tuple[str, str, str], tuple | None] = {}
         self.float_dtype = np.dtype(float_dtype)
         if isinstance(producer, str):
             self.key = producer
@@ -388,26 +393,36 @@ class LatentCache:
             CaseNotFoundError, or KeyError naming the arrays the case does hold.
         """
         keys = None if keys is None else list(keys)
+        case_dir = str(self._case_dir(pid))
         for _ in range(_READ_ATTEMPTS):
             write_id = self.case_attrs(pid)["write_id"]
-            present = self.array_keys(pid)
-            wanted = present if keys is None else keys
-            absent = [key for key in wanted if key not in present]
-            if absent:
-                raise KeyError(f"case {pid} has no {absent}; it holds {present}")
+            wanted = self.array_keys(pid) if keys is None else keys
             try:
-                case_dir = self._case_dir(pid)
-                out = {key: _read_array(case_dir / key) for key in wanted}
+                out = {key: self._read_array(pid, write_id, os.path.join(case_dir, key)) for key in wanted}
             except Exception:
-                if self.case_attrs(pid)["write_id"] == write_id:
-                    raise
-                continue  # replaced while we read: read the new version
+                if self.case_attrs(pid)["write_id"] != write_id:
+                    continue  # replaced while we read: read the new version
+                present = self.array_keys(pid)
+                absent = [key for key in wanted if key not in present]
+                if absent:
+                    raise KeyError(f"case {pid} has no {absent}; it holds {present}") from None
+                raise
             if self.case_attrs(pid)["write_id"] == write_id:
                 if as_float32:
                     out = {k: v.astype(np.float32) if v.dtype.kind == "f" else v
                            for k, v in out.items()}
                 return out
         raise CacheError(f"case {pid} kept changing during {_READ_ATTEMPTS} reads")
+
+    def _read_array(self, pid: str, write_id: str, array_dir: str) -> np.ndarray:
+        """One array of a case: from its chunk file in the cache's layout, else via zarr."""
+        index = (pid, write_id, os.path.basename(array_dir))
+        if index not in self._layouts:
+            if len(self._layouts) > _MAX_LAYOUTS:
+                self._layouts.clear()
+            self._layouts[index] = array_layout(array_dir)
+        layout = self._layouts[index]
+        return read_chunk(array_dir, layout) if layout is not None else zarr.open_array(array_dir, mode="r")[...]
 
     # ------------------------------------------------------------------ statistics
 
@@ -690,12 +705,6 @@ def case_problems(case_dir: Path, keys: list[str]) -> tuple[dict[str, tuple], li
         elif not np.all(np.isfinite(data)):
             problems.append(f"{key}: holds NaN or inf")
     return shapes, problems
-
-
-def _read_array(array_dir: Path) -> np.ndarray:
-    """One stored array: straight from its chunk file when in the cache's layout, else via zarr."""
-    fast = read_single_chunk(array_dir)
-    return fast if fast is not None else zarr.open_array(array_dir, mode="r")[...]
 
 
 def _cross_case_problems(shapes: dict[str, dict[str, tuple]]) -> list[str]:

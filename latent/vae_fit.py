@@ -57,7 +57,8 @@ class VAEFitConfig(BaseModel):
     latent_channels: int = Field(4, ge=1)
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1, description="must divide every channel count")
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(3e-4, gt=0, description="3e-4 beat 1e-3 and 3e-3 at 100-1600 steps on the demo VAE "
+                      "(benchmarks/results/vae_convergence_h100.md)")
     max_steps: int | None = Field(2000, ge=1, description="stop after this many optimiser steps")
     time_budget_s: float | None = Field(
         None, gt=0, description="stop training after this many seconds of this call (setup and final save excluded)"
