@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 DEMO_GRID = "3x3x5:32x128x128"
 #: Methods the demo trains: recipe file and CPU training seconds (the VAE gets the most time:
 #: its reconstruction error is the floor of every latent-to-latent route, DESIGN.md 7).
-DEMO_METHODS = {"l2sct": ("l2sct_demo.yaml", 150.0), "l2l_ddim": ("l2l_ddim_demo.yaml", 200.0),
+DEMO_METHODS = {"l2sct": ("l2sct_demo.yaml", 150.0), "l2l_ddim": ("l2l_ddim_demo.yaml", 150.0),
                 "pix2pix": ("pix2pix_demo.yaml", 150.0)}
 
 
