@@ -19,11 +19,10 @@ from decode.native import canonical_to_native_sct
 from decode.sct import output_to_canonical_hu
 from decode.writers import write_prediction
 from latent.cases import CaseError
-from latent.evaluate import Evaluation, evaluate_predictions
+from latent.evaluate import Evaluation, cases_with_ct, evaluate_predictions
 from latent.grid import GridMapping
 from latent.io import read_volume
 from latent.runner import run_over_cases
-from latent.cases import discover_cases
 
 #: HU above which the MAISI VAE window saturates.
 SATURATION_HU = 1000.0
@@ -65,8 +64,7 @@ def vae_check(
     Rows gain ``mae_above_1000`` and ``fraction_above_1000``.
     """
     out_dir = Path(out_dir)
-    wanted = set(pids) if pids is not None else None
-    cases = [c for c in discover_cases(data_root) if c.ct is not None and (wanted is None or c.pid in wanted)]
+    cases = cases_with_ct(data_root, pids)
 
     def work(case) -> Path:
         native, mapping = reconstruct_case(cache, vae, case.pid, tile)

@@ -40,6 +40,15 @@ def find_prediction(pred_dir: Path, pid: str) -> Path:
     raise CaseError(f"{pid}: no prediction {pred_dir / (pid + '.mha')} (or .nii.gz)")
 
 
+def cases_with_ct(data_root: str | os.PathLike, pids: Iterable[str] | None = None) -> list[Case]:
+    """The cases of ``data_root`` that have a CT to score against (only ``pids`` when given)."""
+    cases = [case for case in discover_cases(data_root) if case.ct is not None]
+    if pids is None:
+        return cases
+    wanted = set(pids)
+    return [case for case in cases if case.pid in wanted]
+
+
 def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
     """Score one prediction file against its case's CT inside the case's mask."""
     if case.ct is None or case.mask is None:
@@ -138,10 +147,7 @@ def evaluate_predictions(
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise CaseError(f"{pred_dir}: prediction folder not found")
-    cases = [case for case in discover_cases(data_root) if case.ct is not None]
-    if pids is not None:
-        wanted = set(pids)
-        cases = [case for case in cases if case.pid in wanted]
+    cases = cases_with_ct(data_root, pids)
     run = run_over_cases(cases, lambda case: score_prediction(case, find_prediction(pred_dir, case.pid)), "evaluate", quiet)
     evaluation = Evaluation(run, summarise(run.results.values()) if run.results else [])
     if out is not None:

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from latent.cases import Case, CaseError, discover_cases
+from latent.cases import Case, CaseError
 from latent.io import VolumeProperties, read_volume, write_volume
 from latent.runner import run_over_cases
 from latent.dose.dose_grid import PlanningGrid, crop_to_body, hu_to_planning_grid, mask_to_planning_grid
@@ -38,14 +38,13 @@ from latent.dose.plan_cache import PlanCache, plan_key
 from latent.dose.protocol import ALL_MODES, PLAN_MODES, RANGE_MODE, DoseProtocol, ProtocolError, load_protocol
 from latent.dose.range_proxy import range_shifts
 from latent.dose.report import DOSE_COLUMNS, format_summary, plot_dose_difference, plot_dvh
-from latent.evaluate import summarise, write_rows_csv
+from latent.evaluate import cases_with_ct, find_prediction, summarise, write_rows_csv
 from latent.dose.structures import Structure, case_structures, write_structure_file
 
 logger = logging.getLogger(__name__)
 
 #: Modes run by default: both plans and the range proxy.
 DEFAULT_MODES = ALL_MODES
-PREDICTION_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 
 
 @dataclass
@@ -86,14 +85,6 @@ def parse_modes(modes: str | Iterable[str]) -> tuple[str, ...]:
     if unknown or not items:
         raise ProtocolError(f"unknown dose mode(s) {unknown or items}; choose from {', '.join(ALL_MODES)}")
     return tuple(m for m in ALL_MODES if m in items)
-
-
-def find_prediction(pred_dir: Path, pid: str) -> Path:
-    """``pred_dir/<pid>.mha`` (or .nii.gz, .nii, .nrrd)."""
-    for suffix in PREDICTION_SUFFIXES:
-        if (pred_dir / f"{pid}{suffix}").is_file():
-            return pred_dir / f"{pid}{suffix}"
-    raise CaseError(f"{pid}: no prediction {pred_dir / (pid + '.mha')} (or .nii.gz)")
 
 
 def _case_volumes(case: Case, prediction: Path):
@@ -313,10 +304,7 @@ def run_dose(
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)
     if not pred_dir.is_dir():
         raise CaseError(f"{pred_dir}: prediction folder not found")
-    cases = [case for case in discover_cases(data_root) if case.ct is not None]
-    if pids is not None:
-        wanted = set(pids)
-        cases = [case for case in cases if case.pid in wanted]
+    cases = cases_with_ct(data_root, pids)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "protocol.json").write_text(protocol.to_json())
     cache = PlanCache(plan_cache)
