@@ -127,7 +127,7 @@ def predict_files(run: TrainedRun, vae, mr: Path, mask: Path | None, out_dir: st
         if not mask_array.any():
             raise CaseError(f"{mask}: empty mask")
     else:
-        mask_array = body_mask_from_mr(mr_array)
+        mask_array = body_mask_from_mr(mr_array, min(properties.spacing[:2]))
     prepared = prepare_mr_only(mr_array, mask_array, properties, case, run.grid)
     prediction = predict_prepared(run, vae, prepared, options.samples, options.seed, options.tile)
     out_dir = Path(out_dir)

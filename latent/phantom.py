@@ -1,7 +1,7 @@
 """Paired MR/CT phantom cases in the SynthRAD2025 Task 1 layout (DESIGN.md sections 1-2).
 
 ``generate_phantom_dataset`` writes ``<out>/Task1/<REGION>/<pid>/{mr,ct,mask}.mha``: compressed
-MetaImage, MR and CT int16, the mask uint8 0/1 (as in the real SynthRAD files), all three on one
+MetaImage, MR, CT and mask int16 (mask 0/1, as the organisers' release script writes it), all three on one
 grid with identity direction. Anatomy comes from :mod:`latent.phantom_anatomy`; this module
 adds the imaging: partial volume, tissue texture, MR bias field, per-centre gain and contrast,
 Rician MR noise, correlated CT noise, scanned field of view, optional metal (CT streaks, MR
@@ -39,22 +39,25 @@ from latent.phantom_anatomy import (
 
 logger = logging.getLogger(__name__)
 
-PHANTOM_VERSION = "1"
+PHANTOM_VERSION = "2"
 CENTRES = "ABCDE"
 CT_RANGE = (-1024.0, 3071.0)
 #: Value outside the scanned field of view (SynthRAD convention).
 CT_OUTSIDE_FOV, MR_OUTSIDE_FOV = -1000, 0
-#: The body mask is the MR body outline dilated this many voxels in-plane (SynthRAD2025).
-MASK_DILATION_VOXELS = 10
-#: Empty voxels kept between the body and the in-plane grid border (dilation + a little air).
-GRID_MARGIN_VOXELS = MASK_DILATION_VOXELS + 3
+#: The body mask is the MR body outline dilated in-plane by this distance. SynthRAD2025 dilates by
+#: 10 voxels of its ~1 mm pixels; the same distance in mm keeps the air rim equally thin at every
+#: phantom size (10 voxels of a 2-3 mm pixel would put a third to a half of the mask in air).
+MASK_DILATION_MM = 10.0
+#: Empty voxels kept between the body and the in-plane grid border (room for the dilation + air).
+GRID_MARGIN_VOXELS = 13
 #: CT point-spread function (Gaussian sigma in voxels, z y x).
 CT_PSF_VOXELS = (0.35, 0.45, 0.45)
 #: Short (small-size) windows compress the region's anatomy craniocaudally to at most this
 #: fraction of its length, so a window shows most organs without flattening them absurdly.
 MIN_Z_SQUEEZE = 0.6
-#: Written mask dtype: the real SynthRAD2025 masks are uint8 0/1.
-MASK_DTYPE = "uint8"
+#: Written mask dtype: the organisers' release script writes every image that is not int16 as
+#: int16, masks included (0/1); the official evaluation binarises ``mask > 0``.
+MASK_DTYPE = "int16"
 #: MR noise is set from the SNR of muscle (relative T1w signal 0.35).
 MR_NOISE_REFERENCE = 0.35
 #: Body outline threshold on the MR, relative to the centre gain (muscle x weakest bias ~ 0.25).
@@ -251,7 +254,7 @@ def render_case(
     ct += noise_sd * _unit_noise(ct_rng, ct.shape, (0.0, 0.6, 0.6))
     info["ct_noise_hu"] = noise_sd
     fov = _field_of_view(ct.shape, grid_rng)
-    mask = _mask_from_mr(mr, MR_BODY_THRESHOLD * info["mr_gain"]) & fov
+    mask = _mask_from_mr(mr, MR_BODY_THRESHOLD * info["mr_gain"], mask_dilation_voxels(grid["spacing_zyx"][2])) & fov
     mr[~fov], ct[~fov], canvas.label[~fov] = MR_OUTSIDE_FOV, CT_OUTSIDE_FOV, 0
     ct = np.rint(np.clip(ct, *CT_RANGE)).astype(np.int16)
     mr = np.rint(np.clip(mr, 0, np.iinfo(np.int16).max)).astype(np.int16)
@@ -360,7 +363,12 @@ def _bias_field(shape, amplitude: float, rng) -> np.ndarray:
     return 1 + amplitude * field_ / max(float(np.abs(field_).max()), 1e-6)
 
 
-def _mask_from_mr(mr: np.ndarray, threshold: float) -> np.ndarray:
+def mask_dilation_voxels(pixel_mm: float) -> int:
+    """In-plane dilation radius in voxels that covers :data:`MASK_DILATION_MM` at ``pixel_mm``."""
+    return max(1, int(round(MASK_DILATION_MM / pixel_mm)))
+
+
+def _mask_from_mr(mr: np.ndarray, threshold: float, dilation_voxels: int) -> np.ndarray:
     """SynthRAD-style mask: MR body outline (slice-wise holes filled) dilated in-plane."""
     inplane = np.zeros((3, 3, 3), bool)
     inplane[1] = ndimage.generate_binary_structure(2, 1)
@@ -372,7 +380,7 @@ def _mask_from_mr(mr: np.ndarray, threshold: float) -> np.ndarray:
     background, _ = ndimage.label(~body, structure=inplane)
     edges = np.concatenate([background[:, [0, -1], :].ravel(), background[:, :, [0, -1]].ravel()])
     body |= ~np.isin(background, np.unique(edges))
-    return _dilate_in_plane(body, MASK_DILATION_VOXELS)
+    return _dilate_in_plane(body, dilation_voxels)
 
 
 def _dilate_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -117,15 +117,19 @@ def resolve_grid(spec: str, cases: Sequence[Case], max_shape: tuple[int, int, in
     return auto_grid(extents, spacings, max_shape)
 
 
-#: In-plane dilation of a derived body mask, in voxels (SynthRAD masks are dilated 10 voxels).
-DERIVED_MASK_DILATION = 10
+#: In-plane dilation of a derived body mask in mm (SynthRAD masks: 10 voxels of ~1 mm).
+DERIVED_MASK_DILATION_MM = 10.0
 
 
-def body_mask_from_mr(mr: np.ndarray) -> np.ndarray:
+def body_mask_from_mr(mr: np.ndarray, pixel_mm: float = 1.0) -> np.ndarray:
     """A body mask for an MR given without one: threshold, largest component, holes filled, dilated.
 
     The threshold is 10 % of the volume's 99th percentile; holes are filled slice by slice and
-    the mask is dilated in-plane like SynthRAD's masks.
+    the mask is dilated in-plane by :data:`DERIVED_MASK_DILATION_MM` like SynthRAD's masks.
+
+    Args:
+        mr: (z, y, x) MR.
+        pixel_mm: in-plane voxel size, which turns the dilation distance into voxels.
     """
     from scipy import ndimage
 
@@ -139,4 +143,5 @@ def body_mask_from_mr(mr: np.ndarray) -> np.ndarray:
     body = np.stack([ndimage.binary_fill_holes(slice_) for slice_ in body])
     structure = np.zeros((1, 3, 3), bool)
     structure[0] = ndimage.generate_binary_structure(2, 1)
-    return ndimage.binary_dilation(body, structure, iterations=DERIVED_MASK_DILATION).astype(np.uint8)
+    iterations = max(1, int(round(DERIVED_MASK_DILATION_MM / pixel_mm)))
+    return ndimage.binary_dilation(body, structure, iterations=iterations).astype(np.uint8)

@@ -13,7 +13,8 @@ from scipy import ndimage
 from latent.io import read_volume
 from latent.phantom import (
     CT_OUTSIDE_FOV,
-    MASK_DILATION_VOXELS,
+    MASK_DILATION_MM,
+    mask_dilation_voxels,
     MR_OUTSIDE_FOV,
     case_ids,
     case_rng,
@@ -65,7 +66,7 @@ def test_dataset_layout_dtypes_and_one_grid(dataset):
         mr, mr_props = read_volume(folder / "mr.mha")
         ct, ct_props = read_volume(folder / "ct.mha")
         mask, mask_props = read_volume(folder / "mask.mha")
-        assert mr.dtype == np.int16 and ct.dtype == np.int16 and mask.dtype == np.uint8
+        assert mr.dtype == np.int16 and ct.dtype == np.int16 and mask.dtype == np.int16
         assert mr_props.same_grid(ct_props) and mr_props.same_grid(mask_props)
         assert mr_props.direction == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
         assert set(np.unique(mask)) == {0, 1}
@@ -118,11 +119,16 @@ def test_outside_field_of_view_is_air_and_zero(cases):
 def test_mask_is_body_dilated_in_plane(cases):
     for case in cases.values():
         body = case.labels > 0
-        assert case.mask[body].all()
+        # MR-dark tissue at the very edge (skull vertex, nostrils) can fall outside an MR-derived
+        # outline, as in the real masks; the 10 mm dilation covers nearly all of it.
+        assert (case.mask[body] > 0).mean() > 0.995
         z = case.mask.shape[0] // 2
+        pixel_mm = case.properties.spacing[0]
+        radius = mask_dilation_voxels(pixel_mm)
+        assert abs(radius * pixel_mm - MASK_DILATION_MM) <= pixel_mm / 2  # the same distance in mm
         distance = ndimage.distance_transform_edt(~body[z])
-        assert case.mask[z][distance <= MASK_DILATION_VOXELS - 1].all()
-        assert not case.mask[z][distance > MASK_DILATION_VOXELS + 1.5].any()
+        assert case.mask[z][distance <= radius - 1].all()
+        assert not case.mask[z][distance > radius + 1.5].any()
 
 
 def test_ct_tissue_values(cases):

@@ -38,6 +38,7 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
+from latent.accelerator import make_accelerator
 from translate.data import build_cache_datasets, model_batch_keys, train_loader, val_loader
 from translate.models.base import build_model, model_class
 from translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer
@@ -72,25 +73,6 @@ def learning_rate(base_lr: float, step: int, section: TrainSection) -> float:
     progress = (step - section.warmup_steps) / max(1, section.max_steps - section.warmup_steps)
     floor = base_lr * section.min_lr_ratio
     return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has bf16 arithmetic (AVX512-BF16 or AMX); on AVX2 alone bf16 convolutions
-    fall back to a reference kernel that is about 100x slower than float32."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def resolve_precision(requested: str) -> str:
-    """The mixed-precision mode to run: ``auto`` resolved, a slow bf16 request warned about."""
-    on_gpu = torch.cuda.is_available()
-    fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_fast_bf16()
-    if requested == "auto":
-        return "bf16" if fast_bf16 else "no"
-    if requested == "bf16" and not fast_bf16:
-        logger.warning("mixed_precision bf16 on a %s without fast bf16: expect it to be much slower than "
-                       "float32 (use 'auto' or 'no')", "GPU" if on_gpu else "CPU")
-    return requested
 
 
 def micro_step_seed(seed: int, micro_step: int) -> int:
@@ -139,9 +121,10 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def write_run_records(run_dir: Path, config: TrainConfig, producer: dict[str, Any]) -> None:
-    """``config.yaml`` / ``config.json`` (resolved) and ``producer.json``."""
+def write_run_records(run_dir: Path, config: TrainConfig, producer: dict[str, Any], precision: str) -> None:
+    """``config.yaml`` / ``config.json`` (resolved; ``train.mixed_precision`` as run) and ``producer.json``."""
     resolved = config.model_dump(mode="json")
+    resolved["train"]["mixed_precision"] = precision
     (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     (run_dir / "producer.json").write_text(json.dumps(producer, indent=2) + "\n")
@@ -162,16 +145,13 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     Returns:
         ``Path(config.run_dir)`` holding ``final/`` (and ``best/`` when validation ran).
     """
-    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
     from tqdm.auto import tqdm
 
     section, run_dir = config.train, Path(config.run_dir)
     model_cls = model_class(config.model.family)
-    accelerator = Accelerator(
-        # Without a GPU, Accelerate forms a process group (gloo) only when told it runs on CPU.
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=resolve_precision(section.mixed_precision),
+    accelerator = make_accelerator(
+        section.mixed_precision,
         gradient_accumulation_steps=section.grad_accum,
         log_with="tensorboard" if section.tensorboard else None,
         project_dir=str(run_dir),
@@ -224,7 +204,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", checkpoint, step, epoch, position)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_records(run_dir, config, producer)
+        write_run_records(run_dir, config, producer, accelerator.mixed_precision)
         metrics_path = run_dir / "metrics.jsonl"
         if checkpoint is None:
             metrics_path.write_text("")
@@ -311,6 +291,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
                 means = accelerator.reduce(torch.tensor([window[n] / window_steps for n in names],
                                                         device=accelerator.device), "mean")
                 record = {"step": step, "epoch": epoch, "lr": learning_rate(config.model.lr, step - 1, section),
+                          "mixed_precision": accelerator.mixed_precision,
                           "elapsed_s": round(elapsed, 3), **dict(zip(names, means.tolist()))}
                 log(record)
                 progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
