@@ -66,6 +66,11 @@ LAYOUT_MAISI = "xyz_ras"
 LAYOUTS = (LAYOUT_CANONICAL, LAYOUT_MAISI)
 
 SUPPORTED_CLASSES = ("AutoencoderKlMaisi", "AutoencoderKL")
+#: Normalisation layers of a VAE: MONAI's GroupNorm, or none. GroupNorm statistics depend on the
+#: spatial extent, so a VAE trained on crops behaves differently on whole volumes and across
+#: tiles (docs/vae.md); without normalisation a small VAE is fully convolutional: what it does to
+#: a voxel does not depend on the size of the volume around it.
+NORMS = ("group", "none")
 CONFIG_FILENAME = "config.json"
 WEIGHTS_FILENAME = "model.safetensors"
 #: Key that some MAISI checkpoints wrap their state dict in.
@@ -132,6 +137,7 @@ class LoadedVAE:
         source: where the weights were read from.
         inference_tile: window (z, y, x) the VAE must be run with, for a VAE trained on crops
             of that size (its GroupNorm statistics are those of the window); ``None`` = any.
+        norm: ``"group"`` (MONAI's GroupNorm layers) or ``"none"`` (removed: no statistics).
     """
 
     network: nn.Module
@@ -142,6 +148,7 @@ class LoadedVAE:
     layout: str = LAYOUT_CANONICAL
     source: str = ""
     inference_tile: tuple[int, int, int] | None = None
+    norm: str = "group"
 
     @property
     def latent_channels(self) -> int:
@@ -165,7 +172,7 @@ class LoadedVAE:
             JSON-serialisable dict with ``name``, ``class_name``, ``config`` (architecture),
             ``layout``, ``inference_tile`` and ``weights_sha256``.
         """
-        return {
+        info = {
             "name": self.name,
             "class_name": self.class_name,
             "config": json.loads(json.dumps(self.config)),
@@ -176,6 +183,9 @@ class LoadedVAE:
             # trained run can reload its VAE without being told.
             "path": str(Path(self.source).resolve()) if self.source and Path(self.source).exists() else self.source,
         }
+        if self.norm != "group":  # absent for GroupNorm VAEs, so their producer keys stay as they were
+            info["norm"] = self.norm
+        return info
 
 
 def _channels_of(config: Mapping[str, Any]) -> list[int]:
@@ -195,7 +205,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def build_vae(class_name: str, config: Mapping[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+def remove_group_norms(network: nn.Module) -> nn.Module:
+    """Replace every ``nn.GroupNorm`` of ``network`` by ``nn.Identity`` (in place); returns it."""
+    for module in list(network.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(module, name, nn.Identity())
+    return network
+
+
+def build_vae(class_name: str, config: Mapping[str, Any], device: str | torch.device = "cpu",
+              norm: str = "group") -> nn.Module:
     """Build an untrained network of a supported class.
 
     Args:
@@ -203,6 +223,7 @@ def build_vae(class_name: str, config: Mapping[str, Any], device: str | torch.de
         config: constructor keyword arguments. For MAISI, runtime options are replaced by
             :data:`MAISI_RUNTIME`.
         device: where the parameters go.
+        norm: ``"group"`` (as built by MONAI) or ``"none"`` (GroupNorm layers removed).
 
     Returns:
         The module in eval mode on ``device``.
@@ -220,10 +241,14 @@ def build_vae(class_name: str, config: Mapping[str, Any], device: str | torch.de
         factory = AutoencoderKL
     else:
         raise VAEError(f"unsupported VAE class {class_name!r}; expected one of {SUPPORTED_CLASSES}")
+    if norm not in NORMS:
+        raise VAEError(f"unknown VAE norm {norm!r}; expected one of {NORMS}")
     try:
         network = factory(**kwargs)
     except (TypeError, ValueError) as exc:
         raise VAEError(f"cannot build {class_name} from config {dict(config)}: {exc}") from exc
+    if norm == "none":
+        remove_group_norms(network)
     return network.to(device).eval()
 
 
@@ -357,7 +382,10 @@ def _load_directory(directory: Path, device: str | torch.device) -> LoadedVAE:
     if layout not in LAYOUTS:
         raise VAEError(f"{config_path}: layout {layout!r} is not one of {LAYOUTS}")
     tile = _check_inference_tile(saved.get("inference_tile"), kwargs, config_path)
-    network = build_vae(class_name, kwargs, device)
+    norm = saved.get("norm", "group")
+    if norm not in NORMS:
+        raise VAEError(f"{config_path}: norm {norm!r} is not one of {NORMS}")
+    network = build_vae(class_name, kwargs, device, norm=norm)
     _load_weights(network, weights_path)
     return LoadedVAE(
         network=_freeze(network),
@@ -368,6 +396,7 @@ def _load_directory(directory: Path, device: str | torch.device) -> LoadedVAE:
         layout=layout,
         source=str(directory),
         inference_tile=tile,
+        norm=norm,
     )
 
 
@@ -465,6 +494,11 @@ def save_vae_dir(model: nn.Module, config: Mapping[str, Any], out_dir: str | os.
         payload["inference_tile"] = list(tile)
     if config.get("name"):
         payload["name"] = str(config["name"])
+    norm = config.get("norm", "group")
+    if norm not in NORMS:
+        raise VAEError(f"norm {norm!r} is not one of {NORMS}")
+    if norm != "group":
+        payload["norm"] = norm
     text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
 

@@ -4,18 +4,25 @@ Offline there are no MAISI weights; this VAE takes their place behind the same i
 (``load_vae(out_dir)``). One VAE serves both modalities, as MAISI's does: pass normalised MR
 and CT volumes together.
 
-GroupNorm statistics depend on the spatial extent, so a VAE trained on small patches scores
-far worse on whole volumes (DESIGN.md section 10). By default the loop therefore trains on
-whole canonical volumes, one shape per batch. With ``crop`` set it trains on random crops
-(about (volume / crop) times cheaper per step) and records the crop as the VAE's
-``inference_tile``: encode/decode then always run it with that window, so it sees the same
-statistics as in training. Accelerate handles device, mixed precision and checkpoints.
+By default it trains on random crops (most of them centred on a body voxel), which is several
+times cheaper per step than whole volumes, with the GroupNorm layers removed (``norm="none"``):
+GroupNorm statistics depend on the spatial extent, so a VAE with them that was trained on crops
+behaves differently on whole volumes (docs/vae.md); without them the VAE is fully
+convolutional and runs on any shape, whole or tiled. With ``norm="group"`` and a crop, the crop
+is recorded as the VAE's ``inference_tile`` and encode/decode always run with that window.
+
+The weights that are kept are an exponential moving average (EMA) of the trained ones, with a
+warmup + cosine learning-rate schedule; when validation CT volumes are given, the EMA weights
+with the lowest masked MAE in HU of decode(encode(CT)) on the canonical grid are the ones saved.
+Accelerate handles device, mixed precision (``auto`` resolved by :mod:`latent.accelerator`) and
+checkpoints.
 
 Output directory::
 
-    out_dir/config.json, model.safetensors   the VAE (load_vae(out_dir))
-    out_dir/fit_config.json                  resolved VAEFitConfig, steps, losses, final L1
-    out_dir/checkpoint/                      accelerator state + trainer_state.json (resume)
+    out_dir/config.json, model.safetensors   the selected VAE (load_vae(out_dir))
+    out_dir/fit_config.json                  resolved VAEFitConfig, steps, losses, validation,
+                                             which metric and step selected the weights
+    out_dir/checkpoint/                      accelerator state (+ EMA) + trainer_state.json (resume)
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from latent.vae import LAYOUT_CANONICAL, LoadedVAE, save_vae_dir
+from latent.accelerator import make_accelerator
+from latent.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU
+from latent.vae import LAYOUT_CANONICAL, LoadedVAE, build_vae, save_vae_dir
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +66,13 @@ class VAEFitConfig(BaseModel):
     latent_channels: int = Field(4, ge=1)
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1, description="must divide every channel count")
-    lr: float = Field(3e-4, gt=0, description="3e-4 beat 1e-3 and 3e-3 at 100-1600 steps on the demo VAE "
-                      "(benchmarks/results/vae_convergence_h100.md)")
-    max_steps: int | None = Field(2000, ge=1, description="stop after this many optimiser steps")
+    norm: Literal["group", "none"] = Field("none", description="GroupNorm layers, or none (any shape, exact tiles)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warmup)")
+    lr_schedule: Literal["none", "cosine"] = Field("cosine", description="after warmup: constant or cosine to min")
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine floor as a fraction of lr")
+    ema_decay: float | None = Field(0.995, gt=0, lt=1, description="EMA of the weights that are kept; None = off")
+    max_steps: int | None = Field(3000, ge=1, description="stop after this many optimiser steps (cosine length)")
     time_budget_s: float | None = Field(
         None, gt=0, description="stop training after this many seconds of this call (setup and final save excluded)"
     )
@@ -68,7 +81,7 @@ class VAEFitConfig(BaseModel):
     log_sigma_bias_init: float = Field(-6.0, description="start with small posterior variance (DESIGN.md 10)")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
     cpu: bool = Field(False, description="train on CPU even if CUDA is available")
     flip_augment: bool = Field(True, description="random left-right (x) flips")
     adversarial: bool = False
@@ -77,8 +90,14 @@ class VAEFitConfig(BaseModel):
     discriminator_channels: int = Field(16, ge=1)
     discriminator_layers: int = Field(3, ge=1, description="each halves the size: every side needs >= 2**(layers+2)")
     crop: tuple[int, int, int] | None = Field(
-        None, description="train on random (z, y, x) crops; the VAE is then always run with this window"
+        (32, 64, 64), description="train on random (z, y, x) crops (None: whole volumes); with norm=group the "
+        "VAE is then always run with this window"
     )
+    body_crop_fraction: float = Field(0.9, ge=0, le=1, description="share of crops centred on a body voxel")
+    modalities: tuple[Literal["mr", "ct"], ...] = Field(("mr", "ct"), min_length=1,
+                                                         description="volumes of each training case to train on")
+    val_every: int = Field(100, ge=1, description="steps between validations in HU (when validation CTs are given)")
+    val_cases: int = Field(6, ge=1, description="validation CTs used (evenly spread over those given)")
     final_eval_volumes: int = Field(4, ge=0, description="volumes whose posterior-mean L1 is reported at the end")
 
     @model_validator(mode="after")
@@ -86,7 +105,7 @@ class VAEFitConfig(BaseModel):
         if len(self.channels) != VAE_LEVELS:
             raise ValueError(f"channels must have {VAE_LEVELS} entries (x4 downsampling), got {self.channels}")
         bad = [c for c in self.channels if c % self.norm_num_groups]
-        if bad:
+        if bad and self.norm == "group":
             raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every entry of channels; {bad} not")
         if self.max_steps is None and self.time_budget_s is None:
             raise ValueError("max_steps and time_budget_s are both unset: set at least one")
@@ -116,8 +135,11 @@ class VAEFitConfig(BaseModel):
             "with_decoder_nonlocal_attn": False,
             "include_fc": False,
         }
-        tile = None if self.crop is None else list(self.crop)
-        return {"class_name": "AutoencoderKL", "kwargs": kwargs, "layout": LAYOUT_CANONICAL, "inference_tile": tile}
+        tile = None if self.crop is None or self.norm == "none" else list(self.crop)
+        if self.norm == "none":
+            kwargs["norm_num_groups"] = 1  # MONAI still builds (then drops) the GroupNorms
+        return {"class_name": "AutoencoderKL", "kwargs": kwargs, "layout": LAYOUT_CANONICAL, "inference_tile": tile,
+                "norm": self.norm}
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -127,46 +149,64 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
 
 
-def _check_volumes(volumes: Sequence[np.ndarray], factor: int) -> list[np.ndarray]:
+def _check_volumes(volumes: Sequence[np.ndarray], factor: int, what: str = "volume") -> list[np.ndarray]:
     if len(volumes) == 0:
         raise ValueError("fit_vae needs at least one volume")
     checked = []
     for index, volume in enumerate(volumes):
         array = np.asarray(volume, dtype=np.float32)
         if array.ndim != 3:
-            raise ValueError(f"volume {index} must be 3D (z, y, x), got shape {array.shape}")
+            raise ValueError(f"{what} {index} must be 3D (z, y, x), got shape {array.shape}")
         if any(s % factor for s in array.shape):
-            raise ValueError(f"volume {index} shape {array.shape} is not a multiple of {factor}: use a canonical grid")
+            raise ValueError(f"{what} {index} shape {array.shape} is not a multiple of {factor}: use a canonical grid")
         if not np.isfinite(array).all():
-            raise ValueError(f"volume {index} holds NaN or inf")
+            raise ValueError(f"{what} {index} holds NaN or inf")
         checked.append(np.ascontiguousarray(array))
     return checked
 
 
-def _make_accelerator(config: VAEFitConfig) -> Any:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    kwargs = {"cpu": config.cpu or not torch.cuda.is_available(), "mixed_precision": config.mixed_precision}
-    try:
-        return Accelerator(**kwargs)
-    except ValueError as exc:
-        # An earlier fit in this process fixed another precision in Accelerate's process-wide
-        # state; this loop owns its run, so start that state afresh.
-        if "already been initialized" not in str(exc):
-            raise
-        AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(**kwargs)
+def _check_masks(masks: Sequence[np.ndarray] | None, volumes: list[np.ndarray], what: str) -> list[np.ndarray] | None:
+    if masks is None:
+        return None
+    if len(masks) != len(volumes):
+        raise ValueError(f"{len(masks)} {what} masks for {len(volumes)} volumes")
+    checked = []
+    for index, (mask, volume) in enumerate(zip(masks, volumes)):
+        mask = np.asarray(mask) > 0
+        if mask.shape != volume.shape:
+            raise ValueError(f"{what} mask {index} has shape {mask.shape}, its volume {volume.shape}")
+        checked.append(mask)
+    return checked
 
 
 def _build_model(config: VAEFitConfig) -> torch.nn.Module:
-    from monai.networks.nets import AutoencoderKL
-
-    model = AutoencoderKL(**config.architecture()["kwargs"])
+    architecture = config.architecture()
+    model = build_vae(architecture["class_name"], architecture["kwargs"], norm=config.norm).train()
     with torch.no_grad():
-        # sigma ~ 1 at init makes the sampled latent pure noise and training slow (DESIGN.md 10).
+        # sigma ~ 1 at init makes the sampled latent pure noise and training slow (docs/vae.md).
         model.quant_conv_log_sigma.conv.bias.fill_(config.log_sigma_bias_init)
     return model
+
+
+def learning_rate(config: VAEFitConfig, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then constant or cosine."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "none" or config.max_steps is None:
+        return config.lr
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def _ema_average(decay: float):
+    """EMA update for ``AveragedModel``: the decay ramps up over the first steps (early weights fade fast)."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        effective = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+        return averaged * effective + current * (1.0 - effective)
+
+    return average
 
 
 def _read_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -197,16 +237,29 @@ def _save_checkpoint(accelerator: Any, out_dir: Path, state: dict[str, Any]) -> 
 class _BatchSampler:
     """Random batches (with replacement) of whole same-shape volumes or of equal crops.
 
-    Reproducible from the generator passed in, which the loop seeds from (seed, step).
+    With masks, a ``body_fraction`` share of crops is centred on a random body voxel (clamped
+    to the volume), the rest placed uniformly. Reproducible from the generator passed in,
+    which the loop seeds from (seed, step).
     """
 
-    def __init__(self, volumes: list[np.ndarray], batch_size: int, flip: bool, crop: tuple[int, ...] | None) -> None:
+    def __init__(self, volumes: list[np.ndarray], batch_size: int, flip: bool, crop: tuple[int, ...] | None,
+                 masks: list[np.ndarray] | None = None, body_fraction: float = 0.0) -> None:
         self.volumes, self.batch_size, self.flip, self.crop = volumes, batch_size, flip, crop
+        self.body_fraction = body_fraction if masks is not None else 0.0
+        self.body_voxels = None if masks is None else [np.flatnonzero(m) for m in masks]
         groups: dict[tuple[int, ...], list[int]] = {}
         for index, volume in enumerate(volumes):
             groups.setdefault(volume.shape if crop is None else (), []).append(index)
         self.groups = list(groups.values())
         self.weights = np.array([len(g) for g in self.groups], dtype=float) / len(volumes)
+
+    def _crop_start(self, rng: np.random.Generator, index: int) -> list[int]:
+        shape = self.volumes[index].shape
+        voxels = None if self.body_voxels is None else self.body_voxels[index]
+        if voxels is not None and voxels.size and rng.random() < self.body_fraction:
+            centre = np.unravel_index(int(voxels[rng.integers(0, voxels.size)]), shape)
+            return [int(np.clip(c - k // 2, 0, s - k)) for c, k, s in zip(centre, self.crop, shape)]
+        return [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, self.crop)]
 
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         group = self.groups[rng.choice(len(self.groups), p=self.weights)]
@@ -214,12 +267,19 @@ class _BatchSampler:
         for index in rng.choice(group, size=self.batch_size, replace=True):
             volume = self.volumes[index]
             if self.crop is not None:
-                start = [int(rng.integers(0, s - c + 1)) for s, c in zip(volume.shape, self.crop)]
+                start = self._crop_start(rng, int(index))
                 volume = volume[tuple(slice(b, b + c) for b, c in zip(start, self.crop))]
             if self.flip and rng.random() < 0.5:
                 volume = volume[:, :, ::-1]
             batch.append(volume)
         return np.stack(batch)[:, None].copy()
+
+
+def _loaded(network: torch.nn.Module, config: VAEFitConfig) -> LoadedVAE:
+    architecture = config.architecture()
+    tile = architecture["inference_tile"]
+    return LoadedVAE(network, "fit", architecture["class_name"], architecture["kwargs"], "", LAYOUT_CANONICAL,
+                     inference_tile=None if tile is None else tuple(tile), norm=config.norm)
 
 
 def _reconstruction_l1(vae: LoadedVAE, volumes: list[np.ndarray], count: int) -> list[float]:
@@ -235,12 +295,40 @@ def _reconstruction_l1(vae: LoadedVAE, volumes: list[np.ndarray], count: int) ->
     return errors
 
 
+@torch.no_grad()
+def validation_mae_hu(vae: LoadedVAE, ct_volumes: list[np.ndarray], masks: list[np.ndarray]) -> float:
+    """Masked MAE in HU of decode(encode(CT)) against the CT, both in the VAE window, on the canonical grid.
+
+    Args:
+        vae: the VAE to score (eval mode is set here).
+        ct_volumes: CT volumes in the VAE's [0, 1] window (``latent.intensity.ct_to_vae``).
+        masks: their body masks.
+
+    Returns:
+        Voxel-weighted mean absolute error in HU over all masks.
+    """
+    from latent.vae_inference import decode, encode_mu
+
+    vae.network.eval()
+    hu_per_unit = VAE_CT_MAX_HU - VAE_CT_MIN_HU
+    total, count = 0.0, 0
+    for volume, mask in zip(ct_volumes, masks):
+        x = torch.from_numpy(volume)[None, None].to(vae.device)
+        reconstruction = decode(vae, encode_mu(vae, x)).clamp(0, 1)[0, 0].cpu().numpy()
+        total += float(np.abs(reconstruction - volume)[mask].sum()) * hu_per_unit
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
 def fit_vae(
     volumes: Sequence[np.ndarray],
     out_dir: str | os.PathLike,
     config: VAEFitConfig,
     resume: bool = False,
     *,
+    masks: Sequence[np.ndarray] | None = None,
+    val_ct: Sequence[np.ndarray] = (),
+    val_masks: Sequence[np.ndarray] = (),
     quiet: bool = False,
 ) -> Path:
     """Train a small ``AutoencoderKL`` with L1 + kl_weight * KL (+ optional patch adversarial loss).
@@ -252,8 +340,11 @@ def fit_vae(
         config: training settings; stops at ``max_steps`` or after ``time_budget_s`` seconds of
             training in this call, whichever comes first (model setup, the final save and the
             final evaluation are not counted).
-        resume: continue from ``out_dir/checkpoint`` (step count, weights, optimiser, RNG); with
-            no checkpoint there, start afresh.
+        resume: continue from ``out_dir/checkpoint`` (step count, weights, EMA, optimiser, RNG);
+            with no checkpoint there, start afresh.
+        masks: body masks of ``volumes`` (crops are centred on the body); None = uniform crops.
+        val_ct / val_masks: validation CT volumes in the VAE window with their body masks; the
+            EMA weights with the lowest :func:`validation_mae_hu` are kept. Empty: the last.
         quiet: no progress bar.
 
     Returns:
@@ -263,9 +354,17 @@ def fit_vae(
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
         ValueError: bad volumes, or a checkpoint of another architecture.
     """
+    from torch.optim.swa_utils import AveragedModel
+
     out_dir = Path(out_dir)
     checkpoint = out_dir / CHECKPOINT_DIRNAME
     data = _check_volumes(volumes, config.downsample_factor)
+    body = _check_masks(masks, data, "training")
+    validation = _check_volumes(val_ct, config.downsample_factor, "validation CT") if len(val_ct) else []
+    validation_masks = _check_masks(val_masks, validation, "validation") if validation else []
+    if len(validation) > config.val_cases:
+        picks = np.unique(np.linspace(0, len(validation) - 1, num=config.val_cases).round().astype(int))
+        validation, validation_masks = [validation[i] for i in picks], [validation_masks[i] for i in picks]
     architecture = config.architecture()
     if config.crop is not None:
         too_small = [i for i, v in enumerate(data) if any(s < c for s, c in zip(v.shape, config.crop))]
@@ -288,10 +387,9 @@ def fit_vae(
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
-    accelerator = _make_accelerator(config)
-    if accelerator.device.type == "cpu" and config.mixed_precision != "no":
-        logger.warning("mixed precision on CPU: bf16 3D convolutions ran 10x+ slower than fp32 on CPUs without AMX")
+    accelerator = make_accelerator(config.mixed_precision, cpu=config.cpu)
     model = _build_model(config)
+    ema = AveragedModel(model, avg_fn=_ema_average(config.ema_decay)) if config.ema_decay else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     prepared = [model, optimizer]
     if config.adversarial:
@@ -311,14 +409,39 @@ def fit_vae(
     model, optimizer = prepared[0], prepared[1]
     if config.adversarial:
         discriminator, optimizer_d = prepared[2], prepared[3]
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
 
-    step, history = 0, []
+    step, history, val_history = 0, [], []
+    best_mae, best_step = math.inf, None
     if resuming:
         accelerator.load_state(str(checkpoint))
         step, history = int(trainer_state["step"]), list(trainer_state.get("history", []))
+        val_history = list(trainer_state.get("val_history", []))
+        best_mae = math.inf if trainer_state.get("best_mae") is None else float(trainer_state["best_mae"])
+        best_step = trainer_state.get("best_step")
         logger.info("resumed VAE training from step %d", step)
 
-    sampler = _BatchSampler(data, config.batch_size, config.flip_augment, config.crop)
+    def kept_network() -> torch.nn.Module:
+        return ema.module if ema is not None else accelerator.unwrap_model(model)
+
+    def state() -> dict[str, Any]:
+        return {"step": step, "history": history, "architecture": architecture, "val_history": val_history,
+                "best_mae": None if math.isinf(best_mae) else best_mae, "best_step": best_step}
+
+    def validate() -> None:
+        nonlocal best_mae, best_step
+        network = kept_network()
+        mae = validation_mae_hu(_loaded(network, config), validation, validation_masks)
+        network.train()
+        val_history.append([step, round(mae, 3)])
+        logger.info("step %d: validation CT MAE %.1f HU (best %.1f)", step, mae, min(mae, best_mae))
+        if mae < best_mae and accelerator.is_main_process:
+            best_mae, best_step = mae, step
+            save_vae_dir(network, {**architecture, "name": f"vae-fit-{out_dir.resolve().name}"}, out_dir)
+
+    sampler = _BatchSampler(data, config.batch_size, config.flip_augment, config.crop, body, config.body_crop_fraction)
     max_steps = config.max_steps if config.max_steps is not None else math.inf
     start_time = time.monotonic()
     deadline = start_time + config.time_budget_s if config.time_budget_s is not None else math.inf
@@ -329,6 +452,8 @@ def fit_vae(
         # Seeded by (seed, step): a resumed run draws the same batches as an uninterrupted one.
         rng = np.random.default_rng([config.seed, step, accelerator.process_index])
         x = torch.from_numpy(sampler(rng)).to(accelerator.device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         use_adversarial = config.adversarial and step >= config.adversarial_start_step
         with accelerator.autocast():
             reconstruction, z_mu, z_sigma = model(x)
@@ -342,6 +467,8 @@ def fit_vae(
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(accelerator.unwrap_model(model))
         if use_adversarial:
             with accelerator.autocast():
                 loss_d = 0.5 * (
@@ -357,38 +484,45 @@ def fit_vae(
         history.append([step, round(value, 6)])
         progress.update(1)
         progress.set_postfix(l1=f"{smoothed:.4f}")
+        if validation and step % config.val_every == 0:
+            validate()
         if step % config.checkpoint_every == 0:
-            _save_checkpoint(accelerator, out_dir, {"step": step, "history": history, "architecture": architecture})
+            _save_checkpoint(accelerator, out_dir, state())
             logger.info("step %d: l1 %.4f (checkpoint saved)", step, smoothed)
     progress.close()
     train_seconds = time.monotonic() - start_time
-    _save_checkpoint(accelerator, out_dir, {"step": step, "history": history, "architecture": architecture})
+    if validation and (not val_history or val_history[-1][0] != step):
+        validate()
+    _save_checkpoint(accelerator, out_dir, state())
 
-    network = accelerator.unwrap_model(model)
     if not accelerator.is_main_process:
         return out_dir
-    save_vae_dir(network, {**architecture, "name": f"vae-fit-{out_dir.resolve().name}"}, out_dir)
-    loaded = LoadedVAE(
-        network, "fit", architecture["class_name"], architecture["kwargs"], "", LAYOUT_CANONICAL,
-        inference_tile=config.crop,
-    )  # fmt: skip
-    final_l1 = _reconstruction_l1(loaded, data, config.final_eval_volumes)
+    if not validation:
+        save_vae_dir(kept_network(), {**architecture, "name": f"vae-fit-{out_dir.resolve().name}"}, out_dir)
+    from latent.vae import load_vae
+
+    selected = load_vae(str(out_dir), device=accelerator.device)
+    final_l1 = _reconstruction_l1(selected, data, config.final_eval_volumes)
     report = {
         "config": config.model_dump(mode="json"),
         "architecture": architecture,
+        "mixed_precision": accelerator.mixed_precision,
         "steps": step,
+        "selected_by": "validation CT MAE in HU (canonical grid, VAE window)" if validation else "last step (no validation CT)",
+        "selected_step": best_step if validation else step,
+        "selected_val_mae_hu": None if math.isinf(best_mae) else round(best_mae, 3),
+        "val_history": val_history,
         "train_seconds_this_call": round(train_seconds, 2),
         "device": str(accelerator.device),
         "num_volumes": len(data),
+        "num_val_volumes": len(validation),
         "final_l1_mean": float(np.mean(final_l1)) if final_l1 else None,
         "final_l1_evaluated": [round(v, 6) for v in final_l1],
         "loss_history": history,
     }
     (out_dir / FIT_REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
     logger.info(
-        "VAE fit done: %d steps in %.0f s, final L1 %s",
-        step,
-        train_seconds,
-        f"{report['final_l1_mean']:.4f}" if final_l1 else "n/a",
+        "VAE fit done: %d steps in %.0f s, selected step %s (%s)", step, train_seconds, report["selected_step"],
+        report["selected_by"],
     )
     return out_dir

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,23 +34,51 @@ def load_fit_config(path: str | os.PathLike | None, **overrides) -> VAEFitConfig
     return VAEFitConfig.model_validate(values)
 
 
+@dataclass
+class FitVolumes:
+    """Canonical-grid volumes for :func:`latent.vae_fit.fit_vae`: training MR/CT with body masks,
+    validation CTs (VAE window) with theirs, and the grid."""
+
+    volumes: list[np.ndarray] = field(default_factory=list)
+    masks: list[np.ndarray] = field(default_factory=list)
+    val_ct: list[np.ndarray] = field(default_factory=list)
+    val_masks: list[np.ndarray] = field(default_factory=list)
+    grid: dict = field(default_factory=dict)
+
+
 def training_volumes(data_root: str | os.PathLike, grid_spec: str, split_file: str | os.PathLike | None,
-                     quiet: bool = False) -> tuple[list[np.ndarray], dict]:
-    """Normalised canonical MR and CT volumes of the training cases, and the grid used."""
+                     quiet: bool = False, modalities: Sequence[str] = ("mr", "ct")) -> FitVolumes:
+    """Normalised canonical volumes of the training cases (and validation CTs when a split is given).
+
+    Args:
+        data_root: SynthRAD-layout data set.
+        grid_spec: canonical grid (``auto``, a preset or ``'SXxSYxSZ:DxHxW'``).
+        split_file: split JSON: train on ``train``, validate on ``val``; None = every case trains.
+        modalities: which volumes of each training case to train on (``mr``, ``ct``).
+    """
     cases = discover_cases(data_root)
+    val: list = []
     if split_file is not None:
-        train = set(load_splits(split_file)["train"])
+        splits = load_splits(split_file)
+        train, val_ids = set(splits["train"]), set(splits.get("val", []))
+        val = [case for case in cases if case.pid in val_ids and case.ct is not None]
         cases = [case for case in cases if case.pid in train]
     grid, _ = resolve_grid(grid_spec, cases)
+    out = FitVolumes(grid=grid.to_dict())
     run = run_over_cases(cases, lambda case: prepare_case(case, grid), "prepare", quiet)
-    volumes = []
     for prepared in run.results.values():
-        volumes.append(prepared.mr_unit)
-        if prepared.ct_vae is not None:
-            volumes.append(prepared.ct_vae)
-    if not volumes:
+        if "mr" in modalities:
+            out.volumes.append(prepared.mr_unit)
+            out.masks.append(prepared.mask)
+        if "ct" in modalities and prepared.ct_vae is not None:
+            out.volumes.append(prepared.ct_vae)
+            out.masks.append(prepared.mask)
+    if not out.volumes:
         raise ValueError(f"{data_root}: no usable training volume")
-    return volumes, grid.to_dict()
+    for prepared in run_over_cases(val, lambda case: prepare_case(case, grid), "prepare val", quiet).results.values():
+        out.val_ct.append(prepared.ct_vae)
+        out.val_masks.append(prepared.mask)
+    return out
 
 
 def fit_vae_on_dataset(
@@ -63,10 +93,15 @@ def fit_vae_on_dataset(
     resume: bool = False,
     quiet: bool = False,
 ) -> Path:
-    """Fit the small VAE on the training cases' MR and CT at the canonical grid; return its folder."""
+    """Fit the small VAE on the training cases' MR and CT at the canonical grid; return its folder.
+
+    With a split file, the ``val`` cases' CTs select the kept weights (masked MAE in HU).
+    """
     config = load_fit_config(config_path, time_budget_s=seconds, max_steps=max_steps)
-    volumes, grid = training_volumes(data_root, grid_spec, split_file, quiet)
-    logger.info("vae fit: %d volumes of shape %s", len(volumes), tuple(grid["shape"]))
-    path = Path(fit_vae(volumes, out_dir, config, resume=resume, quiet=quiet))
-    (path / "training_grid.json").write_text(json.dumps(grid) + "\n")
+    fit = training_volumes(data_root, grid_spec, split_file, quiet, modalities=config.modalities)
+    logger.info("vae fit: %d volumes of shape %s, %d validation CTs", len(fit.volumes), tuple(fit.grid["shape"]),
+                len(fit.val_ct))
+    path = Path(fit_vae(fit.volumes, out_dir, config, resume=resume, masks=fit.masks, val_ct=fit.val_ct,
+                        val_masks=fit.val_masks, quiet=quiet))
+    (path / "training_grid.json").write_text(json.dumps(fit.grid) + "\n")
     return path

@@ -35,7 +35,8 @@ from latent.vae_inference import decode, encode_mu, from_network_layout, to_netw
 #: MAISI layout, tiny channels: seconds on CPU.
 TINY_MAISI = {**MAISI_CONFIG, "num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 4}
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
-TINY_FIT = {"channels": (8, 8, 16), "norm_num_groups": 4, "checkpoint_every": 2, "seed": 3, "final_eval_volumes": 1}
+TINY_FIT = {"channels": (8, 8, 16), "norm_num_groups": 4, "checkpoint_every": 2, "seed": 3, "final_eval_volumes": 1,
+            "crop": None, "warmup_steps": 1}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -325,7 +326,8 @@ def test_fit_config_errors_name_the_field() -> None:
     with pytest.raises(ValidationError, match="learning_rate"):
         VAEFitConfig(learning_rate=1e-3)
     with pytest.raises(ValidationError, match="norm_num_groups"):
-        VAEFitConfig(channels=(16, 32, 48), norm_num_groups=32)
+        VAEFitConfig(channels=(16, 32, 48), norm_num_groups=32, norm="group")
+    VAEFitConfig(channels=(16, 32, 48), norm_num_groups=32, norm="none")  # no GroupNorm, nothing to divide
     with pytest.raises(ValidationError, match="max_steps and time_budget_s"):
         VAEFitConfig(max_steps=None)
     with pytest.raises(ValidationError, match="kl_weight"):
@@ -376,7 +378,7 @@ def test_fit_with_time_budget_and_adversarial_loss(tmp_path: Path) -> None:
 
 def test_crop_trained_vae_always_runs_with_its_training_window(tmp_path: Path) -> None:
     volumes = [_smooth_volume((8, 32, 24), seed=i)[0, 0].numpy() for i in range(2)]
-    config = VAEFitConfig(max_steps=2, crop=(8, 16, 16), **TINY_FIT)
+    config = VAEFitConfig(max_steps=2, **{**TINY_FIT, "crop": (8, 16, 16), "norm": "group"})
     out = fit_vae(volumes, tmp_path / "crop", config, quiet=True)
     vae = load_vae(str(out))
     assert vae.inference_tile == (8, 16, 16) and vae.producer_info()["inference_tile"] == [8, 16, 16]
@@ -386,6 +388,40 @@ def test_crop_trained_vae_always_runs_with_its_training_window(tmp_path: Path) -
     assert _relative_error(encode_mu(vae, x, (8, 32, 24)), default) > 1e-3  # one pass differs
     torch.testing.assert_close(decode(vae, default), decode(vae, default, (8, 16, 16)), rtol=0, atol=0)
     with pytest.raises(ValueError, match="crop .* is larger than volume"):
-        fit_vae(volumes, tmp_path / "big", VAEFitConfig(max_steps=1, crop=(32, 32, 32), **TINY_FIT))
+        fit_vae(volumes, tmp_path / "big", VAEFitConfig(max_steps=1, **{**TINY_FIT, "crop": (32, 32, 32)}))
     with pytest.raises(ValidationError, match="crop"):
         VAEFitConfig(crop=(8, 18, 16))
+
+
+def test_norm_free_vae_is_fully_convolutional_and_needs_no_window(tmp_path: Path) -> None:
+    """Without GroupNorm the encoding of a voxel does not depend on the volume around it (away from
+    the borders), so the VAE runs on any shape and a crop's latent is the whole volume's latent."""
+    volumes = [_smooth_volume((16, 32, 32), seed=i)[0, 0].numpy() for i in range(2)]
+    out = fit_vae(volumes, tmp_path / "free", VAEFitConfig(max_steps=2, **{**TINY_FIT, "crop": (8, 16, 16)}), quiet=True)
+    vae = load_vae(str(out))
+    assert vae.norm == "none" and vae.inference_tile is None and vae.producer_info()["norm"] == "none"
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in vae.network.modules())
+    x = torch.from_numpy(_smooth_volume((8, 16, 128), seed=5)[0, 0].numpy())[None, None]
+    whole = encode_mu(vae, x)
+    part = encode_mu(vae, x[..., :64])  # the left half in x
+    # latent voxels farther from the cut than the encoder's receptive field agree
+    torch.testing.assert_close(part[..., :2], whole[..., :2], rtol=1e-4, atol=1e-5)
+    assert _relative_error(part[..., -1:], whole[..., 15:16]) > 1e-3  # at the cut they do not
+
+
+def test_fit_keeps_the_ema_weights_with_the_lowest_validation_hu_error(tmp_path: Path) -> None:
+    volumes = _fit_volumes()[:2]
+    masks = [np.ones(v.shape, np.uint8) for v in volumes]
+    config = VAEFitConfig(max_steps=4, val_every=2, **TINY_FIT)
+    out = fit_vae(volumes, tmp_path / "val", config, masks=masks, val_ct=volumes[:1], val_masks=masks[:1], quiet=True)
+    report = json.loads((out / "fit_config.json").read_text())
+    history = dict((step, mae) for step, mae in report["val_history"])
+    assert sorted(history) == [2, 4]
+    best_step = min(history, key=history.get)
+    assert report["selected_step"] == best_step and report["selected_by"].startswith("validation CT MAE in HU")
+    from latent.vae_fit import validation_mae_hu
+
+    kept = load_vae(str(out))
+    assert validation_mae_hu(kept, volumes[:1], [m > 0 for m in masks[:1]]) == pytest.approx(history[best_step], abs=1e-2)
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["best_step"] == best_step
