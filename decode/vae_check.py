@@ -61,7 +61,8 @@ def vae_check(
 ) -> Evaluation:
     """Reconstruct every cached CT (or ``pids``), write them as predictions and score them.
 
-    Rows gain ``mae_above_1000`` and ``fraction_above_1000``.
+    Rows carry (as every evaluation) ``mae_<class>`` and ``bias_<class>`` per tissue class of the
+    true CT (air, soft, bone 250-1000 HU, above_1000), and gain ``fraction_above_1000``.
     """
     out_dir = Path(out_dir)
     cases = cases_with_ct(data_root, pids)

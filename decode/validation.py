@@ -38,6 +38,12 @@ class NativeValidator:
             self._natives[pid] = (ct, mask)
         return self._natives[pid]
 
+    @staticmethod
+    def describe(model) -> str:
+        """What ``mae`` means (recorded beside ``best/``)."""
+        through = "decoded by the run's VAE, " if model.output_space == "ct_latent" else ""
+        return f"val/mae: masked MAE in HU on the native grid ({through}decode.validation:native_validator)"
+
     @torch.no_grad()
     def __call__(self, model, val_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         from decode.pipeline import TrainedRun

@@ -63,7 +63,9 @@ def split(
 def predict(
     out: Path = typer.Option(..., help="Prediction folder (<pid>.mha per case, <pid>_std.mha for K > 1 samples)."),
     data: Optional[Path] = typer.Option(None, help="Data set root (SynthRAD layout)."),
-    method: Optional[str] = typer.Option(None, help="Baseline instead of a model: water or bulk."),
+    method: Optional[str] = typer.Option(None, help="Baseline instead of a model: water, bulk, or the oracle "
+                                         "grid_floor / grid_floor_vae (CT -> canonical -> native; needs the CT and --grid)."),
+    grid: Optional[str] = typer.Option(None, help="Canonical grid of --method grid_floor*: a preset or SXxSYxSZ:DxHxW."),
     model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output)."),
     mr: Optional[Path] = typer.Option(None, help="One MR file instead of --data."),
     mask: Optional[Path] = typer.Option(None, help="Body mask of --mr (derived from the MR when absent)."),
@@ -88,8 +90,17 @@ def predict(
 
             if data is None:
                 fail("--method needs --data ROOT")
-            fit_pids = split_pids(split_file, "train") if split_file else None
-            run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
+            if method in ("grid_floor", "grid_floor_vae"):
+                from decode.grid_floor import predict_grid_floor
+                from latent.grid import parse_grid_spec
+
+                if grid is None:
+                    fail(f"--method {method} needs --grid (the canonical grid whose round trip is measured)")
+                window = "vae" if method == "grid_floor_vae" else "full"
+                run = predict_grid_floor(data, out, parse_grid_spec(grid), window, pids=pids, quiet=quiet)
+            else:
+                fit_pids = split_pids(split_file, "train") if split_file else None
+                run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
         elif model is not None:
             from decode import predict_run as runner
             from latent.vae import VAEError
@@ -112,7 +123,7 @@ def predict(
             else:
                 fail("--model needs one of --data ROOT, --mr FILE, --from-cache CACHE or --gc-io IN OUT")
         else:
-            fail("give --method water|bulk or --model RUN_DIR")
+            fail("give --method water|bulk|grid_floor|grid_floor_vae or --model RUN_DIR")
     except USER_ERRORS as error:
         fail(str(error))
     typer.echo(f"wrote {len(run.results)} predictions to {out if gc_io is None else gc_io[1]}")
@@ -174,18 +185,25 @@ def dose(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_run"), help="Output folder."),
-    cases: int = typer.Option(30, min=6, help="Phantom cases."),
+    cases: int = typer.Option(30, min=9, help="Phantom cases (at least 9: a validation and a test case per region)."),
     seed: int = typer.Option(0),
-    vae_seconds: float = typer.Option(240.0, help="Training budget of the demo VAE."),
+    vae: str = typer.Option("standin", help="Frozen VAE: the shipped stand-in, or any --vae spec of `latent encode`."),
+    fit_vae: bool = typer.Option(False, "--fit-vae", help="Fit a small VAE on the demo's training split instead."),
+    vae_seconds: float = typer.Option(240.0, help="Training budget of --fit-vae."),
     train_seconds: Optional[float] = typer.Option(None, help="Training budget of each method (default: per-method)."),
     dose: bool = typer.Option(True, help="Dose evaluation of one test case (needs the dose extra)."),
 ) -> None:
-    """The main job on phantom data: baselines, VAE + latent cache, trained methods, evaluation, dose."""
+    """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose."""
     from latent.demo import DEMO_METHODS, DemoConfig, run_demo
+    from latent.vae import VAEError
 
     setup_logging(False)
     methods = {name: (recipe, train_seconds or seconds) for name, (recipe, seconds) in DEMO_METHODS.items()}
-    run_demo(out, DemoConfig(cases=cases, seed=seed, vae_seconds=vae_seconds, methods=methods, dose=dose))
+    try:
+        run_demo(out, DemoConfig(cases=cases, seed=seed, vae=vae, fit_vae=fit_vae, vae_seconds=vae_seconds,
+                                 methods=methods, dose=dose))
+    except (*USER_ERRORS, VAEError) as error:
+        fail(str(error))
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'report.md'}")
 
 

@@ -190,6 +190,9 @@ def vae_check_command(
         fail(str(error))
     if evaluation.rows:
         write_rows_csv(evaluation.rows, out / "scores.csv")
-        columns = ["mae", "psnr", "ms_ssim", "bone_dice", "mae_above_1000"]
+        columns = ["mae", "psnr", "ms_ssim", "bone_dice"]
         typer.echo(format_summary(summarise(evaluation.rows, columns=columns), columns=columns))
+        tissues = [f"{kind}_{name}" for name in ("air", "soft", "bone", "above_1000") for kind in ("mae", "bias")]
+        typer.echo("\nper tissue of the true CT (HU; bias = mean sCT - CT):")
+        typer.echo(format_summary(summarise(evaluation.rows, columns=tissues), columns=tissues))
     report_failures(evaluation.run.failures)

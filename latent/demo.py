@@ -1,8 +1,10 @@
 """`latent demo`: the main job on the embedded phantom data, end to end, with a report.
 
-Stages (each writes under ``out``): phantom data -> split -> baselines -> small VAE fit ->
-encode into the latent cache -> VAE floor -> train the demo methods -> predict the test split
-from the raw MR files -> evaluate -> dose on one test case -> ``metrics.csv`` + ``report.md``.
+Stages (each writes under ``out``): phantom data -> split -> baselines and grid floors -> the
+shipped, frozen stand-in VAE (``--vae standin``; ``fit_vae`` fits one instead, the old path) ->
+encode into the latent cache -> VAE floor -> train the demo methods (best checkpoint chosen by
+native-grid MAE in HU) -> predict the test split from the raw MR files -> evaluate -> dose on
+one test case -> ``metrics.csv`` + ``report.md``.
 Stage packages are imported lazily: this module only orchestrates their public functions.
 """
 
@@ -22,10 +24,14 @@ logger = logging.getLogger(__name__)
 
 #: Canonical grid of the demo: 3 x 3 x 5 mm, 32 x 128 x 128 covers every small phantom body.
 DEMO_GRID = "3x3x5:32x128x128"
-#: Methods the demo trains: recipe file and CPU training seconds (the VAE gets the most time:
-#: its reconstruction error is the floor of every latent-to-latent route, DESIGN.md 7).
-DEMO_METHODS = {"l2sct": ("l2sct_demo.yaml", 150.0), "l2l_ddim": ("l2l_ddim_demo.yaml", 150.0),
-                "pix2pix": ("pix2pix_demo.yaml", 150.0)}
+#: Methods the demo trains: recipe file and CPU training seconds. The VAE is pretrained and
+#: frozen (as MAISI is for real data), so the whole budget goes to the translation models.
+DEMO_METHODS = {"l2sct": ("l2sct_demo.yaml", 140.0), "l2l_regress": ("l2l_regress_demo.yaml", 90.0),
+                "l2l_ddim": ("l2l_ddim_demo.yaml", 140.0), "pix2pix": ("pix2pix_demo.yaml", 140.0)}
+#: The demo's VAE: the shipped stand-in (latent/weights/standin_vae).
+DEMO_VAE = "standin"
+#: The smallest phantom set whose stratified split gives every region a validation and a test case.
+MIN_DEMO_CASES = 9
 
 
 @dataclass
@@ -37,6 +43,8 @@ class DemoConfig:
     regions: tuple[str, ...] = ("AB", "HN", "TH")
     size: str = "small"
     grid: str = DEMO_GRID
+    vae: str = DEMO_VAE
+    fit_vae: bool = False
     vae_seconds: float = 240.0
     methods: dict[str, tuple[str, float]] = field(default_factory=lambda: dict(DEMO_METHODS))
     ddim_steps: int = 25
@@ -80,31 +88,53 @@ def baseline_results(data: Path, out: Path, splits: dict[str, list[str]]) -> lis
     return results
 
 
-def fit_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[Path, Path, float]:
-    """Fit the small VAE on the training split and encode every case; returns (vae, cache, seconds)."""
+def grid_floor_results(data: Path, out: Path, config: DemoConfig, test: list[str]) -> list[MethodResult]:
+    """The grid round trip of the true CT, full range and in the VAE window: the floors of the grid."""
+    from decode.grid_floor import predict_grid_floor
+    from latent.grid import parse_grid_spec
+
+    results = []
+    for name, window in (("grid_floor", "full"), ("grid_floor_vae", "vae")):
+        started = time.perf_counter()
+        pred_dir = out / "predictions" / name
+        run = predict_grid_floor(data, pred_dir, parse_grid_spec(config.grid), window, pids=test, quiet=True)
+        seconds = (time.perf_counter() - started) / max(1, len(run.results))
+        results.append(_evaluate(name, data, pred_dir, out, test, seconds))
+    return results
+
+
+def vae_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[str, Path, float]:
+    """The demo's VAE (shipped, or fitted with ``fit_vae``) and every case encoded with it.
+
+    Returns:
+        ``(vae spec, cache path, VAE training seconds in this run)`` (0 for the shipped VAE).
+    """
     from encode.pipeline import encode_dataset
     from latent.vae import load_vae
-    from latent.vae_pipeline import fit_vae_on_dataset
 
-    started = time.perf_counter()
-    vae_dir = fit_vae_on_dataset(data, out / "vae", config.grid, split_file=out / "splits.json",
-                                 seconds=config.vae_seconds, max_steps=100000, quiet=True)
-    vae_seconds = time.perf_counter() - started
-    report = encode_dataset(data, out / "cache.zarr", load_vae(str(vae_dir)), config.grid,
+    vae_spec, vae_seconds = config.vae, 0.0
+    if config.fit_vae:
+        from latent.vae_pipeline import fit_vae_on_dataset
+
+        started = time.perf_counter()
+        vae_spec = str(fit_vae_on_dataset(data, out / "vae", config.grid, split_file=out / "splits.json",
+                                          seconds=config.vae_seconds, max_steps=100000, quiet=True))
+        vae_seconds = time.perf_counter() - started
+    report = encode_dataset(data, out / "cache.zarr", load_vae(vae_spec), config.grid,
                             split_file=out / "splits.json", quiet=True)
     logger.info("encode: %d cases in %.0f s (%d failed)", len(report.encoded) + len(report.skipped),
                 report.seconds, len(report.failures))
-    return vae_dir, out / "cache.zarr", vae_seconds
+    return vae_spec, out / "cache.zarr", vae_seconds
 
 
-def vae_floor_result(data: Path, out: Path, vae_dir: Path, cache_path: Path, test: list[str], vae_seconds: float) -> MethodResult:
+def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, test: list[str], vae_seconds: float) -> MethodResult:
     """decode(encode(CT)) on the native grid: the floor of latent-to-latent methods."""
     from cache import LatentCache, list_producers
     from decode.vae_check import vae_check
     from latent.vae import load_vae
 
     cache = LatentCache.open(cache_path, next(iter(list_producers(cache_path))))
-    vae = load_vae(str(vae_dir))
+    vae = load_vae(vae_spec)
     started = time.perf_counter()
     evaluation = vae_check(cache, vae, data, out / "predictions" / "vae_floor", pids=test, quiet=True)
     seconds = (time.perf_counter() - started) / max(1, len(evaluation.rows))
@@ -159,13 +189,18 @@ def add_dose(results: list[MethodResult], data: Path, out: Path, pids: list[str]
             result.dose = {column: overall.get(column, float("nan")) for column in dose_run.columns}
 
 
+#: Per-tissue columns of every evaluation row (latent.metrics.tissue_errors), shown in their own table.
+TISSUE_COLUMNS = ("mae_air", "mae_soft", "mae_bone", "mae_above_1000", "bias_air", "bias_soft", "bias_bone")
+
+
 def comparison_rows(results: list[MethodResult]) -> list[dict]:
     """One row per method: mean metrics over the test split and compute columns."""
     rows = []
     for result in results:
-        overall = summarise(result.rows)[-1] if result.rows else {}
+        columns = [*METRIC_COLUMNS, *TISSUE_COLUMNS]
+        overall = summarise(result.rows, columns=columns)[-1] if result.rows else {}
         row = {"method": result.name, "n": overall.get("n", 0)}
-        for column in METRIC_COLUMNS:
+        for column in columns:
             row[column] = overall.get(column, float("nan"))
             row[f"{column}_std"] = overall.get(f"{column}_std", float("nan"))
         row.update({"train_seconds": result.train_seconds, "seconds_per_volume": result.seconds_per_volume,
@@ -196,6 +231,15 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_tissue_table(rows: list[dict]) -> str:
+    """Markdown table of the per-tissue MAE and bias (HU, mean over the test cases) of every method."""
+    header = ["method", "air", "soft tissue", "bone 250-1000", "above 1000", "bias air", "bias soft", "bias bone"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append(f"| {row['method']} | " + " | ".join(f"{row.get(c, float('nan')):.1f}" for c in TISSUE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
 def prepare_data(out: Path, config: DemoConfig) -> tuple[Path, dict[str, list[str]]]:
     """Generate the phantom set and its split."""
     from latent.phantom import generate_phantom_dataset
@@ -205,12 +249,15 @@ def prepare_data(out: Path, config: DemoConfig) -> tuple[Path, dict[str, list[st
         shutil.rmtree(data)
     generate_phantom_dataset(data, config.cases, list(config.regions), seed=config.seed, size=config.size)
     splits = make_splits(discover_cases(data), seed=config.seed)
+    empty = [name for name in ("train", "val", "test") if not splits.get(name)]
+    if empty:
+        raise ValueError(f"--cases {config.cases}: the split has no {' and no '.join(empty)} case; use more cases")
     save_splits(splits, out / "splits.json")
     return data, splits
 
 
 def write_report(out: Path, results: list[MethodResult], splits: dict[str, list[str]], seconds: float,
-                 cache_info: str = "") -> str:
+                 cache_info: str = "", notes: str = "") -> str:
     """``metrics.csv`` and ``report.md``; returns the comparison table."""
     rows = comparison_rows(results)
     write_rows_csv(rows, out / "metrics.csv")
@@ -223,9 +270,14 @@ def write_report(out: Path, results: list[MethodResult], splits: dict[str, list[
         "end to end from the raw MR file (encode / translate / decode). Dose columns: one test case, plans "
         "optimised on the CT and recomputed on the sCT (dose MAE as a fraction of the prescription, gamma 2%/2mm "
         "pass rate in %, mean absolute proton range shift in mm).\n\n"
+        "grid_floor / grid_floor_vae: the true CT taken to the canonical grid and back (full range / VAE window), "
+        "no model: the part of every canonical-grid method's error that is the grid's. vae_floor: decode(encode(CT)) "
+        "through the frozen VAE, the floor of latent-to-latent methods.\n\n"
+        f"{notes}"
         "These are phantom numbers on a 2-core CPU with minutes of training: they rank pipelines, they say "
         "nothing about accuracy on real patients.\n\n"
-        f"{table}\n\n## Latent cache\n\n```\n{cache_info}\n```\n\n## Per region\n\n{per_region}\n\n"
+        f"{table}\n\n## Error per tissue class of the true CT (HU; bias = mean sCT - CT)\n\n"
+        f"{format_tissue_table(rows)}\n\n## Latent cache\n\n```\n{cache_info}\n```\n\n## Per region\n\n{per_region}\n\n"
         f"Total demo time: {seconds:.0f} s.\n"
     )
     (out / "report.md").write_text(report)
@@ -237,18 +289,22 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
     from latent.cli_stages import format_cache_info, open_cache
 
     config = config or DemoConfig()
+    if config.cases < MIN_DEMO_CASES:
+        raise ValueError(f"--cases {config.cases}: the demo needs at least {MIN_DEMO_CASES} cases, so that the split "
+                         "gives every region a validation and a test case")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     data, splits = prepare_data(out, config)
     test = splits["test"]
     logger.info("phantom: %d cases (%s)", sum(map(len, splits.values())), ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    results = baseline_results(data, out, splits)
-    logger.info("fitting the demo VAE for %.0f s", config.vae_seconds)
-    vae_dir, cache_path, vae_seconds = fit_and_encode(data, out, config)
+    results = baseline_results(data, out, splits) + grid_floor_results(data, out, config, test)
+    if config.fit_vae:
+        logger.info("fitting the demo VAE for %.0f s", config.vae_seconds)
+    vae_spec, cache_path, vae_seconds = vae_and_encode(data, out, config)
     cache_info = format_cache_info(open_cache(cache_path, None).info())
     print(cache_info)
-    results.append(vae_floor_result(data, out, vae_dir, cache_path, test, vae_seconds))
+    results.append(vae_floor_result(data, out, vae_spec, cache_path, test, vae_seconds))
     train_times = {"vae": vae_seconds}
     for name, (recipe, seconds) in config.methods.items():
         logger.info("training %s for %.0f s", name, seconds)
@@ -256,9 +312,11 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
         run_dir, train_seconds = train_method(name, config.configs_dir / recipe, out, seconds, overrides)
         train_times[name] = train_seconds
         (out / "train_seconds.json").write_text(json.dumps(train_times, indent=2) + "\n")
-        results.append(predict_method(name, run_dir, data, out, test, train_seconds, vae_spec=str(vae_dir)))
+        results.append(predict_method(name, run_dir, data, out, test, train_seconds, vae_spec=vae_spec))
     if config.dose:
         add_dose(results, data, out, test[: config.dose_cases])
-    table = write_report(out, results, splits, time.perf_counter() - started, cache_info)
+    origin = f"fitted in this run for {config.vae_seconds:.0f} s" if config.fit_vae else "shipped, pretrained, frozen"
+    notes = f"VAE: `{vae_spec}` ({origin}). Training seconds per method: {json.dumps(train_times)}.\n\n"
+    table = write_report(out, results, splits, time.perf_counter() - started, cache_info, notes)
     print(table)
     return comparison_rows(results)

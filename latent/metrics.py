@@ -360,9 +360,35 @@ def image_metrics(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> dict[str
 
 
 def score_case(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray, spacing_xyz: Sequence[float]) -> dict[str, float]:
-    """All metrics of one case: mae, psnr, ms_ssim, ssim (2023), bone_dice, bone_hd95 (mm)."""
+    """All metrics of one case: mae, psnr, ms_ssim, ssim (2023), bone_dice, bone_hd95 (mm), and
+    MAE / bias per tissue class of the true CT (:func:`tissue_errors`)."""
     scores = image_metrics(ct, sct, mask)
     scores["ssim"] = ssim_2023(ct, sct, mask)
     scores["bone_dice"] = bone_dice(ct, sct, mask)
     scores["bone_hd95"] = bone_hd95(ct, sct, mask, spacing_xyz)
+    scores.update(tissue_errors(ct, sct, mask))
     return scores
+
+
+#: Tissue classes of the true CT (HU, [low, high)): where an error is made, not only how large.
+#: "above_1000" is what the MAISI VAE window [-1000, 1000] cannot represent.
+TISSUE_CLASSES = {"air": (-2000.0, -500.0), "soft": (-500.0, BONE_HU), "bone": (BONE_HU, 1000.0),
+                  "above_1000": (1000.0, 4000.0)}
+
+
+def tissue_errors(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """MAE and bias (mean sCT - CT) in HU per tissue class of the true CT, inside the mask.
+
+    Returns:
+        ``{"mae_air", "bias_air", ..., "mae_above_1000", "bias_above_1000"}``; NaN for a class
+        with no voxel in the mask.
+    """
+    inside = np.asarray(mask) > 0
+    ct, sct = np.asarray(ct, dtype=np.float32), np.asarray(sct, dtype=np.float32)
+    out = {}
+    for name, (low, high) in TISSUE_CLASSES.items():
+        region = inside & (ct >= low) & (ct < high)
+        difference = (sct[region] - ct[region]).astype(np.float64)
+        out[f"mae_{name}"] = float(np.abs(difference).mean()) if difference.size else float("nan")
+        out[f"bias_{name}"] = float(difference.mean()) if difference.size else float("nan")
+    return out

@@ -122,6 +122,30 @@ HUB_VAES: Mapping[str, HubWeights] = MappingProxyType(
 )
 
 
+@dataclass(frozen=True)
+class ShippedVAE:
+    """A small pretrained VAE that ships inside the package, pinned by the SHA-256 of its two files."""
+
+    folder: str
+    weights_sha256: str
+    config_sha256: str
+
+
+#: Folder of the shipped weights inside the package.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "weights"
+#: Shipped VAEs by ``--vae`` name. ``standin``: the demo's frozen stand-in for MAISI, trained
+#: once on phantoms of a seed no test or demo uses (latent/weights/standin_vae/PROVENANCE.md).
+SHIPPED_VAES: Mapping[str, ShippedVAE] = MappingProxyType(
+    {
+        "standin": ShippedVAE(
+            folder="standin_vae",
+            weights_sha256="0000000000000000000000000000000000000000000000000000000000000000",
+            config_sha256="0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+    }
+)
+
+
 @dataclass
 class LoadedVAE:
     """A frozen, eval-mode VAE with what identifies it.
@@ -369,6 +393,22 @@ def _check_inference_tile(tile: Any, kwargs: Mapping[str, Any], where: object) -
     return (int(tile[0]), int(tile[1]), int(tile[2]))
 
 
+def _load_shipped(name: str, entry: ShippedVAE, root: Path, device: str | torch.device) -> LoadedVAE:
+    """Load a shipped VAE after checking both of its files against the pinned hashes."""
+    directory = root / entry.folder
+    for filename, expected in ((WEIGHTS_FILENAME, entry.weights_sha256), (CONFIG_FILENAME, entry.config_sha256)):
+        path = directory / filename
+        if not path.is_file():
+            raise VAEError(f"shipped VAE {name!r}: {path} is missing; reinstall the package (or `git checkout` it)")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise VAEError(f"shipped VAE {name!r}: SHA-256 mismatch for {path} (expected {expected[:16]}..., got "
+                           f"{actual[:16]}...): the file was altered or damaged; reinstall the package or `git checkout` it")
+    loaded = _load_directory(directory, device)
+    loaded.name = name
+    return loaded
+
+
 def _load_directory(directory: Path, device: str | torch.device) -> LoadedVAE:
     config_path, weights_path = directory / CONFIG_FILENAME, directory / WEIGHTS_FILENAME
     if not config_path.is_file() or not weights_path.is_file():
@@ -407,12 +447,15 @@ def load_vae(
     device: str | torch.device = "cpu",
     config: Mapping[str, Any] | None = None,
     registry: Mapping[str, HubWeights] | None = None,
+    shipped: Mapping[str, ShippedVAE] | None = None,
+    shipped_root: Path | None = None,
 ) -> LoadedVAE:
-    """Load a frozen VAE from a registry name, a local MAISI weights file or a VAE directory.
+    """Load a frozen VAE from a registry name, a shipped name, a local MAISI weights file or a VAE directory.
 
     Args:
-        spec: ``"maisi-ct"``, ``"maisi-mr"`` (or another key of ``registry``), a ``.pt`` /
-            ``.safetensors`` file of the MAISI architecture, or a directory holding
+        spec: ``"maisi-ct"``, ``"maisi-mr"`` (or another key of ``registry``), ``"standin"`` (a
+            key of ``shipped``: the small pretrained VAE inside the package, SHA-256 checked), a
+            ``.pt`` / ``.safetensors`` file of the MAISI architecture, or a directory holding
             ``config.json`` + ``model.safetensors``.
         cache_dir: hub cache folder (default: huggingface_hub's, i.e. ``HF_HUB_CACHE``).
             ``HF_HUB_OFFLINE=1`` makes the hub path use the cache only.
@@ -420,6 +463,8 @@ def load_vae(
         config: MAISI architecture kwargs replacing the released ones (registry names and local
             files only; a directory carries its own).
         registry: hub entries to resolve names against (default :data:`HUB_VAES`).
+        shipped / shipped_root: shipped entries and their folder (default :data:`SHIPPED_VAES`
+            in :data:`SHIPPED_ROOT`).
 
     Returns:
         A :class:`LoadedVAE` in eval mode with gradients off.
@@ -429,7 +474,12 @@ def load_vae(
             weights that do not fit the architecture.
     """
     registry = HUB_VAES if registry is None else registry
+    shipped = SHIPPED_VAES if shipped is None else shipped
     path = Path(spec).expanduser()
+    if spec in shipped:
+        if config is not None:
+            raise VAEError(f"the shipped VAE {spec!r} carries its own {CONFIG_FILENAME}; do not pass a config with it")
+        return _load_shipped(spec, shipped[spec], SHIPPED_ROOT if shipped_root is None else shipped_root, device)
     if spec in registry:
         entry = registry[spec]
         weights_path = _fetch_hub_weights(spec, entry, cache_dir)
@@ -446,7 +496,8 @@ def load_vae(
         name = known[0] if known else f"maisi-local-{digest[:12]}"
     else:
         what = "does not exist" if not path.exists() else "is neither a .pt/.safetensors file nor a VAE directory"
-        raise VAEError(f"VAE spec {spec!r} {what}; use one of {sorted(registry)}, a weights file or a VAE directory")
+        raise VAEError(f"VAE spec {spec!r} {what}; use one of {sorted({*registry, *shipped})}, a weights file or a "
+                       "VAE directory")
     network = build_vae(class_name, kwargs, device)
     _load_weights(network, weights_path)
     return LoadedVAE(

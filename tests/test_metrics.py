@@ -103,7 +103,9 @@ def test_shape_mismatch_is_rejected() -> None:
 def test_identical_volumes_are_perfect() -> None:
     ct, _, mask = body_case((20, 24, 28), seed=1)
     scores = metrics.score_case(ct, ct.copy(), mask, SPACING_XYZ)
-    assert set(scores) == {"mae", "psnr", "ms_ssim", "ssim", "bone_dice", "bone_hd95"}
+    tissues = {f"{kind}_{name}" for name in metrics.TISSUE_CLASSES for kind in ("mae", "bias")}
+    assert set(scores) == {"mae", "psnr", "ms_ssim", "ssim", "bone_dice", "bone_hd95"} | tissues
+    assert all(scores[key] == 0.0 or math.isnan(scores[key]) for key in tissues)
     assert scores["mae"] == 0.0
     assert scores["psnr"] == math.inf
     assert scores["ms_ssim"] == pytest.approx(1.0, abs=1e-12)
@@ -291,3 +293,15 @@ def test_bone_hd95_matches_monai() -> None:
 
 
 # --- summaries -------------------------------------------------------------------------------
+
+
+def test_tissue_errors_split_the_error_by_true_ct_class() -> None:
+    ct = np.array([[[-1000.0, -900.0, 40.0, 60.0, 500.0, 1500.0]]])
+    sct = np.array([[[-800.0, -900.0, 0.0, 60.0, 400.0, 1000.0]]])
+    errors = metrics.tissue_errors(ct, sct, np.ones_like(ct))
+    assert errors["mae_air"] == pytest.approx(100.0) and errors["bias_air"] == pytest.approx(100.0)
+    assert errors["mae_soft"] == pytest.approx(20.0) and errors["bias_soft"] == pytest.approx(-20.0)
+    assert errors["mae_bone"] == pytest.approx(100.0) and errors["bias_bone"] == pytest.approx(-100.0)
+    assert errors["mae_above_1000"] == pytest.approx(500.0)
+    empty = metrics.tissue_errors(ct, sct, np.zeros_like(ct))
+    assert all(math.isnan(v) for v in empty.values())

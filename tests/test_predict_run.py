@@ -208,7 +208,7 @@ def test_run_refuses_a_vae_other_than_its_own(runs: _Runs, tmp_path: Path) -> No
                               "--vae", str(missing), "-q"])
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == f"error: VAE spec {str(missing)!r} does not exist; use one of " \
-        "['maisi-ct', 'maisi-mr'], a weights file or a VAE directory"
+        "['maisi-ct', 'maisi-mr', 'standin'], a weights file or a VAE directory"
 
 
 def test_samples_std_is_zero_exactly_where_the_samples_agree(runs: _Runs, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -50,7 +50,7 @@ from translate.train_config import (  # noqa: F401 - re-exported: the config API
     load_config,
     parse_config,
 )
-from translate.validation import Validator, load_validator
+from translate.validation import Validator, describe_validator, load_validator
 
 logger = logging.getLogger("translate.train")
 
@@ -244,7 +244,8 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
             if metrics["mae"] < best_mae:
                 best_mae, best_step = metrics["mae"], step
                 unwrapped.save_pretrained(run_dir / "best")
-                (run_dir / "best" / "validation.json").write_text(json.dumps({"step": step, **metrics}, indent=2) + "\n")
+                record = {"step": step, "selected_by": describe_validator(validator, unwrapped), **metrics}
+                (run_dir / "best" / "validation.json").write_text(json.dumps(record, indent=2) + "\n")
         accelerator.wait_for_everyone()
 
     # -- the loop

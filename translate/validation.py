@@ -62,6 +62,14 @@ class CanonicalValidator:
         self.num_samples = num_samples
         self.seed = seed
 
+    @staticmethod
+    def describe(model: TranslationModel) -> str:
+        """What ``mae`` means for ``model`` (recorded beside ``best/``)."""
+        if model.output_space == "ct_full":
+            return "val/mae: masked MAE in HU on the canonical grid (translate.validation.CanonicalValidator)"
+        return ("val/mae: mean absolute error of the standardised CT latent, a latent-space proxy, not HU "
+                "(translate.validation.CanonicalValidator)")
+
     @torch.no_grad()
     def __call__(self, model: TranslationModel, val_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -81,6 +89,12 @@ class CanonicalValidator:
         if count == 0:
             raise ValueError("validation saw no voxels (empty validation set or empty masks)")
         return {"mae": total / count}
+
+
+def describe_validator(validator: Validator, model: TranslationModel) -> str:
+    """One line saying which metric a validator's ``mae`` is (its ``describe(model)`` when it has one)."""
+    describe = getattr(validator, "describe", None)
+    return describe(model) if callable(describe) else f"val/mae of {type(validator).__name__}"
 
 
 def load_validator(spec: str, config: "TrainConfig") -> Validator:
