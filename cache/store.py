@@ -55,7 +55,7 @@ ARRAY_KEYS = ("mr_mu", "ct_mu", "mask_latent", "mr_pixels", "ct_pixels", "mask_p
 REQUIRED_KEYS = ("mr_mu",)
 #: Reserved case attributes, set by the cache itself.
 _RESERVED_ATTRS = ("status", "write_id", "written_at")
-#: Byte shuffle beats bitshuffle on float16 latents (DESIGN 5b); CRC32C catches bit rot,
+#: Byte shuffle beats bitshuffle on float16 latents (docs/cache.md); CRC32C catches bit rot,
 #: which Blosc alone decodes silently into wrong values.
 CODECS = (BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec())
 #: Leftovers written by another host are only presumed dead after this long.

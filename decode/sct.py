@@ -1,6 +1,6 @@
 """Model output -> HU on the canonical grid.
 
-Two output spaces exist (DESIGN.md section 4):
+Two output spaces exist (docs/intensities.md):
 
 - ``"ct_full"``: pixel-space models and the direct latent-to-sCT decoder predict CT normalised
   over the full SynthRAD range [-1024, 3071] HU -> [-1, 1]; mapped back with

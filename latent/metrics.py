@@ -2,7 +2,7 @@
 
 All volumes are numpy arrays in SimpleITK (z, y, x) order; ``mask`` is any array where
 ``> 0`` marks the voxels to score; ``spacing_xyz`` is (x, y, z) in mm as SimpleITK gives it.
-Definitions follow DESIGN.md section 8 (voxels outside the mask are -1024 HU in both images).
+Definitions follow docs/metrics.md (voxels outside the mask are -1024 HU in both images).
 
 The SSIM-type metrics never build full-volume SSIM maps. The map is only needed at mask
 voxels >= 3 from the border, so each level works on their bounding box grown by the window
@@ -257,7 +257,7 @@ def _halve(block: np.ndarray, region: Box, shape: Sequence[int]) -> tuple[np.nda
 
 
 def ms_ssim(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
-    """Masked MS-SSIM of the SynthRAD2025 leaderboard (5 levels, see DESIGN.md section 8).
+    """Masked MS-SSIM of the SynthRAD2025 leaderboard (5 levels, see docs/metrics.md).
 
     Args:
         ct, sct: (z, y, x) volumes in HU; mask: (z, y, x), ``> 0`` inside.

@@ -1,4 +1,4 @@
-"""Paired MR/CT phantom cases in the SynthRAD2025 Task 1 layout (DESIGN.md sections 1-2).
+"""Paired MR/CT phantom cases in the SynthRAD2025 Task 1 layout (docs/phantom.md).
 
 ``generate_phantom_dataset`` writes ``<out>/Task1/<REGION>/<pid>/{mr,ct,mask}.mha``: compressed
 MetaImage, MR, CT and mask int16 (mask 0/1, as the organisers' release script writes it), all three on one

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Cortical shells (and other thin bone) are never thinner than this many in-plane voxels, so a
-#: 4x-downsampling VAE still sees them (one-voxel shells were never learned; DESIGN.md 7) and
+#: 4x-downsampling VAE still sees them (one-voxel shells were never learned; docs/models.md) and
 #: at least one voxel across every shell is pure cortex (MR-dark despite partial volume).
 MIN_CORTEX_VOXELS = 2.5
 #: Nominal (adult) cortical shell thickness drawn, and the real thin cortex (vertebrae, ribs,
@@ -48,7 +48,7 @@ class Tissue:
     texture_mr: float = 0.0
 
 
-#: DESIGN.md section 2 values; MR is T1w signal relative to fat = 1.0. Label 0 = outside body.
+#: Typical values (docs/phantom.md); MR is T1w signal relative to fat = 1.0. Label 0 = outside body.
 TISSUES: dict[str, Tissue] = {
     "air": Tissue(1, -1000.0, 0.0),
     "lung": Tissue(2, -850.0, 0.05, 30.0, 0.01, 40.0, 0.3),

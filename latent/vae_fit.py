@@ -78,7 +78,7 @@ class VAEFitConfig(BaseModel):
     )
     batch_size: int = Field(1, ge=1, description="volumes per step, all of one shape")
     kl_weight: float = Field(1e-6, ge=0)
-    log_sigma_bias_init: float = Field(-6.0, description="start with small posterior variance (DESIGN.md 10)")
+    log_sigma_bias_init: float = Field(-6.0, description="start with small posterior variance (docs/vae.md)")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"

@@ -16,7 +16,7 @@ SPACING_XYZ = (0.5, 1.0, 3.0)
 
 
 def reference_ms_ssim(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> float:
-    """Slow MS-SSIM written straight from DESIGN.md section 8 (full maps, fftconvolve)."""
+    """Slow MS-SSIM written straight from docs/metrics.md (full maps, fftconvolve)."""
     inside = np.where(mask > 0, 1.0, 0.0)
     images = []
     for image in (ct, sct):

@@ -22,7 +22,7 @@ from pydantic import model_validator
 
 from translate.models.base import ModelConfig, TranslationModel
 
-#: DESIGN.md 7: epsilon prediction gave pure noise on short budgets; v or x0 ("sample") work.
+#: docs/models.md: epsilon prediction gave pure noise on short budgets; v or x0 ("sample") work.
 DEFAULT_PREDICTION_TYPE = "v_prediction"
 #: The latent-diffusion (LDM / MAISI) noise schedule.
 LDM_SCHEDULE, LDM_BETA_START, LDM_BETA_END = "scaled_linear_beta", 0.0015, 0.0195

@@ -41,7 +41,7 @@ def hu_to_unit(hu: float) -> float:
     return (hu - FULL_CT_MIN_HU) / _FULL_RANGE * 2.0 - 1.0
 
 
-#: Training starts near water (0 HU) instead of +1023 HU (DESIGN.md 10).
+#: Training starts near water (0 HU) instead of +1023 HU (docs/intensities.md).
 START_VALUE = hu_to_unit(0.0)
 #: Target outside the body mask.
 AIR_VALUE = hu_to_unit(AIR_HU)
