@@ -1,11 +1,12 @@
 """Every method side by side on the phantom test split: accuracy and compute.
 
-Reuses the phantom data, split, demo VAE and latent cache of a demo folder (``make demo`` ->
-``demo_run``, read only), trains every learned method with the same CPU budget into its own work
-folder, adds a DDIM step sweep and the Pix2Pix NGF ablation (lambda_NGF 20 vs 0), and writes
-``benchmarks/results/bench_methods.{csv,md,json}``.
+Reuses the phantom data, split and latent cache of a demo folder (``make demo`` -> ``demo_run``,
+read only) with the frozen VAE that made the cache (``--vae``, default the shipped stand-in),
+scores the baselines and the grid and VAE floors, trains every learned method with the same CPU
+budget into its own work folder, adds a DDIM step sweep and the Pix2Pix NGF ablation
+(lambda_NGF 20 vs 0), and writes ``benchmarks/results/bench_methods.{csv,md,json}``.
 
-    python benchmarks/bench_methods.py --demo demo_run [--seconds 150] [--steps 5,10,25,50]
+    python benchmarks/bench_methods.py --demo demo_run [--vae standin] [--seconds 150] [--steps 5,10,25,50]
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ sys.path.insert(0, str(ROOT))
 
 from latent.cases import load_splits  # noqa: E402
 from latent.demo import (  # noqa: E402
-    MethodResult, _evaluate, baseline_results, comparison_rows, format_comparison, predict_method, train_method,
-    vae_floor_result,
+    DEMO_GRID, DemoConfig, MethodResult, _evaluate, baseline_results, comparison_rows, format_comparison,
+    format_tissue_table, grid_floor_results, predict_method, train_method, vae_floor_result,
 )
 from latent.evaluate import write_rows_csv  # noqa: E402
 
@@ -43,6 +44,7 @@ METHODS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=ROOT / "demo_run", help="finished demo folder to build on")
+    parser.add_argument("--vae", default="standin", help="the VAE that made the demo's cache (a --vae spec)")
     parser.add_argument("--seconds", type=float, default=150.0, help="CPU training budget of each extra method")
     parser.add_argument("--steps", default="5,10,25,50", help="DDIM step sweep")
     parser.add_argument("--work", type=Path, default=ROOT / "bench_run", help="runs and predictions go here")
@@ -52,9 +54,9 @@ def main() -> int:
     for name in ("accelerate", "latent.phantom"):
         logging.getLogger(name).setLevel(logging.WARNING)
     demo = args.demo.resolve()
-    data, vae_dir, cache = demo / "data", demo / "vae", demo / "cache.zarr"
-    if not (cache.exists() and vae_dir.exists()):
-        print(f"error: {demo}: run `make demo` first (needs data/, vae/ and cache.zarr)", file=sys.stderr)
+    data, vae_dir, cache = demo / "data", args.vae, demo / "cache.zarr"
+    if not cache.exists():
+        print(f"error: {demo}: run `make demo` first (needs data/ and cache.zarr)", file=sys.stderr)
         return 2
     splits = load_splits(demo / "splits.json")
     test = splits["test"]
@@ -64,6 +66,7 @@ def main() -> int:
     (work / "cache.zarr").symlink_to(cache)
     (work / "splits.json").write_text((demo / "splits.json").read_text())
     results: list[MethodResult] = baseline_results(data, work, splits)
+    results += grid_floor_results(data, work, DemoConfig(grid=DEMO_GRID), test)
     vae_seconds = json.loads((demo / "train_seconds.json").read_text()).get("vae", 0.0) \
         if (demo / "train_seconds.json").exists() else 0.0
     results.append(vae_floor_result(data, work, vae_dir, cache, test, vae_seconds))
@@ -90,7 +93,8 @@ def main() -> int:
         f"{len(test)} test cases, trained on {len(splits['train'])} phantom cases; every learned method has the same "
         f"CPU training budget of {args.seconds:.0f} s (the ControlNet {args.seconds:.0f} s more for its prior; the "
         "VAE's own fit is the vae_floor row's train s); seconds per volume are end to end from the raw MR file.\n\n"
-        f"{format_comparison(rows)}\n\n## DDIM step sweep (l2l_ddim, same run)\n\n{format_comparison(sweep_rows)}\n\n"
+        f"{format_comparison(rows)}\n\n## Error per tissue class of the true CT (HU)\n\n{format_tissue_table(rows)}\n\n"
+        "## DDIM step sweep (l2l_ddim, same run)\n\n{format_comparison(sweep_rows)}\n\n"
         "## Pix2Pix NGF ablation\n\n`pix2pix` (lambda_NGF 20) vs `pix2pix_ngf0` (lambda_NGF 0) above.\n"
     )
     (args.out / "bench_methods.md").write_text(report)

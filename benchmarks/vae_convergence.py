@@ -24,8 +24,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: Settings compared (VAEFitConfig fields); "demo" is the demo's default.
+#: The VAEFitConfig defaults before the norm-free, crop-trained design (what the recorded
+#: H100 study, benchmarks/results/vae_convergence_h100.md, called "demo").
+WHOLE_VOLUME_GROUPNORM = {"norm": "group", "crop": None, "lr": 3e-4, "lr_schedule": "none", "warmup_steps": 0,
+                          "ema_decay": None}
+#: Settings compared (VAEFitConfig fields, on top of WHOLE_VOLUME_GROUPNORM except "default").
 SETTINGS = {
+    "default": None,  # today's VAEFitConfig defaults (norm-free, body-centred crops, EMA, cosine)
     "demo": {},
     "lr3e-4": {"lr": 3e-4},
     "lr3e-3": {"lr": 3e-3},
@@ -44,7 +49,7 @@ def prepare(demo: Path, out: Path) -> None:
     from latent.prepare import prepare_case, resolve_grid
     from latent.vae_pipeline import training_volumes
 
-    volumes, _ = training_volumes(demo / "data", DEMO_GRID, demo / "splits.json", quiet=True)
+    volumes = training_volumes(demo / "data", DEMO_GRID, demo / "splits.json", quiet=True).volumes
     test = set(load_splits(demo / "splits.json")["test"])
     cases = [case for case in discover_cases(demo / "data") if case.pid in test]
     grid, _ = resolve_grid(DEMO_GRID, cases)
@@ -88,8 +93,9 @@ def run(volumes_path: Path, out: Path, evals: list[int], work: Path, names: list
         folder = work / name
         curve = []
         for index, steps in enumerate(evals):
+            setting = {} if SETTINGS[name] is None else {**WHOLE_VOLUME_GROUPNORM, **SETTINGS[name]}
             config = VAEFitConfig(max_steps=steps, final_eval_volumes=0, checkpoint_every=10**6,
-                                  cpu=device == "cpu", **SETTINGS[name])
+                                  cpu=device == "cpu", **setting)
             started = time.perf_counter()
             fit_vae(train, folder, config, resume=index > 0, quiet=True)
             seconds = time.perf_counter() - started
