@@ -32,6 +32,7 @@ METHODS = {
     "l2sct": ("l2sct_demo.yaml", []),
     "l2l_ddim": ("l2l_ddim_demo.yaml", ["model.num_inference_steps=25"]),
     "l2l_regress": ("l2l_regress_demo.yaml", []),
+    "regress3d": ("regress3d_demo.yaml", []),
     "l2l_controlnet_prior": ("l2l_controlnet_prior_demo.yaml", []),
     "l2l_controlnet": ("l2l_controlnet_demo.yaml", []),
     "cyclegan": ("cyclegan_demo.yaml", []),

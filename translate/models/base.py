@@ -36,6 +36,7 @@ MODEL_FAMILIES: dict[str, str] = {
     "pix2pix": "translate.models.pix2pix:Pix2Pix",
     "cyclegan": "translate.models.cyclegan:CycleGAN",
     "cut": "translate.models.cut:CUT",
+    "regress3d": "translate.models.regress3d:Regress3D",
 }
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
