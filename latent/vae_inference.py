@@ -9,23 +9,44 @@ Tiling uses MONAI's ``SlidingWindowInferer`` with gaussian blending. The encoder
 scales the window placement by the output/input size ratio, so window starts must be multiples
 of ``factor`` for the latent windows to land on whole latent voxels: :func:`window_overlap`
 rounds the requested overlap to make them so (one fixed, deterministic tiling per shape).
+
+Large volumes: PyTorch sends a convolution to cuDNN only while its input and output hold at most
+INT_MAX elements per sample; beyond that it runs a slow 64-bit path (a 128 x 512 x 512 MAISI encode
+did not finish in 400 s on an H100, 96 x 320 x 320 took 0.2 s). :func:`largest_activation`
+measures the largest convolution tensor for a shape on the meta device (no compute), and with no
+tile given, :func:`encode_mu` and :func:`decode` tile automatically with the largest window
+:func:`safe_tile` finds under the limit.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-from typing import Any
+import copy
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
-from latent.vae import LAYOUT_CANONICAL, LAYOUT_MAISI, LoadedVAE
+from latent.vae import LAYOUT_CANONICAL, LAYOUT_MAISI, LoadedVAE, remove_group_norms
 
 #: Gaussian blending sigma as a fraction of the window (MONAI's default): window borders,
 #: where zero padding distorts the encoder, get little weight.
 SIGMA_SCALE = 0.125
+
+#: Per-sample elements at which a convolution leaves the fast kernels: PyTorch's
+#: ``needs_64bit_indexing_no_split`` (aten/src/ATen/native/Convolution.cpp) refuses cuDNN when the
+#: input or output of one sample holds more than INT_MAX = 2**31 - 1 elements (slow ``Slow3d`` path).
+INT32_ELEMENTS = 2**31
+#: Share of the limit a window may use: the hooks count exactly what reaches ``F.conv3d`` here, the
+#: headroom covers other kernels' and other PyTorch/cuDNN versions' own counts (costs ~5 % per axis).
+ACTIVATION_HEADROOM = 0.9
+#: Overlap of automatically chosen windows: MAISI's published encode setting ([320, 320, 160], 0.4).
+AUTO_OVERLAP = 0.4
+
+Part = Literal["encode", "decode"]
 
 
 def _unpack(vae: LoadedVAE | nn.Module) -> tuple[nn.Module, int, str, tuple[int, ...] | None]:
@@ -80,6 +101,156 @@ def window_overlap(window: Sequence[int], overlap: float, step_multiple: int) ->
     return tuple(result)
 
 
+def _convolutions(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every convolution of ``network`` (``nn.Conv3d`` and friends, inside MONAI's wrappers too)."""
+    return [(name, m) for name, m in network.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+
+
+def _meta_twin(network: nn.Module) -> nn.Module:
+    """A copy of ``network`` on the meta device (shapes only, no data copied), GroupNorms removed.
+
+    Norms keep shapes, so removing them changes no convolution's tensors. MAISI's GroupNorm fails on
+    meta (for a side >= 500 it concatenates through ``.cpu()``) and its per-group loop made a meta
+    encode ~50x slower (0.6 s instead of 0.01 s).
+    """
+    memo: dict[int, Any] = {}
+    for tensor in (*network.parameters(), *network.buffers()):
+        meta = tensor.detach().to("meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return remove_group_norms(copy.deepcopy(network, memo)).eval()
+
+
+def _input_channels(network: nn.Module, part: Part) -> int:
+    """Channels of what ``network.encode`` (the image) or ``network.decode`` (the latent) takes."""
+    if part == "decode" and getattr(network, "latent_channels", None):
+        return int(network.latent_channels)
+    coder = getattr(network, "encoder" if part == "encode" else "decoder", network)
+    convs = _convolutions(coder)
+    if not convs:
+        raise TypeError(f"{type(network).__name__} has no convolutions in its {part} path")
+    return int(convs[0][1].in_channels)
+
+
+def _activation_probe(network: nn.Module) -> Callable[[Sequence[int], Part], dict[str, int]]:
+    """``probe(spatial, part)`` -> {conv name: largest per-sample input/output numel}, on a meta twin.
+
+    ``spatial`` is in the network's own axis order; one twin serves every call.
+    """
+    twin = _meta_twin(network)
+    sizes: dict[str, int] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            # per sample, as PyTorch's check: it splits a batch into 32-bit-sized pieces itself
+            largest = max(inputs[0].numel() // inputs[0].shape[0], output.numel() // output.shape[0])
+            sizes[name] = max(sizes.get(name, 0), largest)
+
+        return hook
+
+    for name, module in _convolutions(twin):
+        module.register_forward_hook(record(name))
+    channels = {part: _input_channels(twin, part) for part in ("encode", "decode")}
+
+    def probe(spatial: Sequence[int], part: Part) -> dict[str, int]:
+        sizes.clear()
+        x = torch.empty(1, channels[part], *(int(s) for s in spatial), device="meta")
+        with torch.no_grad():
+            if part == "encode":
+                twin.encode(x)
+            else:
+                twin.decode(x)
+        return dict(sizes)
+
+    return probe
+
+
+def conv_activations(vae: LoadedVAE | nn.Module, spatial_shape: Sequence[int], part: Part) -> dict[str, int]:
+    """Per convolution, the larger per-sample element count of its input and output, for one input.
+
+    Nothing is computed: the network is copied to the meta device and run on a meta tensor of
+    shape (1, C, *spatial_shape), with forward hooks on every convolution.
+
+    Args:
+        vae: a :class:`LoadedVAE` or a bare MONAI ``AutoencoderKL``/``AutoencoderKlMaisi``.
+        spatial_shape: canonical (z, y, x) size of the part's input: image voxels for
+            ``"encode"``, latent voxels for ``"decode"``.
+        part: which half of the VAE to run.
+
+    Returns:
+        {module name: elements}, in call order.
+    """
+    network, _, layout, _ = _unpack(vae)
+    return _activation_probe(network)(_window_in_layout(tuple(spatial_shape), layout), part)
+
+
+def largest_activation(vae: LoadedVAE | nn.Module, spatial_shape: Sequence[int], part: Part) -> tuple[int, str]:
+    """(elements, module name) of the largest convolution input or output; see :func:`conv_activations`."""
+    sizes = conv_activations(vae, spatial_shape, part)
+    name = max(sizes, key=lambda key: sizes[key])
+    return sizes[name], name
+
+
+def _activation_bound(network: nn.Module, image_shape: Sequence[int]) -> int:
+    """Cheap upper bound of :func:`largest_activation`, valid for the AutoencoderKL family.
+
+    No convolution of these networks has more channels than the widest one, nor sees more voxels
+    than the image padded by one voxel per axis (the encoder's downsampling pad).
+    """
+    widest = max((max(m.in_channels, m.out_channels) for _, m in _convolutions(network)), default=0)
+    return widest * math.prod(int(s) + 1 for s in image_shape)
+
+
+def safe_tile(
+    vae: LoadedVAE | nn.Module,
+    image_shape: Sequence[int],
+    part: Part,
+    *,
+    limit: int = INT32_ELEMENTS,
+) -> tuple[int, int, int] | None:
+    """Largest window whose every convolution stays under ``limit`` x :data:`ACTIVATION_HEADROOM`.
+
+    The window caps every axis at one length L (a multiple of the downsample factor) and takes the
+    largest such L that fits: the longest axes (in-plane, usually) shrink first and the others keep
+    their full extent, so the volume gets as few seams as the limit allows. Deterministic: a
+    binary search over L, each step measured on the meta device (:func:`conv_activations`).
+
+    Args:
+        vae: as for :func:`encode_mu`.
+        image_shape: canonical (z, y, x) volume size in image voxels (for ``"decode"``: the
+            latent size times the factor), multiples of the factor.
+        part: ``"encode"`` (windows of the image) or ``"decode"`` (windows of the latent, here
+            given in image voxels: latent window = window / factor).
+        limit: per-sample elements a convolution tensor must stay under (:data:`INT32_ELEMENTS`).
+
+    Returns:
+        ``None`` when the whole volume fits (one pass), else the window (z, y, x) in image voxels.
+    """
+    network, factor, layout, _ = _unpack(vae)
+    shape = tuple(int(s) for s in image_shape)
+    budget = int(limit * ACTIVATION_HEADROOM)
+    if _activation_bound(network, shape) < budget:
+        return None  # certainly fits: skip the meta pass (and its one-off start-up cost)
+    probe = _activation_probe(network)
+    scale = 1 if part == "encode" else factor
+
+    def fits(window: tuple[int, ...]) -> bool:
+        spatial = _window_in_layout(tuple(w // scale for w in window), layout)
+        return max(probe(spatial, part).values()) < budget
+
+    def capped(steps: int) -> tuple[int, int, int]:
+        return tuple(min(s, steps * factor) for s in shape)  # type: ignore[return-value]
+
+    if fits(shape):
+        return None
+    low, high = 1, max(shape) // factor  # capped(low) must fit, capped(high) is the whole volume
+    if not fits(capped(low)):
+        raise ValueError(f"even a {capped(low)} window exceeds {budget} elements in a convolution")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(capped(middle)) else (low, middle)
+    return capped(low)
+
+
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
@@ -124,6 +295,7 @@ def encode_mu(
     *,
     bf16: bool = False,
     progress: bool = False,
+    activation_limit: int = INT32_ELEMENTS,
 ) -> torch.Tensor:
     """Posterior mean ``z_mu`` of a normalised volume (no sampling: deterministic).
 
@@ -133,12 +305,17 @@ def encode_mu(
         volume: (B, 1, z, y, x) float tensor, canonical layout; every spatial size a multiple of
             the downsample factor (4).
         tile: window (z, y, x) in image voxels, multiples of the factor; ``None`` = the VAE's
-            own ``inference_tile`` (a VAE trained on crops) or else one whole-volume pass.
-        overlap: wanted window overlap fraction (rounded down to whole latent voxels).
+            own ``inference_tile`` (a VAE trained on crops), else one whole-volume pass, or, when
+            a convolution of that pass would reach ``activation_limit``, the window of
+            :func:`safe_tile` at overlap :data:`AUTO_OVERLAP`.
+        overlap: wanted window overlap fraction (rounded down to whole latent voxels) of a given
+            or own tile.
         bf16: run the network under bfloat16 autocast: about 2x faster on CUDA and on CPUs
             with AMX / avx512_bf16, but far slower on CPUs without native bf16 (AVX2 only: a
             32^3 MAISI encode took minutes instead of seconds).
         progress: tqdm bar over the windows.
+        activation_limit: per-sample elements no convolution tensor may reach
+            (:data:`INT32_ELEMENTS`: cuDNN's limit).
 
     Returns:
         (B, latent_channels, z/f, y/f, x/f) float32 tensor on ``volume``'s device, canonical layout.
@@ -149,6 +326,9 @@ def encode_mu(
         raise ValueError(f"volume must be (B, 1, z, y, x), got shape {tuple(volume.shape)}")
     if any(s % factor for s in volume.shape[2:]):
         raise ValueError(f"volume spatial shape {tuple(volume.shape[2:])} must be multiples of {factor}; pad it first")
+    if tile is None:
+        tile = safe_tile(vae, volume.shape[2:], "encode", limit=activation_limit)
+        overlap = overlap if tile is None else AUTO_OVERLAP
     device = next(network.parameters()).device
     window = None if tile is None else _check_tile(tile, factor)
     inputs = to_network_layout(volume.to(device, torch.float32), layout)
@@ -175,6 +355,7 @@ def decode(
     *,
     bf16: bool = False,
     progress: bool = False,
+    activation_limit: int = INT32_ELEMENTS,
 ) -> torch.Tensor:
     """Decode latents to normalised image intensities (unbounded: clip before mapping to HU).
 
@@ -182,10 +363,12 @@ def decode(
         vae: as for :func:`encode_mu`.
         latent: (B, latent_channels, z, y, x) tensor, canonical layout.
         tile: window (z, y, x) in *image* voxels (latent window = tile / factor); ``None`` = the
-            VAE's own ``inference_tile``, or else one whole-volume pass.
-        overlap: wanted window overlap fraction.
+            VAE's own ``inference_tile``, else one whole-volume pass, or the window of
+            :func:`safe_tile` (as for :func:`encode_mu`).
+        overlap: wanted window overlap fraction of a given or own tile.
         bf16: bfloat16 autocast (see :func:`encode_mu`).
         progress: tqdm bar over the windows.
+        activation_limit: as for :func:`encode_mu`.
 
     Returns:
         (B, 1, z*f, y*f, x*f) float32 tensor on ``latent``'s device, canonical layout.
@@ -194,6 +377,10 @@ def decode(
     tile = own_tile if tile is None else tile
     if latent.ndim != 5:
         raise ValueError(f"latent must be (B, C, z, y, x), got shape {tuple(latent.shape)}")
+    if tile is None:
+        image_shape = tuple(s * factor for s in latent.shape[2:])
+        tile = safe_tile(vae, image_shape, "decode", limit=activation_limit)
+        overlap = overlap if tile is None else AUTO_OVERLAP
     device = next(network.parameters()).device
     window = None
     if tile is not None:
