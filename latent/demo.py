@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 DEMO_GRID = "3x3x5:32x128x128"
 #: Methods the demo trains: recipe file and CPU training seconds. The VAE is pretrained and
 #: frozen (as MAISI is for real data), so the whole budget goes to the translation models.
-DEMO_METHODS = {"l2sct": ("l2sct_demo.yaml", 140.0), "l2l_regress": ("l2l_regress_demo.yaml", 90.0),
-                "l2l_ddim": ("l2l_ddim_demo.yaml", 140.0), "pix2pix": ("pix2pix_demo.yaml", 140.0)}
+DEMO_METHODS = {"l2sct": ("l2sct_demo.yaml", 120.0), "l2l_regress": ("l2l_regress_demo.yaml", 75.0),
+                "l2l_ddim": ("l2l_ddim_demo.yaml", 120.0), "pix2pix": ("pix2pix_demo.yaml", 120.0)}
 #: The demo's VAE: the shipped stand-in (latent/weights/standin_vae).
 DEMO_VAE = "standin"
 #: The smallest phantom set whose stratified split gives every region a validation and a test case.
@@ -47,7 +47,7 @@ class DemoConfig:
     fit_vae: bool = False
     vae_seconds: float = 240.0
     methods: dict[str, tuple[str, float]] = field(default_factory=lambda: dict(DEMO_METHODS))
-    ddim_steps: int = 25
+    ddim_steps: int = 20
     dose: bool = True
     dose_cases: int = 1
     configs_dir: Path = Path(__file__).resolve().parents[1] / "configs"

@@ -67,7 +67,7 @@ class VAEFitConfig(BaseModel):
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1, description="must divide every channel count")
     norm: Literal["group", "none"] = Field("none", description="GroupNorm layers, or none (any shape, exact tiles)")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (after warmup)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (after warmup); the stand-in VAE used 5e-4")
     lr_schedule: Literal["none", "cosine"] = Field("cosine", description="after warmup: constant or cosine to min")
     warmup_steps: int = Field(50, ge=0)
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine floor as a fraction of lr")
