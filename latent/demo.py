@@ -289,6 +289,38 @@ def write_report(out: Path, results: list[MethodResult], splits: dict[str, list[
     return table
 
 
+def write_bench_report(out: Path, results: list[MethodResult], data: Path, pid: str, notes: str) -> Path:
+    """``out/report/report.{md,html}``: paired statistics, Pareto plot, per-region bars and, per
+    method, the axial, coronal and sagittal slices of test case ``pid`` (MR | CT | sCT | error)."""
+    import numpy as np
+
+    from latent.bench.figures import slice_panel
+    from latent.bench.report import write_report
+    from latent.cases import discover_cases
+    from latent.evaluate import find_prediction
+    from latent.io import read_volume
+
+    case = next(c for c in discover_cases(data) if c.pid == pid)
+    mr, properties = read_volume(case.mr, dtype=np.float32)
+    ct, mask = read_volume(case.ct, dtype=np.float32)[0], read_volume(case.mask)[0]
+    spacing_zyx = tuple(reversed(properties.spacing))
+    figures = {}
+    for result in results:
+        if result.pred_dir is None:
+            continue
+        sct = read_volume(find_prediction(result.pred_dir, pid), dtype=np.float32)[0]
+        std_path = result.pred_dir / f"{pid}_std.mha"
+        std = read_volume(std_path, dtype=np.float32)[0] if std_path.is_file() else None
+        figures[f"slices_{result.name}"] = slice_panel(mr, ct, sct, mask, out / "report" / "panels" / f"{result.name}.png",
+                                                       std=std, title=f"{result.name}: {pid}", spacing_zyx=spacing_zyx)
+    compute = {r.name: {"train_seconds": r.train_seconds, "seconds_per_volume": r.seconds_per_volume,
+                        "parameters": r.parameters, **{f"{k}_s": v for k, v in r.stage_seconds.items()}}
+               for r in results}
+    _, html_path = write_report(out / "report", {r.name: r.rows for r in results if r.rows}, compute, figures,
+                                {"note": notes.strip()})
+    return html_path
+
+
 def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
     """Run the demo; return the comparison rows (also written to ``out/metrics.csv``)."""
     from latent.cli_stages import format_cache_info, open_cache
@@ -323,5 +355,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
     origin = f"fitted in this run for {config.vae_seconds:.0f} s" if config.fit_vae else "shipped, pretrained, frozen"
     notes = f"VAE: `{vae_spec}` ({origin}). Training seconds per method: {json.dumps(train_times)}.\n\n"
     table = write_report(out, results, splits, time.perf_counter() - started, cache_info, notes)
+    html_path = write_bench_report(out, results, data, test[0], notes)
     print(table)
+    print(f"report with figures: {html_path}")
     return comparison_rows(results)

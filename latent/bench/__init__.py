@@ -1,0 +1,1 @@
+"""Benchmark reporting: paired statistics, figures and the report of several methods on one test split."""
