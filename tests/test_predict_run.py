@@ -298,7 +298,8 @@ def test_native_validator_scores_hu_on_the_native_grid(runs: _Runs, tmp_path: Pa
     run_dir = runs.run(NATIVE_VALIDATED)
     assert json.loads((run_dir / "config.json").read_text())["train"]["validator"] == NATIVE_VALIDATOR
     validation = json.loads((run_dir / "best" / "validation.json").read_text())
-    assert validation["step"] == 2 and set(validation) == {"step", "mae", "psnr", "ms_ssim"}
+    assert validation["step"] == 2 and set(validation) == {"step", "selected_by", "mae", "psnr", "ms_ssim"}
+    assert validation["selected_by"].startswith("val/mae: masked MAE in HU on the native grid")
     assert math.isfinite(validation["mae"]) and validation["mae"] > 1  # HU, not normalised units
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["val/mae"] for r in logged if "val/mae" in r] == [validation["mae"]]

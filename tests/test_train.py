@@ -77,6 +77,7 @@ def test_run_dir_records_checkpoints_best_and_final(tmp_path):
     assert (state["step"], state["epoch"], state["position"]) == (6, 1, 3)  # 3 batches per epoch
     best = json.loads((run_dir / "best" / "validation.json").read_text())
     assert best["mae"] == min(r["val/mae"] for r in val)
+    assert "latent-space proxy, not HU" in best["selected_by"]  # the run says which metric chose best/
     final = load_pretrained(run_dir / "final")
     assert final.config.channels == (8, 8)
     with pytest.raises(FileExistsError, match="resume"):  # a fresh run never overwrites checkpoints
@@ -126,7 +127,9 @@ def test_injected_validator_selects_best(tmp_path):
     run_dir = train(tiny_config(tmp_path / "run", val_every=2), train_dataset=ToyLatents(4),
                     val_dataset=ToyLatents(2, seed=1), validator=validator, quiet=True)
     assert calls == [["toy0", "toy1"]] * 3
-    assert json.loads((run_dir / "best" / "validation.json").read_text()) == {"step": 4, "mae": 1.0, "extra": 7.0}
+    best = json.loads((run_dir / "best" / "validation.json").read_text())
+    assert best.pop("selected_by").startswith("val/mae of the validator ")
+    assert best == {"step": 4, "mae": 1.0, "extra": 7.0}
     assert [r["val/extra"] for r in read_metrics(run_dir) if "val/extra" in r] == [7.0] * 3
 
 

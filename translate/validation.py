@@ -94,7 +94,9 @@ class CanonicalValidator:
 def describe_validator(validator: Validator, model: TranslationModel) -> str:
     """One line saying which metric a validator's ``mae`` is (its ``describe(model)`` when it has one)."""
     describe = getattr(validator, "describe", None)
-    return describe(model) if callable(describe) else f"val/mae of {type(validator).__name__}"
+    if callable(describe):
+        return describe(model)
+    return f"val/mae of the validator {getattr(validator, '__qualname__', type(validator).__qualname__)}"
 
 
 def load_validator(spec: str, config: "TrainConfig") -> Validator:
