@@ -139,8 +139,8 @@ SHIPPED_VAES: Mapping[str, ShippedVAE] = MappingProxyType(
     {
         "standin": ShippedVAE(
             folder="standin_vae",
-            weights_sha256="0000000000000000000000000000000000000000000000000000000000000000",
-            config_sha256="0000000000000000000000000000000000000000000000000000000000000000",
+            weights_sha256="fd436c2efe6a489e51a24b4ac82e61773db74baddb130c5318a5a7bba26eefdb",
+            config_sha256="2ca658cced5f48491b5ac49b55e2e4f8da1027ca6f5a9b84a1715070fddaca0f",
         ),
     }
 )
