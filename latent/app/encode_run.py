@@ -15,17 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
-from cache import LatentCache, producer_record, sha256_file
-from latent.prepare import CASE_ERRORS, PreparedCase, latent_mask, prepare_case, resolve_grid
-from latent.cases import Case, CaseError, discover_cases, load_splits
+from cache import LatentCache, producer_record
+from encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
+from latent.cases import Case, discover_cases, load_splits
 from latent.grid import CanonicalGrid
 from latent.intensity import normalisation_record
+from latent.prepare import CASE_ERRORS, prepare_case, resolve_grid
 from latent.vae import LoadedVAE
-from latent.vae_inference import encode_mu
 
 logger = logging.getLogger(__name__)
 
@@ -42,43 +40,6 @@ class EncodeReport:
     coverage: float = 1.0
     seconds: float = 0.0
     manifest: Path | None = None
-
-
-def grid_record(grid: CanonicalGrid) -> dict:
-    """Canonical grid as stored in the producer record."""
-    return {**grid.to_dict(), "direction": "identity (LPS)", "placement": "centred on body mask bounding box"}
-
-
-def shard_cases(cases: Sequence[Case], index: int, count: int) -> list[Case]:
-    """Every ``count``-th case starting at ``index`` (cases sorted by pid)."""
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
-    return [case for position, case in enumerate(sorted(cases, key=lambda c: c.pid)) if position % count == index]
-
-
-def source_hashes(case: Case) -> dict[str, str]:
-    """SHA-256 of each source file of a case."""
-    return {role: sha256_file(path) for role in ("mr", "ct", "mask") if (path := getattr(case, role)) is not None}
-
-
-def encode_prepared(vae: LoadedVAE, prepared: PreparedCase, tile: Sequence[int] | None, bf16: bool) -> dict[str, np.ndarray]:
-    """Cache arrays of one prepared case: latents (posterior means), masks and pixel volumes."""
-    device = vae.device
-
-    def encode(volume: np.ndarray) -> np.ndarray:
-        tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None].to(device)
-        return encode_mu(vae, tensor, tile=tile, bf16=bf16)[0].cpu().numpy()
-
-    arrays = {
-        "mr_mu": encode(prepared.mr_unit),
-        "mask_latent": latent_mask(prepared.mask, vae.downsample_factor),
-        "mr_pixels": prepared.mr_unit,
-        "mask_pixels": prepared.mask,
-    }
-    if prepared.ct_vae is not None:
-        arrays["ct_mu"] = encode(prepared.ct_vae)
-        arrays["ct_pixels"] = prepared.ct_full
-    return arrays
 
 
 def _is_current(cache: LatentCache, case: Case, hashes: dict[str, str]) -> bool:
