@@ -8,15 +8,21 @@ the full key is stored in the entry and checked on load. An entry appears under 
 name only once complete (written to a temporary folder, then renamed).
 
 Entry layout: ``<root>/<pid>/<mode>-<key[:16]>/{plan.json, stf.pkl, weights.npy, reference_dose.npy}``.
-``stf.pkl`` is pyRadPlan's beam geometry pickled; it is only ever read by the pyRadPlan version
-named in the key. The cache holds your own plans: do not load entries from untrusted sources.
+``stf.pkl`` is pyRadPlan's beam geometry pickled (it has no other serialised form); it is only
+ever read by the pyRadPlan version named in the key. Unpickling runs code, so a pickle is
+loaded only when its HMAC-SHA256 under this user's secret key (:func:`signing_key`, a file
+outside the cache) matches the one recorded at write time: an entry copied from elsewhere, or
+altered, is ignored with a warning and the plan is optimised again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import logging
 import os
+import secrets
 import pickle
 import shutil
 import tempfile
@@ -32,6 +38,33 @@ from latent.dose.protocol import DoseProtocol
 CACHE_SCHEMA = 1
 #: Environment variable that moves the default cache.
 CACHE_ENV = "LATENT_DOSE_PLAN_CACHE"
+#: Environment variable that moves the signing key file.
+KEY_ENV = "LATENT_DOSE_PLAN_KEY"
+
+logger = logging.getLogger(__name__)
+
+
+def signing_key() -> bytes:
+    """This user's secret for plan pickles: ``$LATENT_DOSE_PLAN_KEY`` or
+    ``~/.config/latent-sct/plan-cache.key``, created (mode 0600) on first use."""
+    configured = os.environ.get(KEY_ENV)
+    path = Path(configured) if configured else Path.home() / ".config" / "latent-sct" / "plan-cache.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_bytes(secrets.token_bytes(32))
+        os.chmod(temporary, 0o600)
+        try:
+            os.link(temporary, path)  # never replaces a key another process created meanwhile
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink(missing_ok=True)
+    return path.read_bytes()
+
+
+def _signature(data: bytes, key: bytes) -> str:
+    return hmac.new(key, data, hashlib.sha256).hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -83,8 +116,12 @@ class PlanCache:
             record = json.loads((folder / "plan.json").read_text())
             if record.get("key") != key:
                 return None
-            with (folder / "stf.pkl").open("rb") as handle:
-                stf = pickle.load(handle)
+            data = (folder / "stf.pkl").read_bytes()
+            if not hmac.compare_digest(str(record.get("stf_hmac", "")), _signature(data, signing_key())):
+                logger.warning("%s: plan not signed by this user's key (copied or altered); optimising it again",
+                               folder / "stf.pkl")
+                return None
+            stf = pickle.loads(data)
             weights = np.load(folder / "weights.npy")
             reference = np.load(folder / "reference_dose.npy")
         except (OSError, ValueError, pickle.UnpicklingError, EOFError, AttributeError, ImportError):
@@ -97,11 +134,12 @@ class PlanCache:
         folder.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            with (temporary / "stf.pkl").open("wb") as handle:
-                pickle.dump(plan.stf, handle, protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(plan.stf, protocol=pickle.HIGHEST_PROTOCOL)
+            (temporary / "stf.pkl").write_bytes(data)
             np.save(temporary / "weights.npy", plan.weights)
             np.save(temporary / "reference_dose.npy", plan.reference_dose)
-            record = {"key": key, "pid": pid, "mode": mode, "engine": _engine_version(), "info": plan.info}
+            record = {"key": key, "pid": pid, "mode": mode, "engine": _engine_version(), "info": plan.info,
+                      "stf_hmac": _signature(data, signing_key())}
             (temporary / "plan.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
             if folder.exists():
                 shutil.rmtree(folder)  # an incomplete or outdated entry of the same key prefix
