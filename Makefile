@@ -27,6 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/latent demo --out $(DEMO_OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 clean:

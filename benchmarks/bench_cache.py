@@ -182,7 +182,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     from cache import LatentCache, LatentPairDataset
-    from encode.pipeline import encode_dataset
+    from latent.app.encode_run import encode_dataset
     from latent.cases import discover_cases, make_splits, save_splits
     from latent.grid import parse_grid_spec
     from latent.phantom import generate_phantom_dataset

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from latent.cases import load_splits  # noqa: E402
-from latent.demo import (  # noqa: E402
+from latent.app.demo import (  # noqa: E402
     DEMO_GRID, DemoConfig, MethodResult, _evaluate, baseline_results, comparison_rows, format_comparison,
     format_tissue_table, grid_floor_results, predict_method, train_method, vae_floor_result,
 )
@@ -106,7 +106,7 @@ def main() -> int:
 def sweep_ddim(run_dir: Path, steps: int, data: Path, demo: Path, test: list[str], vae_dir: Path,
                train_seconds: float) -> MethodResult:
     """Predict with a trained l2l_ddim run at ``steps`` DDIM steps."""
-    from decode.predict_run import PredictOptions, load_run_and_vae, predict_dataset
+    from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset
 
     run, vae = load_run_and_vae(run_dir, str(vae_dir))
     run.model.config.num_inference_steps = steps  # read by the sampler at every translate call

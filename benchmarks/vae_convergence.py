@@ -45,7 +45,7 @@ VAE_WINDOW_HU = 2000.0
 def prepare(demo: Path, out: Path) -> None:
     """Canonical, normalised training volumes and test CTs with masks of a demo folder."""
     from latent.cases import discover_cases, load_splits
-    from latent.demo import DEMO_GRID
+    from latent.app.demo import DEMO_GRID
     from latent.prepare import prepare_case, resolve_grid
     from latent.vae_pipeline import training_volumes
 

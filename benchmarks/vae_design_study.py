@@ -43,9 +43,9 @@ def make_training_set(work: Path) -> tuple[Path, Path]:
     """Phantoms of :data:`TRAINING_SEED` and a train/val split (no test cases: nothing is scored on them)."""
     data, split = work / "data", work / "splits.json"
     if not split.is_file():
-        subprocess.run([sys.executable, "-m", "latent.cli", "phantom", "--out", str(data), "--cases",
+        subprocess.run([sys.executable, "-m", "latent.app.cli", "phantom", "--out", str(data), "--cases",
                         str(TRAINING_CASES), "--seed", str(TRAINING_SEED)], check=True)
-        subprocess.run([sys.executable, "-m", "latent.cli", "split", "--data", str(data), "--out", str(split),
+        subprocess.run([sys.executable, "-m", "latent.app.cli", "split", "--data", str(data), "--out", str(split),
                         "--val", "0.1", "--test", "0.0"], check=True)
     return data, split
 
@@ -57,7 +57,7 @@ def launch(name: str, overrides: dict, data: Path, split: Path, work: Path, seco
     config = folder / "vae_config.yaml"
     config.write_text(yaml.safe_dump(overrides))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    command = [sys.executable, "-m", "latent.cli", "vae", "fit", "--data", str(data), "--out", str(folder / "vae"),
+    command = [sys.executable, "-m", "latent.app.cli", "vae", "fit", "--data", str(data), "--out", str(folder / "vae"),
                "--grid", GRID, "--split-file", str(split), "--config", str(config), "--seconds", str(seconds),
                "--quiet"] + (["--resume"] if (folder / "vae" / "checkpoint").is_dir() else [])
     log = (folder / "fit.log").open("a")

@@ -19,12 +19,14 @@ import google_crc32c
 import numpy as np
 from numcodecs import Blosc
 
+from latent.errors import BadFileError
+
 _CRC_BYTES = 4
 _BLOSC_HEADER = 16
 _BLOSC = Blosc()  # decoding reads the codec settings from the Blosc frame header
 
 
-class ChunkError(ValueError):
+class ChunkError(BadFileError, ValueError):
     """A chunk file is missing or damaged (checksum mismatch, wrong decoded size)."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from latent.errors import BadConfigError
 from cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
 
 
@@ -43,7 +44,7 @@ def read_split(split_json_path: str | Path, split_name: str) -> list[str]:
     with open(split_json_path, encoding="utf-8") as handle:
         splits = json.load(handle)
     if split_name not in splits:
-        raise KeyError(f"{split_json_path} has no split {split_name!r}; it has {sorted(splits)}")
+        raise BadConfigError(f"{split_json_path} has no split {split_name!r}; it has {sorted(splits)}")
     return list(splits[split_name])
 
 

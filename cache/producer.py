@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from latent.hashing import sha256_file
+
 #: Bump when the on-disk layout or the meaning of a stored array changes; old groups then
 #: get a different producer key and are never read as if they were new ones.
 CACHE_SCHEMA_VERSION = 1
@@ -29,21 +31,11 @@ PRODUCER_KEY_LENGTH = 16
 VAE_LOCATION_KEYS = ("name", "path", "weights_path", "filename", "repo_id", "revision", "cache_dir", "url")
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HASH_CHUNK_BYTES = 1 << 20
 
 
 def is_sha256(value: Any) -> bool:
     """True when ``value`` is a lower-case 64-character hex SHA-256 digest."""
     return isinstance(value, str) and _SHA256_RE.match(value) is not None
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_HASH_CHUNK_BYTES), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def canonical_value(value: Any, where: str = "record", *, for_key: bool = True) -> Any:

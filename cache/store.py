@@ -47,6 +47,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from cache.chunk_read import array_layout, read_chunk
 from cache.producer import canonical_value, is_sha256, key_of_record, sha256_file
+from latent.errors import InputError
 
 LATENT_KEYS = ("mr_mu", "ct_mu")
 MASK_KEYS = ("mask_latent", "mask_pixels")
@@ -68,7 +69,7 @@ _READ_ATTEMPTS = 3
 _MAX_LAYOUTS = 100_000
 
 
-class CacheError(Exception):
+class CacheError(InputError):
     """The store is unusable as asked (wrong producer, missing case, bad input)."""
 
 

@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from latent.errors import InputError
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.io import VolumeProperties
 
@@ -53,7 +54,7 @@ SYNTHETIC_NOTE = "Synthetic CT generated from MR by latent-sct; not an acquired 
 FOLDER_MODE = 0o755
 
 
-class DicomWriteError(ValueError):
+class DicomWriteError(InputError, ValueError):
     """The volume cannot be written as a DICOM CT series."""
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latent.errors import BadFileError
 from latent.io import VolumeProperties, is_volume_path, read_volume, strip_volume_suffix
 
 MRI_FOLDER = Path("images") / "mri"
@@ -45,7 +46,7 @@ REGION_ALIASES = {
 }
 
 
-class GCInputError(ValueError):
+class GCInputError(BadFileError, ValueError):
     """The Grand Challenge input folder does not have the expected layout."""
 
 

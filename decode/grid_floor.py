@@ -17,11 +17,11 @@ import numpy as np
 
 from decode.native import canonical_to_native_sct
 from decode.writers import write_prediction
-from latent.cases import Case, CaseError, discover_cases
+from latent.cases import Case, CaseError
 from latent.grid import CanonicalGrid
 from latent.intensity import full_to_ct, vae_to_ct
 from latent.prepare import prepare_case
-from latent.runner import CaseRun, run_over_cases
+from latent.runner import CaseRun, run_over_cases, select_cases
 
 Window = Literal["full", "vae"]
 
@@ -58,12 +58,10 @@ def predict_grid_floor(
 ) -> CaseRun[Path]:
     """Write ``out_dir/<pid>.mha``, the grid floor of every case with a CT (or only ``pids``)."""
     out_dir = Path(out_dir)
-    cases = discover_cases(data_root)
-    wanted = None if pids is None else set(pids)
-    targets = [case for case in cases if wanted is None or case.pid in wanted]
+    selection = select_cases(data_root, pids, need_ct=True)
 
     def work(case: Case) -> Path:
         hu, properties = grid_floor_sct(case, grid, window)
         return write_prediction(out_dir, case.pid, hu, properties)
 
-    return run_over_cases(targets, work, f"grid floor ({window})", quiet)
+    return run_over_cases(None, work, f"grid floor ({window})", quiet, selection=selection)

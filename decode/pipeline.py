@@ -9,6 +9,7 @@ weights differ.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,12 +22,16 @@ import torch
 from decode.native import canonical_to_native_sct, std_to_native
 from decode.sct import output_to_canonical_hu
 from latent.cases import Case
+from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid, GridMapping
 from latent.prepare import PreparedCase
 from translate.models.base import TranslationModel, load_pretrained
 
 
-class RunMismatchError(ValueError):
+logger = logging.getLogger(__name__)
+
+
+class RunMismatchError(BadConfigError, ValueError):
     """The VAE or grid given for prediction differs from the one the run was trained on."""
 
 
@@ -62,14 +67,18 @@ class TrainedRun:
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "best") -> TrainedRun:
-    """Load ``run_dir/best`` (falling back to ``final``) and ``run_dir/producer.json``."""
+    """Load ``run_dir/<which>`` and ``run_dir/producer.json``; a missing ``best/`` falls back to ``final/`` with a warning."""
     run_dir = Path(run_dir)
     producer_path = run_dir / "producer.json"
     if not producer_path.is_file():
         raise FileNotFoundError(f"{producer_path}: missing; is {run_dir} a training run folder?")
     folder = run_dir / which
     if not folder.is_dir():
-        folder = run_dir / "final"
+        fallback = run_dir / "final"
+        if which == "final" or not fallback.is_dir():
+            raise FileNotFoundError(f"{folder}: missing; is {run_dir} a finished training run?")
+        logger.warning("%s: no %s/ model (the run never validated); using %s", run_dir, which, fallback)
+        folder = fallback
     model = load_pretrained(folder)
     return TrainedRun(run_dir, model, json.loads(producer_path.read_text()))
 

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from latent.errors import BadConfigError
 from latent.cases import Case
 from latent.grid import CanonicalGrid
 from latent.hashing import sha256_file
@@ -28,7 +29,7 @@ def grid_record(grid: CanonicalGrid) -> dict:
 def shard_cases(cases: Sequence[Case], index: int, count: int) -> list[Case]:
     """Every ``count``-th case starting at ``index`` (cases sorted by pid)."""
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: need 0 <= i < n")
+        raise BadConfigError(f"shard {index}/{count}: need 0 <= i < n")
     return [case for position, case in enumerate(sorted(cases, key=lambda c: c.pid)) if position % count == index]
 
 

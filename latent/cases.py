@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from latent.io import VolumeError, VolumeProperties, is_volume_path, read_image
+from latent.errors import BadConfigError, InputError
 
 #: Regions of SynthRAD2025 (Task 1) and SynthRAD2023 (Task 1); values are region codes in the pid.
 REGION_CODES = {"AB": "AB", "HN": "HN", "TH": "TH", "brain": "B", "pelvis": "P"}
@@ -20,8 +22,10 @@ PID_PATTERN = re.compile(r"^1(?P<region>AB|HN|TH|B|P)(?P<centre>[A-Z])(?P<number
 #: Volume roles and the file stems they are stored under.
 ROLES = ("mr", "ct", "mask")
 
+logger = logging.getLogger(__name__)
 
-class CaseError(ValueError):
+
+class CaseError(InputError, ValueError):
     """A case is incomplete or inconsistent (message names the case)."""
 
 
@@ -57,29 +61,39 @@ def parse_pid(pid: str) -> tuple[str, str]:
 
 
 def _find_role_file(folder: Path, role: str) -> Path | None:
+    """The ``role`` volume of a case folder; a broken link or unreadable entry is returned too,
+    so that reading it gives an error naming it instead of a silent skip."""
     for entry in sorted(folder.iterdir()):
         name = entry.name.lower()
-        if entry.is_file() and is_volume_path(entry) and name.split(".")[0] == role:
+        if is_volume_path(entry) and name.split(".")[0] == role and (entry.is_file() or entry.is_symlink()):
             return entry
     return None
 
 
-def discover_cases(root: str | os.PathLike, regions: Iterable[str] | None = None) -> list[Case]:
-    """Find every case under ``root``.
+@dataclass(frozen=True)
+class CaseScan:
+    """What a walk over a data folder found: usable cases and the folders it had to skip."""
+
+    cases: list[Case]
+    #: case folder name -> why it was skipped (for example "no mr volume; folder is empty").
+    skipped: dict[str, str]
+
+
+def _skip_reason(folder: Path) -> str:
+    names = sorted(entry.name for entry in folder.iterdir())
+    return "no mr volume; folder is empty" if not names else f"no mr volume (holds {', '.join(names[:5])})"
+
+
+def scan_cases(root: str | os.PathLike, regions: Iterable[str] | None = None) -> CaseScan:
+    """Find every case under ``root`` and every case folder that cannot be used.
 
     Accepts the data set root (holding ``Task1/``), the ``Task1`` folder itself or one region
     folder. A case folder needs an ``mr`` volume (.mha, .nii.gz, .nii, .nrrd); ``ct`` and
-    ``mask`` are optional (validation/test cases have no CT).
-
-    Args:
-        root: data set root.
-        regions: keep only these regions (e.g. ``["AB", "TH"]``).
-
-    Returns:
-        Cases sorted by patient id.
+    ``mask`` are optional (validation/test cases have no CT). A folder without an MR is
+    returned in ``skipped`` with the reason.
 
     Raises:
-        CaseError: no cases found under ``root``.
+        CaseError: ``root`` is missing or holds no case at all.
     """
     root = Path(root)
     if not root.is_dir():
@@ -90,7 +104,7 @@ def discover_cases(root: str | os.PathLike, regions: Iterable[str] | None = None
         d for d in sorted(root.iterdir()) if d.is_dir() and d.name in REGION_CODES
     ]
     wanted = set(regions) if regions else None
-    cases = []
+    cases, skipped = [], {}
     for region_dir in region_dirs:
         if wanted is not None and region_dir.name not in wanted:
             continue
@@ -99,6 +113,7 @@ def discover_cases(root: str | os.PathLike, regions: Iterable[str] | None = None
                 continue
             mr = _find_role_file(folder, "mr")
             if mr is None:
+                skipped[folder.name] = f"{folder}: {_skip_reason(folder)}"
                 continue
             try:
                 region, centre = parse_pid(folder.name)
@@ -109,8 +124,29 @@ def discover_cases(root: str | os.PathLike, regions: Iterable[str] | None = None
                 ct=_find_role_file(folder, "ct"), mask=_find_role_file(folder, "mask"),
             ))
     if not cases:
-        raise CaseError(f"{root}: no cases found (expected Task1/<region>/<pid>/mr.mha)")
-    return sorted(cases, key=lambda case: case.pid)
+        detail = f"; skipped {len(skipped)} folder(s), e.g. {next(iter(skipped.values()))}" if skipped else ""
+        raise CaseError(f"{root}: no cases found (expected Task1/<region>/<pid>/mr.mha){detail}")
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.pid in seen:
+            raise CaseError(f"{case.pid}: the same patient id in {seen[case.pid].folder} and {case.folder}; "
+                            "ids must be unique across regions")
+        seen[case.pid] = case
+    return CaseScan(sorted(cases, key=lambda case: case.pid), skipped)
+
+
+def discover_cases(root: str | os.PathLike, regions: Iterable[str] | None = None) -> list[Case]:
+    """The usable cases under ``root`` (see :func:`scan_cases`), sorted by patient id.
+
+    Every skipped case folder is logged as a warning naming the folder and the reason.
+
+    Raises:
+        CaseError: no cases found under ``root``.
+    """
+    scan = scan_cases(root, regions)
+    for message in scan.skipped.values():
+        logger.warning("skipped case folder %s", message)
+    return scan.cases
 
 
 def check_case_grid(case: Case) -> VolumeProperties:
@@ -148,7 +184,7 @@ def make_splits(
         ``{"train": [...], "val": [...], "test": [...]}`` of patient ids, each sorted.
     """
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+        raise BadConfigError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
     strata: dict[tuple[str, str], list[str]] = defaultdict(list)
     for case in cases:
         strata[(case.region, case.centre if by_centre else "")].append(case.pid)
@@ -200,6 +236,6 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 __all__ = [
-    "Case", "CaseError", "VolumeError", "check_case_grid", "discover_cases", "load_splits",
+    "Case", "CaseError", "CaseScan", "VolumeError", "check_case_grid", "discover_cases", "scan_cases", "load_splits",
     "make_splits", "parse_pid", "save_splits",
 ]

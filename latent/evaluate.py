@@ -20,7 +20,7 @@ import numpy as np
 from latent.cases import Case, CaseError, discover_cases
 from latent.io import VolumeError, read_volume
 from latent.metrics import score_case
-from latent.runner import CaseRun, run_over_cases
+from latent.runner import CaseRun, run_over_cases, select_cases
 
 #: Metric columns, in table order, with their display precision.
 METRIC_COLUMNS = {"mae": 1, "psnr": 2, "ms_ssim": 4, "ssim": 4, "bone_dice": 3, "bone_hd95": 2}
@@ -142,17 +142,23 @@ def evaluate_predictions(
 ) -> Evaluation:
     """Score every case with a CT in ``data_root`` (or only ``pids``) against ``pred_dir``.
 
-    Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary and failures).
+    Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary, failures and skipped cases).
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise CaseError(f"{pred_dir}: prediction folder not found")
-    cases = cases_with_ct(data_root, pids)
-    run = run_over_cases(cases, lambda case: score_prediction(case, find_prediction(pred_dir, case.pid)), "evaluate", quiet)
+    selection = select_cases(data_root, pids, need_ct=True)
+    if not selection.cases:
+        raise CaseError(f"{data_root}: no case with a CT to score"
+                        + (f" ({len(selection.skipped)} skipped, e.g. {next(iter(selection.skipped.values()))})"
+                           if selection.skipped else ""))
+    run = run_over_cases(None, lambda case: score_prediction(case, find_prediction(pred_dir, case.pid)), "evaluate",
+                         quiet, selection=selection)
     evaluation = Evaluation(run, summarise(run.results.values()) if run.results else [])
     if out is not None:
         out = Path(out)
         write_rows_csv(evaluation.rows, out)
-        report = {"cases": evaluation.rows, "summary": evaluation.summary, "failures": run.failures}
+        report = {"cases": evaluation.rows, "summary": evaluation.summary, "failures": run.failures,
+                  "skipped": run.skipped}
         out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return evaluation

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from latent.io import VolumeProperties, array_to_image
+from latent.errors import BadGeometryError
 
 #: Canonical shapes are multiples of this, so latents (/4) fit UNets with 3 downsamplings.
 SHAPE_MULTIPLE = 32
@@ -28,7 +29,7 @@ GRID_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[int, int, int]]]
 }
 
 
-class GridError(ValueError):
+class GridError(BadGeometryError, ValueError):
     """Invalid canonical grid specification."""
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from latent.errors import BadFileError
 #: MAISI CT window for the VAE.
 VAE_CT_MIN_HU, VAE_CT_MAX_HU = -1000.0, 1000.0
 #: SynthRAD CT range (HU): CTs are clipped to it and the metrics use it as dynamic range.
@@ -67,10 +68,10 @@ def fit_mr_scaling(mr: np.ndarray, mask: np.ndarray | None = None, percentile: f
     """
     values = mr[mask > 0] if mask is not None else mr.ravel()
     if values.size == 0:
-        raise ValueError("empty body mask: cannot normalise the MR")
+        raise BadFileError("empty body mask: cannot normalise the MR")
     scale = float(np.percentile(values, percentile))
     if not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"MR {percentile}th percentile inside the mask is {scale}: no usable signal")
+        raise BadFileError(f"MR {percentile}th percentile inside the mask is {scale}: no usable signal")
     return MRScaling(scale=scale, percentile=percentile)
 
 

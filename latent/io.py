@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from latent.errors import BadFileError
+
 #: File suffixes read as single files (a folder is read as a DICOM series).
 VOLUME_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")
 #: Suffixes the writer produces (compressed by default).
 WRITE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 
 
-class VolumeError(ValueError):
+class VolumeError(BadFileError, ValueError):
     """A volume file is missing, unreadable or not a usable 3D scalar image."""
 
 
@@ -111,8 +113,12 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         VolumeError: missing, unreadable, not 3D, vector-valued, or holding NaN/inf voxels.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise VolumeError(f"{path}: broken symbolic link (to {os.readlink(path)})")
     if not path.exists():
         raise VolumeError(f"{path}: file not found")
+    if not os.access(path, os.R_OK):
+        raise VolumeError(f"{path}: permission denied (not readable by this user)")
     try:
         if path.is_dir():
             image = _read_dicom_series(path)
@@ -133,11 +139,36 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise VolumeError(f"{path}: {image.GetDimension()}D image; a 3D volume is needed")
     if min(image.GetSize()) < 2:
         raise VolumeError(f"{path}: a single slice, size (x, y, z) {image.GetSize()}; a 3D volume is needed")
+    _check_geometry(path, image)
     view = sitk.GetArrayViewFromImage(image)
+    if np.iscomplexobj(view) or view.dtype == bool:
+        raise VolumeError(f"{path}: {view.dtype} voxels; a real-valued scalar volume is needed")
     if np.issubdtype(view.dtype, np.floating) and not np.isfinite(view).all():
         count = int((~np.isfinite(view)).sum())
         raise VolumeError(f"{path}: {count} NaN/inf voxels")
     return image
+
+
+#: Voxel sizes outside (0, MAX_SPACING_MM] mean a broken header (or one not in mm).
+MAX_SPACING_MM = 20.0
+#: How far from orthonormal a direction matrix may be (rounding in headers).
+DIRECTION_TOLERANCE = 1e-3
+
+
+def _check_geometry(path: Path, image: sitk.Image) -> None:
+    spacing = np.asarray(image.GetSpacing(), float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise VolumeError(f"{path}: spacing (x, y, z) {_mm(spacing)} mm; every voxel size must be positive")
+    if np.any(spacing > MAX_SPACING_MM):
+        raise VolumeError(f"{path}: spacing (x, y, z) {_mm(spacing)} mm exceeds {MAX_SPACING_MM:g} mm; "
+                          "is the header in mm?")
+    direction = np.asarray(image.GetDirection(), float).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=DIRECTION_TOLERANCE):
+        raise VolumeError(f"{path}: direction matrix {_mm(direction.ravel())} is not orthonormal")
+
+
+def _mm(values: np.ndarray) -> tuple[float, ...]:
+    return tuple(round(float(v), 4) for v in values)
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:

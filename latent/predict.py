@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Literal
@@ -10,11 +11,14 @@ from typing import Iterable, Literal
 import numpy as np
 
 from latent.baselines import BulkModel, fit_bulk_model, water_sct
-from latent.cases import Case, CaseError, discover_cases
+from latent.cases import Case, CaseError, scan_cases
+from latent.errors import InputError, one_line
 from latent.io import VolumeProperties, read_volume, write_volume
-from latent.runner import CaseRun, run_over_cases
+from latent.prepare import check_body
+from latent.runner import CaseRun, run_over_cases, select_cases
 
 BaselineMethod = Literal["water", "bulk"]
+logger = logging.getLogger(__name__)
 
 
 def read_mr_and_mask(case: Case) -> tuple[np.ndarray, np.ndarray, VolumeProperties]:
@@ -26,24 +30,28 @@ def read_mr_and_mask(case: Case) -> tuple[np.ndarray, np.ndarray, VolumeProperti
     differences = mr_properties.grid_differences(mask_properties)
     if differences:
         raise CaseError(f"{case.pid}: mask {case.mask} is on another grid than the MR: {'; '.join(differences)}")
-    if not np.any(mask):
-        raise CaseError(f"{case.pid}: empty mask {case.mask}")
-    return mr, (mask > 0).astype(np.uint8), mr_properties
+    mask = (mask > 0).astype(np.uint8)
+    check_body(case, mr, mask)
+    return mr, mask, mr_properties
 
 
 def fit_bulk_on_cases(cases: Iterable[Case]) -> BulkModel:
-    """Fit the bulk model's class HU on cases that have a CT (unreadable ones are skipped)."""
+    """Fit the bulk model's class HU on cases that have a CT (others are skipped with a warning)."""
     pairs = []
     for case in cases:
         if case.ct is None:
+            logger.warning("bulk fit: skipped %s (no ct)", case.pid)
             continue
         try:
             mr, mask, _ = read_mr_and_mask(case)
             ct, _ = read_volume(case.ct, dtype=np.float32)
-        except (ValueError, FileNotFoundError):
+        except (InputError, FileNotFoundError) as error:
+            logger.warning("bulk fit: skipped %s (%s)", case.pid, one_line(error))
             continue
-        if ct.shape == mr.shape:
-            pairs.append((case.pid, mr, ct, mask))
+        if ct.shape != mr.shape:
+            logger.warning("bulk fit: skipped %s (ct shape %s differs from mr %s)", case.pid, ct.shape, mr.shape)
+            continue
+        pairs.append((case.pid, mr, ct, mask))
     return fit_bulk_model(pairs)
 
 
@@ -68,8 +76,9 @@ def predict_baseline(
     if method not in ("water", "bulk"):
         raise ValueError(f"unknown baseline method {method!r}; choose water or bulk")
     out_dir = Path(out_dir)
-    cases = discover_cases(data_root)
-    targets = cases if pids is None else [case for case in cases if case.pid in set(pids)]
+    cases = scan_cases(data_root).cases
+    selection = select_cases(data_root, pids)
+    targets = selection.cases
     model = None
     if method == "bulk":
         target_ids = {case.pid for case in targets}
@@ -90,4 +99,4 @@ def predict_baseline(
         sct = water_sct(mask) if model is None else model.predict(mr, mask)
         return write_volume(out_dir / f"{case.pid}.mha", sct, properties, dtype=np.int16)
 
-    return run_over_cases(targets, work, f"predict {method}", quiet)
+    return run_over_cases(None, work, f"predict {method}", quiet, selection=selection)

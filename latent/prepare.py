@@ -11,13 +11,14 @@ from typing import Sequence
 
 import numpy as np
 
+from latent.errors import BadFileError, InputError
 from latent.cases import Case, CaseError, check_case_grid
 from latent.grid import CanonicalGrid, GridMapping, auto_grid, body_extent_mm, parse_grid_spec, plan_mapping, to_canonical
 from latent.intensity import CT_PAD_HU, MRScaling, ct_to_full, ct_to_vae, fit_mr_scaling, mr_to_unit
 from latent.io import VolumeError, VolumeProperties, read_volume
 
 #: Input problems a batch job records per case (anything else is a bug and propagates).
-CASE_ERRORS = (VolumeError, CaseError, ValueError, FileNotFoundError)
+CASE_ERRORS = (InputError, FileNotFoundError, PermissionError)
 #: Threshold: more body than this outside the canonical field of view is an error.
 MAX_MASK_FRACTION_OUTSIDE = 0.5
 
@@ -47,10 +48,24 @@ def read_native(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, 
     properties = check_case_grid(case)
     mr, _ = read_volume(case.mr, dtype=np.float32)
     mask = (read_volume(case.mask)[0] > 0).astype(np.uint8)
-    if not mask.any():
-        raise CaseError(f"{case.pid}: empty mask {case.mask}")
+    check_body(case, mr, mask)
     ct = read_volume(case.ct, dtype=np.float32)[0] if case.ct is not None else None
     return mr, mask, ct, properties
+
+
+def check_body(case: Case, mr: np.ndarray, mask: np.ndarray) -> None:
+    """Refuse a mask that is empty or covers every voxel, and an MR without contrast in it.
+
+    Raises:
+        CaseError: naming the case, the file and the problem.
+    """
+    if not mask.any():
+        raise CaseError(f"{case.pid}: empty mask {case.mask}")
+    if mask.all():
+        raise CaseError(f"{case.pid}: mask {case.mask} covers every voxel; a body outline is needed")
+    inside = mr[mask > 0]
+    if float(inside.min()) == float(inside.max()):
+        raise CaseError(f"{case.pid}: MR {case.mr} is constant ({float(inside.min()):g}) inside the mask")
 
 
 def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True) -> PreparedCase:
@@ -137,7 +152,7 @@ def body_mask_from_mr(mr: np.ndarray, pixel_mm: float = 1.0) -> np.ndarray:
     foreground = mr > threshold
     labels, count = ndimage.label(foreground)
     if count == 0:
-        raise ValueError("MR has no signal above 10% of its 99th percentile: cannot derive a body mask")
+        raise BadFileError("MR has no signal above 10% of its 99th percentile: cannot derive a body mask")
     sizes = ndimage.sum(foreground, labels, index=range(1, count + 1))
     body = labels == (int(np.argmax(sizes)) + 1)
     body = np.stack([ndimage.binary_fill_holes(slice_) for slice_ in body])

@@ -8,14 +8,15 @@ from typing import Callable, Generic, Iterable, TypeVar
 
 from tqdm import tqdm
 
-from latent.cases import Case, CaseError
-from latent.io import VolumeError
+from latent.cases import Case, scan_cases
+from latent.errors import InputError, one_line
 
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
-#: Exceptions that mean "this input is bad", reported without a traceback.
-INPUT_ERRORS = (VolumeError, CaseError, ValueError, FileNotFoundError)
+#: Exceptions that mean "this case's input is bad": reported in one line, the other cases go
+#: on. Anything else is a bug and stops the run with its traceback.
+INPUT_ERRORS = (InputError, FileNotFoundError, PermissionError)
 
 
 @dataclass
@@ -24,30 +25,85 @@ class CaseRun(Generic[Result]):
 
     results: dict[str, Result] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
+    #: cases (or case folders) not attempted, with the reason: no MR, no CT to score, not found.
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         """True when no case failed."""
         return not self.failures
 
+    def summary(self) -> str:
+        """One line: how many cases were found, processed, skipped and failed."""
+        found = len(self.results) + len(self.failures) + len(self.skipped)
+        return (f"{found} case(s): {len(self.results)} processed, {len(self.skipped)} skipped, "
+                f"{len(self.failures)} failed")
+
+    def manifest(self) -> dict:
+        """The run's outcome per case, for a JSON manifest."""
+        return {"processed": sorted(self.results), "skipped": dict(sorted(self.skipped.items())),
+                "failures": dict(sorted(self.failures.items()))}
+
+
+@dataclass
+class Selection:
+    """The cases a command works on, the ones it skips and the requested ones that are absent."""
+
+    cases: list[Case]
+    #: case folders without an MR; with ``need_ct`` / ``need_mask``, cases without that file.
+    skipped: dict[str, str] = field(default_factory=dict)
+    #: ids asked for (a split file) that the data folder does not hold: counted as failed.
+    missing: dict[str, str] = field(default_factory=dict)
+
+
+def select_cases(root, pids: Iterable[str] | None = None, need_ct: bool = False,
+                 need_mask: bool = False) -> Selection:
+    """The cases of ``root`` to work on (only ``pids`` when given), with every skip named.
+
+    Every skipped or missing case is logged as a warning; pass the selection to
+    :func:`run_over_cases` so that they reach the run's summary and manifest.
+    """
+    scan = scan_cases(root)
+    selection = Selection(scan.cases, dict(scan.skipped))
+    if pids is not None:
+        wanted = list(dict.fromkeys(pids))
+        present = {case.pid for case in scan.cases}
+        selection.missing = {pid: f"{pid}: asked for, but not in {root}" for pid in wanted if pid not in present}
+        selection.cases = [case for case in scan.cases if case.pid in set(wanted)]
+    for role, needed in (("ct", need_ct), ("mask", need_mask)):
+        if needed:
+            selection.skipped.update({case.pid: f"{case.pid}: no {role} file in {case.folder}"
+                                      for case in selection.cases if getattr(case, role) is None})
+            selection.cases = [case for case in selection.cases if getattr(case, role) is not None]
+    for message in (*selection.skipped.values(), *selection.missing.values()):
+        logger.warning("skipped %s", message)
+    return selection
+
 
 def run_over_cases(
-    cases: Iterable[Case],
+    cases: Iterable[Case] | None,
     work: Callable[[Case], Result],
     description: str,
     quiet: bool = False,
+    selection: Selection | None = None,
 ) -> CaseRun[Result]:
     """Call ``work(case)`` for every case, collecting results and one-line input errors.
 
-    Errors that are not input errors (bugs) propagate with their traceback.
+    With ``selection`` (from :func:`select_cases`; then ``cases`` may be None) its skipped
+    cases are carried into the run and its missing ones count as failed. Errors that are not
+    input errors (bugs) propagate with their traceback.
     """
-    run: CaseRun[Result] = CaseRun()
+    if selection is not None:
+        cases = selection.cases if cases is None else cases
+        run: CaseRun[Result] = CaseRun(failures=dict(selection.missing), skipped=dict(selection.skipped))
+    else:
+        run = CaseRun()
     cases = list(cases)
     for case in tqdm(cases, desc=description, unit="case", disable=quiet, leave=False):
         try:
             run.results[case.pid] = work(case)
         except INPUT_ERRORS as error:
-            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            message = one_line(error)
             if case.pid not in message:
                 message = f"{case.pid}: {message}"
             run.failures[case.pid] = message

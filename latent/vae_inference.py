@@ -30,6 +30,7 @@ import torch
 from monai.inferers import SlidingWindowInferer
 from torch import nn
 
+from latent.errors import BadConfigError
 from latent.vae import LAYOUT_CANONICAL, LAYOUT_MAISI, LoadedVAE, remove_group_norms
 
 #: Gaussian blending sigma as a fraction of the window (MONAI's default): window borders,
@@ -92,7 +93,7 @@ def window_overlap(window: Sequence[int], overlap: float, step_multiple: int) ->
     with half a voxel of slack against float rounding.
     """
     if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+        raise BadConfigError(f"overlap must be in [0, 1), got {overlap}")
     result = []
     for size in window:
         step = max(step_multiple, int(size * (1 - overlap)) // step_multiple * step_multiple)
@@ -244,7 +245,7 @@ def safe_tile(
         return None
     low, high = 1, max(shape) // factor  # capped(low) must fit, capped(high) is the whole volume
     if not fits(capped(low)):
-        raise ValueError(f"even a {capped(low)} window exceeds {budget} elements in a convolution")
+        raise BadConfigError(f"even a {capped(low)} window exceeds {budget} elements in a convolution")
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(capped(middle)) else (low, middle)
@@ -258,7 +259,7 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 def _check_tile(tile: Sequence[int], factor: int) -> tuple[int, int, int]:
     tile = tuple(int(t) for t in tile)
     if len(tile) != 3 or any(t <= 0 or t % factor for t in tile):
-        raise ValueError(f"tile {tile} must be three positive multiples of {factor} (z, y, x)")
+        raise BadConfigError(f"tile {tile} must be three positive multiples of {factor} (z, y, x)")
     return tile  # type: ignore[return-value]
 
 

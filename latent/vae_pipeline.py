@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from latent.errors import BadConfigError
 from latent.cases import discover_cases, load_splits
 from latent.prepare import prepare_case, resolve_grid
 from latent.runner import run_over_cases
@@ -29,7 +30,7 @@ def load_fit_config(path: str | os.PathLike | None, **overrides) -> VAEFitConfig
             raise FileNotFoundError(f"{path}: VAE config not found")
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of VAEFitConfig fields")
+            raise BadConfigError(f"{path}: expected a mapping of VAEFitConfig fields")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return VAEFitConfig.model_validate(values)
 
@@ -66,6 +67,9 @@ def training_volumes(data_root: str | os.PathLike, grid_spec: str, split_file: s
     grid, _ = resolve_grid(grid_spec, cases)
     out = FitVolumes(grid=grid.to_dict())
     run = run_over_cases(cases, lambda case: prepare_case(case, grid), "prepare", quiet)
+    if run.failures:
+        logger.warning("vae fit: %d of %d training cases left out: %s", len(run.failures), len(cases),
+                       "; ".join(run.failures.values()))
     for prepared in run.results.values():
         if "mr" in modalities:
             out.volumes.append(prepared.mr_unit)
@@ -74,8 +78,12 @@ def training_volumes(data_root: str | os.PathLike, grid_spec: str, split_file: s
             out.volumes.append(prepared.ct_vae)
             out.masks.append(prepared.mask)
     if not out.volumes:
-        raise ValueError(f"{data_root}: no usable training volume")
-    for prepared in run_over_cases(val, lambda case: prepare_case(case, grid), "prepare val", quiet).results.values():
+        raise BadConfigError(f"{data_root}: no usable training volume")
+    val_run = run_over_cases(val, lambda case: prepare_case(case, grid), "prepare val", quiet)
+    if val_run.failures:
+        logger.warning("vae fit: %d of %d validation cases left out: %s", len(val_run.failures), len(val),
+                       "; ".join(val_run.failures.values()))
+    for prepared in val_run.results.values():
         out.val_ct.append(prepared.ct_vae)
         out.val_masks.append(prepared.mask)
     return out

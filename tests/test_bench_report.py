@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from latent.bench import figures, stats
-from latent.bench.report import (COMPUTE_LABELS, METRIC_LABELS, PAIRED_HEADERS, TISSUE_LABELS, library_versions,
+from latent.app.bench import figures, stats
+from latent.app.bench.report import (COMPUTE_LABELS, METRIC_LABELS, PAIRED_HEADERS, TISSUE_LABELS, library_versions,
                                  write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,7 @@ import torch
 import zarr
 
 import cache.store as store_module
+from latent.errors import BadConfigError
 from cache import (
     CacheError,
     CaseExistsError,
@@ -419,7 +420,7 @@ def test_dataset_preload_standardise_and_split(filled, tmp_path):
     split.write_text(json.dumps({"train": pids[:2], "val": pids[2:], "test": []}))
     val = LatentPairDataset.from_split(filled, split, "val", keys=("mr_mu",))
     assert len(val) == 1 and val[0]["pid"] == pids[2]
-    with pytest.raises(KeyError, match="'test', 'train', 'val'"):
+    with pytest.raises(BadConfigError, match="'test', 'train', 'val'"):
         LatentPairDataset.from_split(filled, split, "holdout")
     filled.write_case("1THA009", make_case(30, ct=False), attrs(region="TH"))
     with pytest.raises(CacheError, match="1THA009"):

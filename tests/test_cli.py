@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from latent.cli import app
+from latent.app.cli import app
 
 runner = CliRunner()
 
@@ -34,11 +34,11 @@ def test_missing_prediction_folder_is_one_line_error(tmp_path: Path, phantom_roo
 
 def test_subprocess_smoke(tmp_path: Path, phantom_root: Path) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "latent.cli", "predict", "--method", "water", "--data", str(phantom_root),
+        [sys.executable, "-m", "latent.app.cli", "predict", "--method", "water", "--data", str(phantom_root),
          "--out", str(tmp_path / "p"), "-q"], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
     completed = subprocess.run(
-        [sys.executable, "-m", "latent.cli", "evaluate", "--pred", str(tmp_path / "p"), "--data", str(tmp_path)],
+        [sys.executable, "-m", "latent.app.cli", "evaluate", "--pred", str(tmp_path / "p"), "--data", str(tmp_path)],
         capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and completed.stderr.strip().startswith("error:")
     assert "Traceback" not in completed.stderr

@@ -20,9 +20,9 @@ from monai.networks.nets import AutoencoderKL
 from typer.testing import CliRunner
 
 from cache import CacheError, LatentCache, LatentPairDataset, latent_statistics, list_producers, sha256_file
-from encode.pipeline import encode_dataset
+from latent.app.encode_run import encode_dataset
 from latent.cases import discover_cases, save_splits
-from latent.cli import app
+from latent.app.cli import app
 from latent.grid import SHAPE_MULTIPLE, body_extent_mm, parse_grid_spec
 from latent.io import read_volume, write_volume
 from latent.prepare import latent_mask, prepare_case, read_native
@@ -487,3 +487,20 @@ def test_latent_statistics_cover_the_split_train_cases(tmp_path, encoded, data_r
     standardised = torch.cat([dataset[i]["ct_mu"].flatten(1) for i in range(len(dataset))], dim=1)
     np.testing.assert_allclose(standardised.mean(dim=1).numpy(), np.zeros(4), atol=1e-4)
     np.testing.assert_allclose(standardised.std(dim=1, unbiased=False).numpy(), np.ones(4), atol=1e-4)
+
+
+def test_without_a_split_file_the_statistics_leave_the_default_test_cases_out(tmp_path, data_root, vae_a):
+    from latent.cases import make_splits
+
+    root = tmp_path / "nine"
+    for case in discover_cases(data_root):  # three cases per region: the default split then has a test case
+        for number in range(1, 4):
+            pid = f"{case.pid[:4]}{number:03d}"
+            shutil.copytree(case.folder, root / "Task1" / case.region / pid)
+    cases = discover_cases(root)
+    splits = make_splits(cases)
+    assert splits["test"], "the default split must hold test cases for this check"
+    report = encode_dataset(root, tmp_path / "latents.zarr", vae_a, GRID, quiet=True)
+    stats = LatentCache.open(tmp_path / "latents.zarr", report.producer_key).latent_stats()
+    assert stats["ct_mu"]["pids"] == splits["train"]
+    assert not set(stats["ct_mu"]["pids"]) & set(splits["test"] + splits["val"])

@@ -22,9 +22,9 @@ import torch
 from typer.testing import CliRunner
 
 from decode.pipeline import RunMismatchError, predict_canonical
-from decode.predict_run import PredictOptions, load_run_and_vae, predict_dataset, predict_from_cache
+from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset, predict_from_cache
 from latent.cases import discover_cases, make_splits, save_splits
-from latent.cli import app
+from latent.app.cli import app
 from latent.evaluate import evaluate_predictions
 from latent.intensity import AIR_HU
 from latent.io import VolumeProperties, read_volume
@@ -57,7 +57,7 @@ FAMILIES = {
 PRIOR = {"family": "l2l_controlnet", "stage": "prior", **DIFFUSION}
 #: The run that also validates with the native-grid validator (HU metrics inside ``train()``).
 NATIVE_VALIDATED = "l2sct"
-NATIVE_VALIDATOR = "decode.validation:native_validator"
+NATIVE_VALIDATOR = "latent.app.validation:native_validator"
 
 cli = CliRunner()
 
@@ -114,7 +114,7 @@ class _Runs:
 @pytest.fixture(scope="module")
 def runs(phantom_root: Path, tmp_path_factory) -> Iterator[_Runs]:
     """Phantom copy, splits (3 train / 1 val / 2 test), tiny VAE and the encoded cache."""
-    from encode.pipeline import encode_dataset
+    from latent.app.encode_run import encode_dataset
     from latent.vae import load_vae
 
     threads = torch.get_num_threads()

@@ -56,7 +56,7 @@ def test_an_altered_shipped_file_is_refused_with_one_line(tmp_path: Path, filena
 
 def test_demo_encodes_with_the_shipped_vae_without_fitting(tmp_path: Path) -> None:
     from cache import LatentCache, list_producers
-    from latent.demo import DemoConfig, prepare_data, vae_and_encode
+    from latent.app.demo import DemoConfig, prepare_data, vae_and_encode
 
     config = DemoConfig(cases=9, dose=False)
     data, splits = prepare_data(tmp_path, config)
@@ -68,7 +68,7 @@ def test_demo_encodes_with_the_shipped_vae_without_fitting(tmp_path: Path) -> No
 
 
 def test_demo_refuses_too_few_cases(tmp_path: Path) -> None:
-    from latent.demo import DemoConfig, run_demo
+    from latent.app.demo import DemoConfig, run_demo
 
     with pytest.raises(ValueError, match="--cases 8: the demo needs at least 9 cases"):
         run_demo(tmp_path, DemoConfig(cases=8))

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from latent.errors import BadConfigError
 from translate.models.base import TranslationModel
 
 logger = logging.getLogger(__name__)
@@ -52,11 +53,11 @@ def resolve_producer(cache_path: str | Path, producer: str) -> tuple[str, dict]:
     present = list_producers(cache_path)
     if producer == "auto":
         if len(present) != 1:
-            raise ValueError(f"data.producer: 'auto' needs exactly one producer in {cache_path}, found "
+            raise BadConfigError(f"data.producer: 'auto' needs exactly one producer in {cache_path}, found "
                              f"{len(present)} ({', '.join(present) or 'none'}); name one")
         producer = next(iter(present))
     if producer not in present:
-        raise ValueError(f"data.producer: {producer!r} is not in {cache_path}; present: {', '.join(present) or 'none'}")
+        raise BadConfigError(f"data.producer: {producer!r} is not in {cache_path}; present: {', '.join(present) or 'none'}")
     return producer, present[producer]
 
 
@@ -72,7 +73,7 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
 
     if data.cache is None or data.split_file is None:
         missing = "data.cache" if data.cache is None else "data.split_file"
-        raise ValueError(f"{missing}: required (or pass train_dataset to train())")
+        raise BadConfigError(f"{missing}: required (or pass train_dataset to train())")
     key, record = resolve_producer(data.cache, data.producer)
     cache = LatentCache.open(data.cache, key, mode="r")
     train_dataset = LatentPairDataset.from_split(cache, data.split_file, data.train_split, keys=tuple(keys),

@@ -39,6 +39,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from latent.accelerator import make_accelerator
+from latent.errors import InputError, one_line
 from translate.data import build_cache_datasets, model_batch_keys, train_loader, val_loader
 from translate.models.base import build_model, model_class
 from translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer
@@ -331,10 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     try:
         config = load_config(args.config, overrides)
-    except (ConfigError, OSError, yaml.YAMLError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        run_dir = train(config, quiet=args.quiet)
+    except (InputError, FileNotFoundError, PermissionError, yaml.YAMLError) as error:
+        # Input errors in one line (docs/architecture.md); anything else is a bug: traceback.
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    run_dir = train(config, quiet=args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         print(run_dir)
     return 0

@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
+from latent.errors import BadConfigError
 from translate.models.base import ModelConfig, model_class
 
 
@@ -104,7 +105,7 @@ class TrainConfig(_Section):
         return value
 
 
-class ConfigError(ValueError):
+class ConfigError(BadConfigError, ValueError):
     """A config that cannot be loaded; the message names every bad field (dotted path)."""
 
 

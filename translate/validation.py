@@ -21,7 +21,7 @@ from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from translate.models.base import TranslationModel
 
 if TYPE_CHECKING:
-    from translate.train import TrainConfig
+    from translate.train_config import TrainConfig
 
 #: [-1, 1] full-range units -> HU differences.
 HU_PER_UNIT = (FULL_CT_MAX_HU - FULL_CT_MIN_HU) / 2.0

@@ -10,8 +10,17 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="MR -> synthetic CT in a VAE latent space.")
 
-from latent.cli_common import USER_ERRORS, fail, report_failures, setup_logging, split_pids
-from latent.cli_stages import cache_app, encode, vae_app
+
+@app.callback()
+def options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an input error too."),
+) -> None:
+    """MR -> synthetic CT in a VAE latent space. Input errors end with one line and exit status 2."""
+    ctx.obj = {"debug": debug}
+
+from latent.app.cli_common import USER_ERRORS, fail, report_failures, report_run, setup_logging, split_pids, user_error
+from latent.app.cli_stages import cache_app, encode, vae_app
 
 app.command()(encode)
 app.add_typer(cache_app, name="cache")
@@ -36,7 +45,7 @@ def phantom(
         folders = generate_phantom_dataset(out, cases, region_list, seed=seed, size=size,
                                            misregistration=misregistration, metal=metal)
     except USER_ERRORS as error:
-        fail(str(error))
+        user_error(error)
     typer.echo(f"wrote {len(folders)} cases under {out}")
 
 
@@ -54,7 +63,7 @@ def split(
     try:
         splits = make_splits(discover_cases(data), (1 - val - test, val, test), seed=seed)
     except USER_ERRORS as error:
-        fail(str(error))
+        user_error(error)
     save_splits(splits, out)
     typer.echo(" ".join(f"{name}={len(pids)}" for name, pids in splits.items()))
 
@@ -79,6 +88,7 @@ def predict(
     device: str = typer.Option("cpu"),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON."),
     split: str = typer.Option("test", help="Which split to predict when --split-file is given."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Write one sCT per case on the MR's exact native grid (baseline or trained model)."""
@@ -99,16 +109,12 @@ def predict(
                 window = "vae" if method == "grid_floor_vae" else "full"
                 run = predict_grid_floor(data, out, parse_grid_spec(grid), window, pids=pids, quiet=quiet)
             else:
-                fit_pids = split_pids(split_file, "train") if split_file else None
+                fit_pids = split_pids(split_file, "train") if split_file and method == "bulk" else None
                 run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
         elif model is not None:
-            from decode import predict_run as runner
-            from latent.vae import VAEError
+            from latent.app import predict_run as runner
 
-            try:
-                trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
-            except VAEError as error:  # a RuntimeError, so not among USER_ERRORS
-                fail(str(error))
+            trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
             options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which)
             if gc_io is not None:
                 run = runner.predict_grand_challenge(trained, loaded_vae, gc_io[0], gc_io[1], options, quiet)
@@ -125,9 +131,11 @@ def predict(
         else:
             fail("give --method water|bulk|grid_floor|grid_floor_vae or --model RUN_DIR")
     except USER_ERRORS as error:
-        fail(str(error))
-    typer.echo(f"wrote {len(run.results)} predictions to {out if gc_io is None else gc_io[1]}")
-    report_failures(run.failures)
+        user_error(error)
+    destination = out if gc_io is None else gc_io[1]
+    typer.echo(f"wrote {len(run.results)} predictions to {destination}")
+    # No manifest in a Grand Challenge output folder: it must hold only the expected outputs.
+    report_run(run, keep_going, out / "predict_manifest.json" if gc_io is None else None)
 
 
 @app.command()
@@ -137,6 +145,7 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="Per-case CSV to write (a JSON is written beside it)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON."),
     split: str = typer.Option("test", help="Which split to score when --split-file is given."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Score predictions with SynthRAD2025 metrics (MAE, PSNR, MS-SSIM) plus SSIM and bone Dice/HD95."""
@@ -146,10 +155,10 @@ def evaluate(
     try:
         evaluation = evaluate_predictions(pred, data, out, pids=split_pids(split_file, split), quiet=quiet)
     except USER_ERRORS as error:
-        fail(str(error))
+        user_error(error)
     if evaluation.summary:
         typer.echo(format_summary(evaluation.summary))
-    report_failures(evaluation.run.failures)
+    report_run(evaluation.run, keep_going)
 
 
 @app.command()
@@ -167,16 +176,16 @@ def dose(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Dose evaluation: plans optimised on the CT, recomputed on the sCT, challenge dose metrics."""
-    from latent.dose import DoseExtraMissing, ProtocolError, run_dose
+    from latent.dose import DoseExtraMissing, run_dose
 
     setup_logging(quiet)
     try:
         dose_run = run_dose(pred, data, out, modes=modes, dose_grid_mm=dose_grid, protocol=protocol,
                             plan_cache=plan_cache, pids=split_pids(split_file, split), figures=figures, quiet=quiet)
     except DoseExtraMissing as error:
-        fail(str(error))
-    except (*USER_ERRORS, ProtocolError) as error:
-        fail(str(error))
+        user_error(error)
+    except USER_ERRORS as error:
+        user_error(error)
     if dose_run.summary:
         typer.echo(dose_run.table())
     report_failures(dose_run.failures)
@@ -194,16 +203,15 @@ def demo(
     dose: bool = typer.Option(True, help="Dose evaluation of one test case (needs the dose extra)."),
 ) -> None:
     """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose."""
-    from latent.demo import DEMO_METHODS, DemoConfig, run_demo
-    from latent.vae import VAEError
+    from latent.app.demo import DEMO_METHODS, DemoConfig, run_demo
 
     setup_logging(False)
     methods = {name: (recipe, train_seconds or seconds) for name, (recipe, seconds) in DEMO_METHODS.items()}
     try:
         run_demo(out, DemoConfig(cases=cases, seed=seed, vae=vae, fit_vae=fit_vae, vae_seconds=vae_seconds,
                                  methods=methods, dose=dose))
-    except (*USER_ERRORS, VAEError) as error:
-        fail(str(error))
+    except USER_ERRORS as error:
+        user_error(error)
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'report.md'}")
 
 

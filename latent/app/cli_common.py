@@ -5,23 +5,41 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 
+import click
+from pydantic import ValidationError
+
 from latent.cases import CaseError
-from latent.grid import GridError
-from latent.io import VolumeError
+from latent.errors import InputError, one_line
 
-#: Input errors that end a command with one line on stderr and exit status 2 (no traceback).
-USER_ERRORS = (VolumeError, CaseError, GridError, FileNotFoundError, ValueError, KeyError, LookupError)
+#: Errors that end a command with one line on stderr and exit status 2 (no traceback): the
+#: project's own input errors (latent/errors.py), a recipe that fails validation, and a path the
+#: user gave that is missing or unreadable. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (InputError, ValidationError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print one error line and exit."""
-    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
-    typer.echo(f"error: {first_line}", err=True)
+    text = one_line(Exception(message)) if str(message).strip() else "failed"
+    typer.echo(f"error: {text}", err=True)
     raise typer.Exit(code)
+
+
+def debug_requested() -> bool:
+    """True when ``latent --debug ...`` asked for full tracebacks."""
+    context = click.get_current_context(silent=True)
+    obj = context.find_root().obj if context is not None else None
+    return bool(isinstance(obj, dict) and obj.get("debug"))
+
+
+def user_error(error: BaseException) -> NoReturn:
+    """Report an input error on one line (exit 2); with ``--debug`` re-raise it with its traceback."""
+    if debug_requested():
+        raise error
+    fail(one_line(error))
 
 
 def setup_logging(quiet: bool) -> None:
@@ -39,6 +57,24 @@ def report_failures(failures: dict[str, str], exit_code: int = 1) -> None:
     if failures:
         typer.echo(f"{len(failures)} case(s) failed", err=True)
         raise typer.Exit(exit_code)
+
+
+def report_run(run, keep_going: bool = False, manifest: Path | None = None) -> None:
+    """End a command that walked cases: one summary line, every skipped and failed case named,
+    the outcome written to ``manifest`` (JSON, atomic), exit 1 when a case failed unless
+    ``keep_going``."""
+    import json
+    import os
+
+    typer.echo(run.summary(), err=True)
+    for message in run.skipped.values():
+        typer.echo(f"skipped: {message}", err=True)
+    if manifest is not None:
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        temporary = manifest.with_name(f".{manifest.name}.tmp")
+        temporary.write_text(json.dumps(run.manifest(), indent=2) + "\n")
+        os.replace(temporary, manifest)
+    report_failures(run.failures, exit_code=0 if keep_going else 1)
 
 
 def split_pids(split_file: Optional[Path], split: Optional[str]) -> Optional[list[str]]:

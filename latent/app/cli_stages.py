@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from latent.cli_common import USER_ERRORS, fail, report_failures, setup_logging, split_pids
+from latent.errors import BadConfigError
+from latent.app.cli_common import USER_ERRORS, fail, user_error, report_failures, setup_logging, split_pids
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check a latent cache.")
 vae_app = typer.Typer(no_args_is_help=True, help="Fit, load and check the VAE.")
@@ -21,9 +22,9 @@ def parse_shape(text: Optional[str]) -> Optional[tuple[int, int, int]]:
     try:
         values = tuple(int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"shape {text!r}: expected DxHxW, e.g. 64x128x128") from None
+        raise BadConfigError(f"shape {text!r}: expected DxHxW, e.g. 64x128x128") from None
     if len(values) != 3:
-        raise ValueError(f"shape {text!r}: expected three numbers DxHxW")
+        raise BadConfigError(f"shape {text!r}: expected three numbers DxHxW")
     return values
 
 
@@ -32,7 +33,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     try:
         index, count = (int(v) for v in text.split("/"))
     except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+        raise BadConfigError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
     return index, count
 
 
@@ -45,7 +46,7 @@ def open_cache(cache: Path, producer: Optional[str]):
     producers = list_producers(cache)
     if producer is None:
         if len(producers) != 1:
-            raise ValueError(f"{cache}: holds {len(producers)} producers ({', '.join(producers) or 'none'}); pass --producer")
+            raise BadConfigError(f"{cache}: holds {len(producers)} producers ({', '.join(producers) or 'none'}); pass --producer")
         producer = next(iter(producers))
     return LatentCache.open(cache, producer)
 
@@ -65,16 +66,16 @@ def encode(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Encode every case (MR, and CT when present) onto the canonical grid into the latent cache."""
-    from encode.pipeline import encode_dataset
-    from latent.vae import VAEError, load_vae
+    from latent.app.encode_run import encode_dataset
+    from latent.vae import load_vae
 
     setup_logging(quiet)
     try:
         loaded = load_vae(vae, device=device)
         report = encode_dataset(data, cache, loaded, grid, max_shape=parse_shape(max_shape), shard=parse_shard(shard),
                                 split_file=split_file, tile=parse_shape(tile), bf16=bf16, quiet=quiet)
-    except (*USER_ERRORS, VAEError) as error:
-        fail(str(error))
+    except USER_ERRORS as error:
+        user_error(error)
     typer.echo(f"producer {report.producer_key}, grid {report.grid.spec()}"
                + ("" if report.coverage != report.coverage else f" (covers {report.coverage:.0%} of bodies)")
                + f": encoded {len(report.encoded)}, already cached {len(report.skipped)}, failed {len(report.failures)}"
@@ -94,7 +95,7 @@ def cache_info(
     try:
         info = open_cache(cache, producer).info()
     except USER_ERRORS as error:
-        fail(str(error))
+        user_error(error)
     typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_cache_info(info))
 
 
@@ -131,7 +132,7 @@ def cache_verify(
         paths = {pid: store.case_attrs(pid).get("source_paths", {}) for pid in store.case_ids()} if sources else None
         problems = store.verify(paths)
     except USER_ERRORS as error:
-        fail(str(error))
+        user_error(error)
     for problem in problems:
         typer.echo(f"problem: {problem}", err=True)
     if problems:
@@ -159,7 +160,7 @@ def vae_fit(
         path = fit_vae_on_dataset(data, out, grid, split_file=split_file, config_path=config, seconds=seconds,
                                   max_steps=max_steps, resume=resume, quiet=quiet)
     except USER_ERRORS as error:
-        fail(str(error))
+        user_error(error)
     typer.echo(f"wrote {path}")
 
 
@@ -175,19 +176,19 @@ def vae_check_command(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """decode(encode(CT)) on the native grid, scored: the floor of latent-to-latent methods."""
-    from decode.vae_check import vae_check
+    from latent.app.vae_check import vae_check
     from latent.evaluate import format_summary, summarise, write_rows_csv
-    from latent.vae import VAEError, load_vae
+    from latent.vae import load_vae
 
     setup_logging(quiet)
     try:
         store = open_cache(cache, producer)
         loaded = load_vae(vae)
         if loaded.producer_info()["weights_sha256"] != store.record["vae_weights_sha256"]:
-            raise ValueError(f"{vae}: not the VAE that made {cache} (weights hash differs); pass the cache's VAE")
+            raise BadConfigError(f"{vae}: not the VAE that made {cache} (weights hash differs); pass the cache's VAE")
         evaluation = vae_check(store, loaded, data, out, split_pids(split_file, split), quiet=quiet)
-    except (*USER_ERRORS, VAEError) as error:
-        fail(str(error))
+    except USER_ERRORS as error:
+        user_error(error)
     if evaluation.rows:
         write_rows_csv(evaluation.rows, out / "scores.csv")
         columns = ["mae", "psnr", "ms_ssim", "bone_dice"]

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from latent.errors import BadConfigError
 from latent.cases import discover_cases, make_splits, save_splits
 from latent.evaluate import METRIC_COLUMNS, evaluate_predictions, format_summary, summarise, write_rows_csv
 
@@ -109,7 +110,7 @@ def vae_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[str, Path
     Returns:
         ``(vae spec, cache path, VAE training seconds in this run)`` (0 for the shipped VAE).
     """
-    from encode.pipeline import encode_dataset
+    from latent.app.encode_run import encode_dataset
     from latent.vae import load_vae
 
     vae_spec, vae_seconds = config.vae, 0.0
@@ -130,7 +131,7 @@ def vae_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[str, Path
 def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, test: list[str], vae_seconds: float) -> MethodResult:
     """decode(encode(CT)) on the native grid: the floor of latent-to-latent methods."""
     from cache import LatentCache, list_producers
-    from decode.vae_check import vae_check
+    from latent.app.vae_check import vae_check
     from latent.vae import load_vae
 
     cache = LatentCache.open(cache_path, next(iter(list_producers(cache_path))))
@@ -160,7 +161,7 @@ def train_method(name: str, recipe: Path, out: Path, seconds: float, overrides: 
 def predict_method(name: str, run_dir: Path, data: Path, out: Path, test: list[str], train_seconds: float,
                    samples: int = 1, vae_spec: str | None = None) -> MethodResult:
     """Predict the test split from raw MR files with a trained run and score it."""
-    from decode.predict_run import PredictOptions, load_run_and_vae, predict_dataset
+    from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset
 
     run, vae = load_run_and_vae(run_dir, vae_spec)
     pred_dir = out / "predictions" / name
@@ -256,7 +257,7 @@ def prepare_data(out: Path, config: DemoConfig) -> tuple[Path, dict[str, list[st
     splits = make_splits(discover_cases(data), seed=config.seed)
     empty = [name for name in ("train", "val", "test") if not splits.get(name)]
     if empty:
-        raise ValueError(f"--cases {config.cases}: the split has no {' and no '.join(empty)} case; use more cases")
+        raise BadConfigError(f"--cases {config.cases}: the split has no {' and no '.join(empty)} case; use more cases")
     save_splits(splits, out / "splits.json")
     return data, splits
 
@@ -294,8 +295,8 @@ def write_bench_report(out: Path, results: list[MethodResult], data: Path, pid: 
     method, the axial, coronal and sagittal slices of test case ``pid`` (MR | CT | sCT | error)."""
     import numpy as np
 
-    from latent.bench.figures import slice_panel
-    from latent.bench.report import write_report
+    from latent.app.bench.figures import slice_panel
+    from latent.app.bench.report import write_report
     from latent.cases import discover_cases
     from latent.evaluate import find_prediction
     from latent.io import read_volume
@@ -323,11 +324,11 @@ def write_bench_report(out: Path, results: list[MethodResult], data: Path, pid: 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
     """Run the demo; return the comparison rows (also written to ``out/metrics.csv``)."""
-    from latent.cli_stages import format_cache_info, open_cache
+    from latent.app.cli_stages import format_cache_info, open_cache
 
     config = config or DemoConfig()
     if config.cases < MIN_DEMO_CASES:
-        raise ValueError(f"--cases {config.cases}: the demo needs at least {MIN_DEMO_CASES} cases, so that the split "
+        raise BadConfigError(f"--cases {config.cases}: the demo needs at least {MIN_DEMO_CASES} cases, so that the split "
                          "gives every region a validation and a test case")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

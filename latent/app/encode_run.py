@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cache import LatentCache, producer_record
 from encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
-from latent.cases import Case, discover_cases, load_splits
+from latent.cases import Case, discover_cases, load_splits, make_splits
 from latent.grid import CanonicalGrid
 from latent.intensity import normalisation_record
 from latent.prepare import CASE_ERRORS, prepare_case, resolve_grid
@@ -157,7 +157,14 @@ def _update_statistics(cache: LatentCache, cases: Sequence[Case], split_file: st
     if not state.is_main_process:
         return
     with_ct = [case.pid for case in cases if case.ct is not None and case.pid not in failed]
-    training = set(load_splits(split_file)["train"]) if split_file else set(with_ct)
+    if split_file:
+        training = set(load_splits(split_file)["train"])
+    else:
+        # Never the test cases: without a split file the statistics come from the train part of
+        # the default split (`latent split` with its defaults gives the same one).
+        training = set(make_splits(cases)["train"])
+        logger.warning("latent statistics: no --split-file, so computed on the %d train cases of the default "
+                       "split (latent split --seed 0, 70/10/20 by region and centre)", len(training))
     pids = [pid for pid in with_ct if pid in training and cache.has_case(pid, need=["ct_mu"])]
     failed_elsewhere = _recorded_failures(cache_path, cache.key)
     complete = all(cache.has_case(pid, need=["ct_mu"]) or pid in failed_elsewhere for pid in with_ct)

@@ -18,10 +18,10 @@ from decode.pipeline import (
     CasePrediction, TrainedRun, case_from_files, check_vae_matches, load_run, predict_cached, predict_prepared,
 )
 from decode.writers import write_prediction
-from latent.cases import Case, CaseError, discover_cases
+from latent.cases import Case, CaseError
 from latent.io import read_volume, write_volume
 from latent.prepare import body_mask_from_mr, prepare_case, prepare_mr_only
-from latent.runner import CaseRun, run_over_cases
+from latent.runner import CaseRun, run_over_cases, select_cases
 
 
 @dataclass
@@ -70,10 +70,7 @@ def predict_dataset(run: TrainedRun, vae, data_root: str | os.PathLike, out_dir:
     """Predict every case (or ``pids``) of a SynthRAD-layout data set from its raw MR files."""
     options = options or PredictOptions()
     out_dir = Path(out_dir)
-    cases = discover_cases(data_root)
-    if pids is not None:
-        wanted = set(pids)
-        cases = [case for case in cases if case.pid in wanted]
+    selection = select_cases(data_root, pids)
     timings: dict[str, dict[str, float]] = {}
 
     def work(case: Case) -> Path:
@@ -82,7 +79,7 @@ def predict_dataset(run: TrainedRun, vae, data_root: str | os.PathLike, out_dir:
         timings[case.pid] = prediction.seconds
         return _write(out_dir, case.pid, prediction, prepared.mapping.native, options)
 
-    result = run_over_cases(cases, work, "predict", quiet)
+    result = run_over_cases(None, work, "predict", quiet, selection=selection)
     _write_timings(out_dir, result, timings)
     return result
 

@@ -1,6 +1,6 @@
 """Validation during training on what users are scored on: native-grid sCT, SynthRAD metrics.
 
-Plug into ``translate/train.py`` with ``train.validator: "decode.validation:native_validator"``.
+Plug into ``translate/train.py`` with ``train.validator: "latent.app.validation:native_validator"``.
 Each validation case's model output is decoded (the run's VAE for latent outputs), mapped back
 onto the case's native grid and scored against its native CT inside its mask.
 """
@@ -42,7 +42,7 @@ class NativeValidator:
     def describe(model) -> str:
         """What ``mae`` means (recorded beside ``best/``)."""
         through = "decoded by the run's VAE, " if model.output_space == "ct_latent" else ""
-        return f"val/mae: masked MAE in HU on the native grid ({through}decode.validation:native_validator)"
+        return f"val/mae: masked MAE in HU on the native grid ({through}latent.app.validation:native_validator)"
 
     @torch.no_grad()
     def __call__(self, model, val_batches: Iterable[dict[str, Any]]) -> dict[str, float]:

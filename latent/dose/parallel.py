@@ -86,7 +86,9 @@ class RecalculationPool:
             return None
         try:
             return self._executor.submit(function, *args)
-        except (BrokenProcessPool, RuntimeError):
+        except (BrokenProcessPool, RuntimeError) as error:
+            logger.warning("dose worker pool unusable (%s); asked for %d workers, running sequentially in this process",
+                           type(error).__name__, self.workers)
             self._executor = None
             return None
 

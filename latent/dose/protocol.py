@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from latent.errors import BadConfigError
 from latent.dose.stopping_power import DEFAULT_HLUT_HU, DEFAULT_HLUT_RSP, StoppingPowerCurve
 
 #: Bump when the meaning of a protocol field or the plan recipe changes (invalidates plan caches).
@@ -29,7 +30,7 @@ RANGE_MODE = "range"
 ALL_MODES = (*PLAN_MODES, RANGE_MODE)
 
 
-class ProtocolError(ValueError):
+class ProtocolError(BadConfigError, ValueError):
     """A dose protocol file or value is invalid (the message names the field)."""
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from latent.errors import InputError
 from latent.io import VolumeProperties, read_volume, write_volume
 from latent.dose.dose_grid import index_to_world, world_to_index
 from latent.dose.protocol import StructureGeneration
@@ -37,7 +38,7 @@ OAR_DIRECTIONS = (
 )
 
 
-class StructureError(ValueError):
+class StructureError(InputError, ValueError):
     """A structure file is invalid, or structures cannot be generated for this body."""
 
 

@@ -27,6 +27,8 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from latent.errors import BadConfigError, WeightsError, one_line
+
 #: family name -> "module:Class" (imported lazily so a family's heavy deps load only when used).
 MODEL_FAMILIES: dict[str, str] = {
     "l2l_ddim": "translate.models.l2l_ddim:LatentDiffusion",
@@ -112,7 +114,7 @@ def model_class(family: str) -> type[TranslationModel]:
         ValueError: unknown family (lists the known ones).
     """
     if family not in MODEL_FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}")
+        raise BadConfigError(f"unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}")
     module_name, class_name = MODEL_FAMILIES[family].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
@@ -135,6 +137,24 @@ def load_pretrained(directory: str | os.PathLike, map_location: str = "cpu") -> 
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    model = build_model(json.loads(config_path.read_text()))
-    model.load_state_dict(load_file(str(weights_path), device=map_location))
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    model = build_model(config)
+    try:
+        state = load_file(str(weights_path), device=map_location)
+    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+        raise WeightsError(f"{weights_path}: cannot be read as safetensors ({one_line(error)})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{name} {tuple(state[name].shape)} (model: {tuple(expected[name].shape)})"
+             for name in expected if name in state and state[name].shape != expected[name].shape]
+    if missing or unexpected or wrong:
+        problems = ([f"{len(wrong)} tensor(s) of another shape, e.g. {wrong[0]}"] if wrong else []) + \
+                   ([f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []) + \
+                   ([f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else [])
+        raise WeightsError(f"{weights_path}: does not fit the model of {config_path}: {'; '.join(problems)}")
+    model.load_state_dict(state)
     return model.eval()

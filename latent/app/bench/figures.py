@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-from latent.bench.stats import pareto_front  # noqa: E402
+from latent.app.bench.stats import pareto_front  # noqa: E402
 
 #: Resolution of every PNG: sharp enough for a report page, small enough to embed as base64.
 DPI = 110
@@ -114,7 +114,7 @@ def region_bars(table: Sequence[Mapping], metric: str, path: str | Path, group_k
     """Bars of ``metric`` per region (and ``all``), one bar per method, bootstrap CIs as error bars.
 
     Args:
-        table: :func:`latent.bench.stats.method_table` output.
+        table: :func:`latent.app.bench.stats.method_table` output.
         metric: the metric to plot (needs ``metric``, ``metric_ci_low`` and ``metric_ci_high``).
         path: PNG to write.
         group_key: the grouping key of the table.

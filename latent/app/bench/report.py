@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from latent.bench import figures as bench_figures
-from latent.bench.stats import compare_to_best, method_table
+from latent.app.bench import figures as bench_figures
+from latent.app.bench.stats import compare_to_best, method_table
 from latent.evaluate import METRIC_COLUMNS, write_rows_csv
 from latent.metrics import TISSUE_CLASSES
 from latent.provenance import git_revision, machine_description
@@ -98,8 +98,8 @@ def results_rows(table: list[dict], paired: Mapping[str, tuple[str | None, list[
     """One flat row per method: overall metrics with std and CI, per-region means, paired tests, compute.
 
     Args:
-        table: :func:`latent.bench.stats.method_table` output.
-        paired: metric -> :func:`latent.bench.stats.compare_to_best` output.
+        table: :func:`latent.app.bench.stats.method_table` output.
+        paired: metric -> :func:`latent.app.bench.stats.compare_to_best` output.
         compute: method -> compute figures.
 
     Returns:

@@ -1,0 +1,94 @@
+"""The one-way flow (docs/architecture.md): the import-linter contracts cover the whole core,
+catch a back-edge, and no module inside translate/ shadows a top-level package."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("latent", "encode", "cache", "translate", "decode")
+LINT_IMPORTS = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
+
+
+def contracts() -> list[dict]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+
+
+def core_modules() -> set[str]:
+    """Every top-level module and subpackage of latent/ except the application layer."""
+    names = set()
+    for path in (ROOT / "latent").iterdir():
+        if path.name.startswith(("_", ".")) or path.name in ("app", "weights"):
+            continue
+        if path.suffix == ".py":
+            names.add(f"latent.{path.stem}")
+        elif (path / "__init__.py").exists():
+            names.add(f"latent.{path.name}")
+    return names
+
+
+def test_the_core_contract_lists_every_core_module() -> None:
+    forbidden = next(c for c in contracts() if c["type"] == "forbidden")
+    assert set(forbidden["source_modules"]) == core_modules()
+    assert set(forbidden["forbidden_modules"]) == {"latent.app", "encode", "cache", "translate", "decode"}
+    layers = next(c for c in contracts() if c["type"] == "layers")
+    assert layers["layers"] == ["latent.app", "decode", "translate", "cache", "encode"]
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess:
+    if LINT_IMPORTS is None:
+        pytest.fail("lint-imports is not installed (import-linter is in the [test] extra)")
+    environment = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([LINT_IMPORTS, "--config", str(root / "pyproject.toml"), "--no-cache"],
+                          cwd=root, env=environment, capture_output=True, text=True, timeout=300)
+
+
+def _copy_packages(destination: Path) -> None:
+    for package in STAGES:
+        shutil.copytree(ROOT / package, destination / package, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", destination / "pyproject.toml")
+
+
+def test_the_repository_keeps_its_contracts() -> None:
+    result = _lint(ROOT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "broken" in result.stdout and "0 broken" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "back_edge", "contract"),
+    [
+        ("latent/grid.py", "import decode.native", "the core"),  # core -> stage
+        ("cache/store.py", "import translate.data", "stages import only earlier stages"),  # stage -> later stage
+        ("decode/native.py", "import latent.app.cli", "stages import only earlier stages"),  # stage -> app layer
+    ],
+)
+def test_a_deliberate_back_edge_breaks_a_contract(tmp_path: Path, module: str, back_edge: str, contract: str) -> None:
+    _copy_packages(tmp_path)
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n{back_edge}  # deliberate back-edge\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    broken = [line for line in result.stdout.splitlines() if line.rstrip().endswith("BROKEN")]
+    assert broken, result.stdout[-3000:]
+    assert contract in result.stdout.split("Broken contracts")[-1] or any(contract in line for line in broken)
+    assert module.removesuffix(".py").replace("/", ".") in result.stdout
+
+
+def test_no_module_inside_translate_shadows_a_top_level_package() -> None:
+    """`accelerate launch translate/train.py` puts translate/ first on sys.path."""
+    top_level = set(STAGES) | set(sys.stdlib_module_names)
+    top_level |= {name for name in importlib.metadata.packages_distributions()}
+    inside = {path.stem if path.suffix == ".py" else path.name
+              for path in (ROOT / "translate").iterdir()
+              if (path.suffix == ".py" or (path / "__init__.py").exists()) and path.name != "__init__.py"}
+    assert inside, "translate/ has no modules?"
+    assert not inside & top_level, f"translate/ would shadow: {sorted(inside & top_level)}"

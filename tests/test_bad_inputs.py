@@ -1,0 +1,386 @@
+"""A corpus of malformed inputs, one per row: each command ends with one line that names the file
+and the problem, no traceback, the documented exit status (2: the command cannot run; 1: a case
+failed; 0: the bad folder was skipped and named), and nothing already written changes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from typer.testing import CliRunner
+
+from latent.app.cli import app
+from latent.cases import discover_cases
+
+GRID = "8x8x6:32x32x32"
+TINY_VAE = {
+    "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4, "channels": [8, 8, 16],
+    "num_res_blocks": 1, "norm_num_groups": 4, "attention_levels": [False, False, False],
+    "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False,
+}
+TINY_L2SCT = {"family": "l2sct", "trunk_channels": 8, "trunk_blocks": 1, "decoder_channels": [4, 8, 8],
+              "norm_num_groups": 4}
+runner = CliRunner()
+
+
+@dataclass(frozen=True)
+class World:
+    """What was written before each bad input: predictions, a cache, a VAE, a run. Read-only."""
+
+    source: Path  # one good case folder (Task1/AB/<pid>)
+    written: Path
+    pid: str
+
+    @property
+    def vae(self) -> Path:
+        return self.written / "vae"
+
+    @property
+    def cache(self) -> Path:
+        return self.written / "cache.zarr"
+
+    @property
+    def pred(self) -> Path:
+        return self.written / "pred"
+
+    @property
+    def run(self) -> Path:
+        return self.written / "run"
+
+
+@pytest.fixture(scope="module")
+def world(phantom_root: Path, tmp_path_factory) -> World:
+    from latent.vae import load_vae, save_vae_dir
+    from monai.networks.nets import AutoencoderKL
+    from translate.models.base import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bad_inputs")
+    case = next(c for c in discover_cases(phantom_root) if c.region == "AB")
+    data = root / "data"
+    shutil.copytree(case.folder, data / "Task1" / "AB" / case.pid)
+    written = root / "written"
+    torch.manual_seed(0)
+    save_vae_dir(AutoencoderKL(**TINY_VAE), {"class_name": "AutoencoderKL", "kwargs": TINY_VAE}, written / "vae")
+    from latent.app.encode_run import encode_dataset
+
+    encode_dataset(data, written / "cache.zarr", load_vae(str(written / "vae")), GRID, quiet=True)
+    assert runner.invoke(app, ["predict", "--method", "water", "--data", str(data), "--out", str(written / "pred"),
+                               "-q"]).exit_code == 0
+    (written / "pred" / "predict_manifest.json").unlink()
+    (written / "splits.json").write_text(json.dumps({"train": [case.pid], "val": [], "test": []}))
+    build_model(TINY_L2SCT).save_pretrained(written / "run" / "best")
+    from cache import list_producers
+
+    producer = next(iter(list_producers(written / "cache.zarr").values()))
+    (written / "run" / "producer.json").write_text(json.dumps(producer, default=str))
+    torch.set_num_threads(threads)
+    return World(data / "Task1" / "AB" / case.pid, written, case.pid)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- ways to break a case
+
+
+def _image(path: Path) -> sitk.Image:
+    return sitk.ReadImage(str(path))
+
+
+def _write(image: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(image, str(path), False)
+
+
+def _with_array(path: Path, change: Callable[[np.ndarray], np.ndarray], dtype=None) -> None:
+    image = _image(path)
+    array = change(sitk.GetArrayFromImage(image).astype(dtype or np.float32))
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    _write(out, path)
+
+
+def truncate(name: str) -> Callable[[Path], None]:
+    def apply(case: Path) -> None:
+        data = (case / name).read_bytes()
+        (case / name).write_bytes(data[: len(data) // 2])
+    return apply
+
+
+def zero_bytes(name: str) -> Callable[[Path], None]:
+    return lambda case: (case / name).write_bytes(b"")
+
+
+def nan_voxels(name: str, value: float) -> Callable[[Path], None]:
+    def change(array: np.ndarray) -> np.ndarray:
+        array.flat[array.size // 2] = value
+        return array
+    return lambda case: _with_array(case / name, change)
+
+
+def two_d(case: Path) -> None:
+    image = _image(case / "mr.mha")
+    _write(image[:, :, image.GetSize()[2] // 2], case / "mr.mha")
+
+
+def four_d(case: Path) -> None:
+    array = sitk.GetArrayFromImage(_image(case / "mr.mha"))
+    _write(sitk.GetImageFromArray(np.stack([array, array]).astype(np.float32), isVector=False), case / "mr.mha")
+
+
+def rgb(case: Path) -> None:
+    image = _image(case / "mr.mha")
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    out = sitk.GetImageFromArray(np.stack([array] * 3, axis=-1), isVector=True)
+    out.CopyInformation(image)
+    _write(out, case / "mr.mha")
+
+
+def complex_voxels(case: Path) -> None:
+    image = _image(case / "mr.mha")
+    array = sitk.GetArrayFromImage(image).astype(np.complex64)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    _write(out, case / "mr.mha")
+
+
+def shift_origin(name: str) -> Callable[[Path], None]:
+    def apply(case: Path) -> None:
+        image = _image(case / name)
+        image.SetOrigin(tuple(v + 7.5 for v in image.GetOrigin()))
+        _write(image, case / name)
+    return apply
+
+
+def header_field(name: str, field: str, value: str) -> Callable[[Path], None]:
+    """Rewrite one MetaImage header line (ITK refuses to write such values itself)."""
+    def apply(case: Path) -> None:
+        data = (case / name).read_bytes()
+        head, sep, body = data.partition(b"ElementDataFile = LOCAL\n")
+        lines = [f"{field} = {value}".encode() if line.startswith(field.encode()) else line
+                 for line in head.split(b"\n")]
+        (case / name).write_bytes(b"\n".join(lines) + sep + body)
+    return apply
+
+
+def mask_values(fill: int) -> Callable[[Path], None]:
+    return lambda case: _with_array(case / "mask.mha", lambda a: np.full_like(a, fill), dtype=np.int16)
+
+
+def constant_mr(case: Path) -> None:
+    _with_array(case / "mr.mha", lambda a: np.full_like(a, 100.0))
+
+
+def remove(name: str) -> Callable[[Path], None]:
+    return lambda case: (case / name).unlink()
+
+
+def broken_link(case: Path) -> None:
+    (case / "mr.mha").unlink()
+    (case / "mr.mha").symlink_to(case / "gone.mha")
+
+
+def empty_folder_beside(case: Path) -> None:
+    (case.parent / "1ABZ099").mkdir()
+
+
+def same_pid_in_another_region(case: Path) -> None:
+    shutil.copytree(case, case.parents[1] / "HN" / case.name)
+
+
+def nothing(case: Path) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def predict(world: World, data: Path, tmp: Path) -> list[str]:
+    return ["predict", "--method", "water", "--data", str(data), "--out", str(world.pred), "-q"]
+
+
+def evaluate(world: World, data: Path, tmp: Path) -> list[str]:
+    return ["evaluate", "--pred", str(world.pred), "--data", str(data), "-q"]
+
+
+def encode(world: World, data: Path, tmp: Path, grid: str = GRID, vae: str | None = None) -> list[str]:
+    return ["encode", "--data", str(data), "--cache", str(world.cache), "--vae", vae or str(world.vae),
+            "--grid", grid, "-q"]
+
+
+def encode_small_grid(world: World, data: Path, tmp: Path) -> list[str]:
+    return encode(world, data, tmp, grid="1x1x1:32x32x32")  # a 32 mm field of view
+
+
+def encode_bad_grid(world: World, data: Path, tmp: Path) -> list[str]:
+    return encode(world, data, tmp, grid="8x8:32x32")
+
+
+def encode_truncated_vae(world: World, data: Path, tmp: Path) -> list[str]:
+    copy = Path(shutil.copytree(world.vae, tmp / "vae_copy"))
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return encode(world, data, tmp, vae=str(copy))
+
+
+def predict_with_split(content: str) -> Callable[[World, Path, Path], list[str]]:
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        (tmp / "splits.json").write_text(content)
+        return predict(world, data, tmp) + ["--split-file", str(tmp / "splits.json")]
+    return command
+
+
+def predict_wrong_shape_checkpoint(world: World, data: Path, tmp: Path) -> list[str]:
+    from safetensors.torch import load_file, save_file
+
+    run = Path(shutil.copytree(world.run, tmp / "run"))
+    weights = run / "best" / "model.safetensors"
+    state = load_file(str(weights))
+    name = next(key for key, value in state.items() if value.ndim > 1)
+    state[name] = torch.zeros(*state[name].shape[:-1], state[name].shape[-1] + 1)
+    save_file(state, str(weights))
+    return ["predict", "--model", str(run), "--vae", str(world.vae), "--data", str(data), "--out", str(world.pred),
+            "-q"]
+
+
+def predict_on_other_grid(world: World, data: Path, tmp: Path) -> list[str]:
+    pred = Path(shutil.copytree(world.pred, tmp / "pred"))
+    shift_origin(f"{world.pid}.mha")(pred)
+    return ["evaluate", "--pred", str(pred), "--data", str(data), "-q"]
+
+
+def evaluate_without_prediction(world: World, data: Path, tmp: Path) -> list[str]:
+    (tmp / "empty_pred").mkdir()
+    return ["evaluate", "--pred", str(tmp / "empty_pred"), "--data", str(data), "-q"]
+
+
+def train_with(recipe_changes: dict) -> Callable[[World, Path, Path], list[str]]:
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        recipe = {
+            "data": {"cache": str(world.cache), "split_file": str(world.written / "splits.json"), "batch_size": 1,
+                     "val_split": None},
+            "model": dict(TINY_L2SCT),
+            "train": {"max_steps": 1, "mixed_precision": "no", "tensorboard": False},
+            "run_dir": str(tmp / "train_run"),
+        }
+        for dotted, value in recipe_changes.items():
+            section, key = dotted.split(".")
+            recipe[section].pop(key.lstrip("~"), None) if key.startswith("~") else recipe[section].__setitem__(key, value)
+        (tmp / "recipe.json").write_text(json.dumps(recipe))
+        return ["TRAIN", "--config", str(tmp / "recipe.json"), "--quiet"]
+    return command
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One malformed input: how the case is broken, the command run on it, what it must say."""
+
+    breaks: Callable[[Path], None]
+    command: Callable[[World, Path, Path], list[str]]
+    message: str  # regex matched against the error line; {case} and {data} are substituted
+    exit_code: int
+
+
+CORPUS: dict[str, Bad] = {
+    "truncated mr": Bad(truncate("mr.mha"), predict, r"{case}/mr\.mha: cannot be read as an image", 1),
+    "zero-byte mr": Bad(zero_bytes("mr.mha"), predict, r"{case}/mr\.mha: cannot be read as an image", 1),
+    "truncated ct": Bad(truncate("ct.mha"), evaluate, r"{case}/ct\.mha: cannot be read as an image", 1),
+    "NaN voxels in mr": Bad(nan_voxels("mr.mha", np.nan), predict, r"{case}/mr\.mha: 1 NaN/inf voxels", 1),
+    "inf voxels in ct": Bad(nan_voxels("ct.mha", np.inf), evaluate, r"{case}/ct\.mha: 1 NaN/inf voxels", 1),
+    "2D mr": Bad(two_d, predict, r"{case}/mr\.mha: 2D image; a 3D volume is needed", 1),
+    "4D mr": Bad(four_d, predict, r"{case}/mr\.mha: 4D image; a 3D volume is needed", 1),
+    "RGB mr": Bad(rgb, predict, r"{case}/mr\.mha: vector image with 3 components per voxel", 1),
+    "complex mr": Bad(complex_voxels, predict, r"{case}/mr\.mha: (vector image with 2 components|complex64 voxels)", 1),
+    "ct on another grid": Bad(shift_origin("ct.mha"), encode, r"ct grid differs from mr: origin", 1),
+    "mask on another grid": Bad(shift_origin("mask.mha"), predict, r"mask {case}/mask\.mha is on another grid than the MR", 1),
+    "direction not orthonormal": Bad(header_field("mr.mha", "TransformMatrix", "1 0 0 0.5 1 0 0 0 1"), predict,
+                                     r"{case}/mr\.mha: direction matrix .* is not orthonormal", 1),
+    "spacing 0": Bad(header_field("mr.mha", "ElementSpacing", "0 2 3"), predict,
+                     r"{case}/mr\.mha: (spacing .* every voxel size must be positive|cannot be read as an image)", 1),
+    "spacing 50 mm": Bad(header_field("mr.mha", "ElementSpacing", "50 50 50"), predict,
+                         r"{case}/mr\.mha: spacing \(x, y, z\) \(50\.0, 50\.0, 50\.0\) mm exceeds 20 mm", 1),
+    "empty mask": Bad(mask_values(0), predict, r"empty mask {case}/mask\.mha", 1),
+    "all-ones mask": Bad(mask_values(1), predict, r"mask {case}/mask\.mha covers every voxel", 1),
+    "constant mr": Bad(constant_mr, predict, r"MR {case}/mr\.mha is constant \(100\) inside the mask", 1),
+    "missing mr": Bad(remove("mr.mha"), predict, r"no cases found .*{case}: no mr volume \(holds ct\.mha, mask\.mha\)", 2),
+    "missing mask": Bad(remove("mask.mha"), predict, r"no mask file in {case}", 1),
+    "missing ct to score": Bad(remove("ct.mha"), evaluate, r"no case with a CT to score .*no ct file in {case}", 2),
+    "empty case folder": Bad(empty_folder_beside, predict, r"skipped: .*1ABZ099: no mr volume; folder is empty", 0),
+    "duplicate pid across regions": Bad(same_pid_in_another_region, predict,
+                                        r"the same patient id in {case} and .*HN/.*; ids must be unique", 2),
+    "broken link": Bad(broken_link, predict, r"{case}/mr\.mha: broken symbolic link", 1),
+    "split names an absent case": Bad(nothing, predict_with_split('{"test": ["1ABA777"]}'),
+                                      r"1ABA777: asked for, but not in {data}", 1),
+    "split not JSON": Bad(nothing, predict_with_split("{test: [}"), r"splits\.json: not valid JSON", 2),
+    "body outside the grid": Bad(nothing, encode_small_grid, r"of the body falls outside the canonical grid", 1),
+    "malformed grid": Bad(nothing, encode_bad_grid, r"8x8:32x32", 2),
+    "truncated VAE weights": Bad(nothing, encode_truncated_vae, r"vae_copy/model\.safetensors", 2),
+    "checkpoint of another shape": Bad(nothing, predict_wrong_shape_checkpoint,
+                                       r"model\.safetensors: does not fit the model of .*config\.json: 1 tensor\(s\) of another shape", 2),
+    "prediction on another grid": Bad(nothing, predict_on_other_grid, r"prediction .* is on another grid than the CT", 1),
+    "no prediction": Bad(nothing, evaluate_without_prediction, r"no prediction .*empty_pred", 1),
+    "recipe with a misspelt key": Bad(nothing, train_with({"model.trunk_chanels": 8}),
+                                      r"invalid training config: model\.trunk_chanels: Extra inputs are not permitted", 2),
+    "cache of another producer": Bad(nothing, train_with({"data.producer": "0123456789abcdef"}),
+                                     r"data\.producer: '0123456789abcdef' is not in .*cache\.zarr", 2),
+}
+
+
+def run_command(arguments: list[str], capsys) -> tuple[int, str]:
+    if arguments[0] == "TRAIN":
+        from translate.train import main
+
+        code = main(arguments[1:])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+    result = runner.invoke(app, arguments)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a bug: show its traceback
+    return result.exit_code, result.output
+
+
+def test_the_corpus_is_large_enough() -> None:
+    assert len(CORPUS) >= 25
+
+
+@pytest.mark.parametrize("name", list(CORPUS))
+def test_a_bad_input_gets_one_line_and_changes_nothing_written(name: str, world: World, tmp_path: Path,
+                                                               capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", torch.get_num_threads)  # no thread changes leak
+    bad = CORPUS[name]
+    data = tmp_path / "data"
+    case = data / "Task1" / "AB" / world.pid
+    shutil.copytree(world.source, case)
+    bad.breaks(case)
+    before = snapshot(world.written)
+    code, output = run_command(bad.command(world, data, tmp_path), capsys)
+    assert "Traceback" not in output, output
+    pattern = bad.message.format(case=re.escape(str(case)), data=re.escape(str(data)))
+    lines = [line for line in output.splitlines() if re.search(pattern, line)]
+    assert lines, f"{name}: expected /{pattern}/ in:\n{output}"
+    if code != 0:
+        error_lines = [line for line in output.splitlines() if line.startswith("error: ")]
+        assert error_lines and all(re.search(pattern, line) for line in error_lines[:1]), output
+    assert code == bad.exit_code, f"{name}: exit {code}\n{output}"
+    after = snapshot(world.written)
+    kept = {key: value for key, value in before.items() if not is_manifest(key)}
+    assert {key: after.get(key) for key in kept} == kept, f"{name}: changed what was already written"
+    (world.pred / "predict_manifest.json").unlink(missing_ok=True)
+
+
+def is_manifest(relative: str) -> bool:
+    """Run manifests record the latest run's outcome: they are meant to be rewritten."""
+    return relative.endswith("predict_manifest.json") or ".manifests/" in relative
