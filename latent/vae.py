@@ -15,7 +15,6 @@ Every failure a user can fix is a one-line :class:`VAEError`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from latent.hashing import sha256_file
+from latent.errors import WeightsError
 
 #: Architecture of the released MAISI VAE (NV-Generate-CT / NV-Generate-MR), ~20.9 M parameters.
 MAISI_CONFIG: Mapping[str, Any] = MappingProxyType(
@@ -77,7 +79,7 @@ WEIGHTS_FILENAME = "model.safetensors"
 STATE_DICT_WRAPPER_KEY = "unet_state_dict"
 
 
-class VAEError(RuntimeError):
+class VAEError(WeightsError, RuntimeError):
     """The VAE cannot be loaded or saved; the message says what to do about it."""
 
 
@@ -220,15 +222,6 @@ def _channels_of(config: Mapping[str, Any]) -> list[int]:
     return list(channels)
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def remove_group_norms(network: nn.Module) -> nn.Module:
     """Replace every ``nn.GroupNorm`` of ``network`` by ``nn.Identity`` (in place); returns it."""
     for module in list(network.modules()):
@@ -348,26 +341,29 @@ def _offline_mode() -> bool:
 
 
 def _fetch_hub_weights(name: str, entry: HubWeights, cache_dir: str | None) -> Path:
-    """Path of the cached hub file, downloading it unless offline; errors become VAEError."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    """Path of the hub file: the local hub cache first, then (unless ``HF_HUB_OFFLINE``) one
+    quick request to the hub, then the download; any failure becomes one VAEError that says what
+    to do. The hub client's own retries (about a minute of them) never run."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
+    cached = try_to_load_from_cache(entry.repo_id, entry.filename, cache_dir=cache_dir, revision=entry.revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    where = cache_dir or "the default hub cache (HF_HUB_CACHE)"
+    advice = (f"on a connected machine run `hf download {entry.repo_id} {entry.filename} --revision "
+              f"{entry.revision}` (older clients: `huggingface-cli download ...`) and copy the hub cache "
+              f"here, or pass --vae /path/to/{Path(entry.filename).name}")
+    if _offline_mode():
+        raise VAEError(f"VAE weights {name!r} ({entry.repo_id}/{entry.filename}@{entry.revision}) are not in "
+                       f"{where} and HF_HUB_OFFLINE is set; {advice}")
     try:
-        path = hf_hub_download(
-            repo_id=entry.repo_id,
-            filename=entry.filename,
-            revision=entry.revision,
-            cache_dir=cache_dir,
-            local_files_only=_offline_mode(),
-        )
-    except (EntryNotFoundError, HfHubHTTPError, ConnectionError, TimeoutError) as exc:
-        where = cache_dir or "the default hub cache (HF_HUB_CACHE)"
+        get_hf_file_metadata(hf_hub_url(entry.repo_id, entry.filename, revision=entry.revision), timeout=10)
+        path = hf_hub_download(repo_id=entry.repo_id, filename=entry.filename, revision=entry.revision,
+                               cache_dir=cache_dir)
+    except Exception as exc:  # no network, DNS, proxy, HTTP status: the hub client raises many kinds
         raise VAEError(
             f"VAE weights {name!r} ({entry.repo_id}/{entry.filename}@{entry.revision}) are not in "
-            f"{where} and could not be downloaded ({type(exc).__name__}); on a connected machine run "
-            f"`hf download {entry.repo_id} {entry.filename} --revision {entry.revision}` "
-            f"(older clients: `huggingface-cli download ...`) and copy the hub cache here, "
-            f"or pass --vae /path/to/{Path(entry.filename).name}"
+            f"{where} and could not be downloaded ({type(exc).__name__}); {advice}"
         ) from exc
     return Path(path)
 

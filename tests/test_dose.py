@@ -125,10 +125,10 @@ def test_second_run_reuses_the_cached_plan(dose_runs) -> None:
     first, second = dose_runs["first"].rows[0], dose_runs["second"].rows[0]
     assert not first["photon_plan_cached"] and not first["proton_plan_cached"]
     assert second["photon_plan_cached"] and second["proton_plan_cached"]
-    first_timings = dose_runs["first"].details["1ABA001"]["timings"]
-    second_timings = dose_runs["second"].details["1ABA001"]["timings"]
-    assert second_timings["plans_s"] < 0.1 * first_timings["plans_s"]
-    assert second["seconds"] < first["seconds"]
+    # The reuse is shown by the flags and the keys, not by timings (speed: benchmarks/bench_dose.py).
+    first_details, second_details = dose_runs["first"].details["1ABA001"], dose_runs["second"].details["1ABA001"]
+    for mode in ("photon", "proton"):
+        assert second_details[mode]["plan_key"] == first_details[mode]["plan_key"]
     entries = sorted(p.name.split("-")[0] for p in (dose_runs["cache"] / "1ABA001").iterdir())
     assert entries == ["photon", "proton"]
 

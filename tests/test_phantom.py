@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import numpy as np
 import pytest
@@ -162,13 +161,6 @@ def test_mr_bone_and_air_dark_fat_bright(cases):
 def test_centre_gain_differs(cases):
     low, high = (np.percentile(cases[pid].mr[cases[pid].mask > 0], 99) for pid in ("1ABA001", "1ABE001"))
     assert 300 < low < 500 and 1300 < high < 1900
-
-
-def test_small_case_is_fast():
-    started = time.perf_counter()
-    for pid in ("1ABC003", "1THD003"):
-        generate_case(pid, pid[1:3], case_rng(0, pid))
-    assert (time.perf_counter() - started) / 2 < 2.0  # ~0.2 s on an idle 2-core CPU
 
 
 def test_metal_and_misregistration_change_only_what_they_should():

@@ -425,3 +425,42 @@ def test_fit_keeps_the_ema_weights_with_the_lowest_validation_hu_error(tmp_path:
     assert validation_mae_hu(kept, volumes[:1], [m > 0 for m in masks[:1]]) == pytest.approx(history[best_step], abs=1e-2)
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["best_step"] == best_step
+
+
+def test_hub_weights_come_from_the_local_cache_without_any_request(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the hub was contacted although the file is in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    entry = HUB_VAES["maisi-ct"]
+    planted = _plant_in_hub_cache(tmp_path, entry.repo_id, entry.filename, {})
+    registry = _registry_entry("maisi-ct", _sha256(planted), FAKE_COMMIT)
+    with pytest.raises(VAEError, match="does not match|cannot|missing"):  # found and read (an empty state)
+        load_vae("maisi-ct", cache_dir=str(tmp_path), registry=registry)
+
+
+def test_without_network_the_hub_is_tried_once_then_one_line(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    calls = {"metadata": 0, "download": 0}
+
+    def unreachable(*args, **kwargs):
+        calls["metadata"] += 1
+        raise OSError("[Errno 101] Network is unreachable")
+
+    def download(*args, **kwargs):
+        calls["download"] += 1
+        raise AssertionError("downloaded although the metadata request failed")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", unreachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(VAEError) as info:
+        load_vae("maisi-ct", cache_dir=str(tmp_path / "empty"))
+    assert calls == {"metadata": 1, "download": 0}
+    message = str(info.value)
+    assert "could not be downloaded (OSError)" in message and "hf download" in message and "\n" not in message
