@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from latent.errors import BadConfigError
+from latent.recipes import find_recipe
 from translate.models.base import ModelConfig, model_class
 
 
@@ -152,10 +153,11 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML recipe (optional), apply dotted overrides, validate."""
+    """Read a YAML recipe (optional; a file, or a shipped recipe's name), apply dotted overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        path = find_recipe(path)
+        raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
     return parse_config(apply_overrides(raw, overrides))

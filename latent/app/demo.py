@@ -19,6 +19,7 @@ from pathlib import Path
 
 from latent.errors import BadConfigError
 from latent.cases import discover_cases, make_splits, save_splits
+from latent.recipes import RECIPES_DIR
 from latent.evaluate import METRIC_COLUMNS, evaluate_predictions, format_summary, summarise, write_rows_csv
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class DemoConfig:
     ddim_steps: int = 20
     dose: bool = True
     dose_cases: int = 1
-    configs_dir: Path = Path(__file__).resolve().parents[1] / "configs"
+    configs_dir: Path = RECIPES_DIR
 
 
 @dataclass
