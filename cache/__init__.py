@@ -22,6 +22,7 @@ from cache.store import (
     ProducerNotFoundError,
     latent_statistics,
     list_producers,
+    pick_producer,
 )
 
 _DATASET_NAMES = ("LatentPairDataset", "destandardise", "read_split", "standardise")
@@ -37,6 +38,7 @@ __all__ = [
     "canonical_json",
     "latent_statistics",
     "list_producers",
+    "pick_producer",
     "producer_key",
     "producer_record",
     "sha256_file",

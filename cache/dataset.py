@@ -7,7 +7,6 @@ a default ``DataLoader`` batch is ``(B, C, ...)`` for every key.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -15,37 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from latent.cases import read_split  # noqa: F401 - one split reader, re-exported
 from latent.errors import BadConfigError
+from latent.standardise import destandardise, standardise  # noqa: F401 - the one standardisation, re-exported
 from cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
-
-
-def _per_channel(values: Sequence[float], z):
-    """``values`` shaped (C, 1, 1, 1) in z's library, dtype and device (broadcasts over B)."""
-    channels = z.shape[-4]
-    if len(values) != channels:
-        raise ValueError(f"{len(values)} statistics for {channels} latent channels")
-    if isinstance(z, torch.Tensor):
-        return torch.as_tensor(values, dtype=z.dtype, device=z.device).reshape(-1, 1, 1, 1)
-    return np.asarray(values, dtype=z.dtype).reshape(-1, 1, 1, 1)
-
-
-def standardise(z, mean: Sequence[float], std: Sequence[float]):
-    """``(z - mean) / std`` per latent channel; z is (C, d, h, w) or (B, C, d, h, w)."""
-    return (z - _per_channel(mean, z)) / _per_channel(std, z)
-
-
-def destandardise(z, mean: Sequence[float], std: Sequence[float]):
-    """Inverse of :func:`standardise`: ``z * std + mean`` per latent channel."""
-    return z * _per_channel(std, z) + _per_channel(mean, z)
-
-
-def read_split(split_json_path: str | Path, split_name: str) -> list[str]:
-    """Case ids of one split from ``{"train": [...], "val": [...], "test": [...]}``."""
-    with open(split_json_path, encoding="utf-8") as handle:
-        splits = json.load(handle)
-    if split_name not in splits:
-        raise BadConfigError(f"{split_json_path} has no split {split_name!r}; it has {sorted(splits)}")
-    return list(splits[split_name])
 
 
 class LatentPairDataset(Dataset):

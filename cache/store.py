@@ -85,6 +85,27 @@ class CaseExistsError(CacheError, FileExistsError):
     """A complete case exists and ``overwrite`` was not asked for."""
 
 
+def pick_producer(path: str | Path, producer: str | None, option: str = "--producer") -> tuple[str, dict]:
+    """``(key, record)`` of a producer group: ``producer`` itself, or with None / ``"auto"`` the
+    store's only one.
+
+    Raises:
+        ProducerNotFoundError: no store, an unknown key, or none / several to choose from
+            automatically (the message names ``option`` and lists the present keys).
+    """
+    present = list_producers(path)
+    listed = ", ".join(present) or "none"
+    if not Path(path).exists():
+        raise ProducerNotFoundError(f"{path}: cache not found")
+    if producer in (None, "auto"):
+        if len(present) != 1:
+            raise ProducerNotFoundError(f"{option}: {path} holds {len(present)} producers ({listed}); name one")
+        producer = next(iter(present))
+    if producer not in present:
+        raise ProducerNotFoundError(f"{option}: {producer!r} is not in {path}; present: {listed}")
+    return producer, present[producer]
+
+
 def list_producers(path: str | Path) -> dict[str, dict]:
     """Producer records in the store at ``path``, by key (empty if there is no store)."""
     producers_dir = Path(path) / "producers"

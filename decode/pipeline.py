@@ -25,6 +25,7 @@ from latent.cases import Case
 from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid, GridMapping
 from latent.prepare import PreparedCase
+from latent.standardise import standardise
 from translate.models.base import TranslationModel, load_pretrained
 
 
@@ -109,13 +110,6 @@ class CasePrediction:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _standardise(z: torch.Tensor, mean: torch.Tensor | None, std: torch.Tensor | None) -> torch.Tensor:
-    if mean is None:
-        return z
-    shape = (1, -1, 1, 1, 1)
-    return (z - mean.reshape(shape).to(z.device)) / std.reshape(shape).to(z.device)
-
-
 def translate_input(run: TrainedRun, inputs: torch.Tensor, samples: int, seed: int = 0) -> list[torch.Tensor]:
     """``samples`` outputs of the model (one for deterministic models), seeded ``seed + k``."""
     model = run.model
@@ -160,7 +154,7 @@ def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int 
         with torch.no_grad():
             latent = encode_mu(vae, mr, tile=tile)
         mean, std = run.latent_stats("mr_mu")
-        mr = _standardise(latent, mean, std)
+        mr = standardise(latent, mean, std)
         seconds["encode"] = time.perf_counter() - started
     hu, std_map, stage_seconds = predict_canonical(run, vae, mr, samples, seed, tile)
     seconds.update(stage_seconds)
@@ -184,7 +178,7 @@ def predict_cached(run: TrainedRun, vae, cache, pid: str, samples: int = 1, seed
     tensor = torch.from_numpy(array)[None].to(device)
     if key == "mr_mu":
         mean, std = run.latent_stats("mr_mu")
-        tensor = _standardise(tensor, mean, std)
+        tensor = standardise(tensor, mean, std)
     elif tensor.ndim == 4:
         tensor = tensor[None]
     hu, std_map, seconds = predict_canonical(run, vae, tensor, samples, seed, tile)

@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from latent.standardise import destandardise
 from latent.intensity import full_to_ct, vae_to_ct
 from latent.vae_inference import decode as vae_decode
 
@@ -29,29 +30,9 @@ OUTPUT_SPACES = ("ct_latent", "ct_full")
 def destandardise_latent(
     latent: torch.Tensor, latent_mean: torch.Tensor | None, latent_std: torch.Tensor | None
 ) -> torch.Tensor:
-    """``z * std + mean`` per channel (inverse of the cache's standardisation).
-
-    Args:
-        latent: (B, C, d, h, w) standardised latents.
-        latent_mean, latent_std: (C,) per-channel train-set statistics; both ``None`` = identity.
-
-    Returns:
-        (B, C, d, h, w) float32 latents in the VAE's own scale.
-    """
-    if (latent_mean is None) != (latent_std is None):
-        raise ValueError("pass both latent_mean and latent_std, or neither")
-    latent = latent.float()
-    if latent_mean is None:
-        return latent
-    channels = latent.shape[1]
-    mean = torch.as_tensor(latent_mean, dtype=torch.float32, device=latent.device).reshape(-1)
-    std = torch.as_tensor(latent_std, dtype=torch.float32, device=latent.device).reshape(-1)
-    if mean.numel() != channels or std.numel() != channels:
-        raise ValueError(
-            f"latent_mean/latent_std have {mean.numel()}/{std.numel()} entries; the latent has {channels} channels"
-        )
-    shape = (1, channels, 1, 1, 1)
-    return latent * std.reshape(shape) + mean.reshape(shape)
+    """(B, C, d, h, w) standardised latents -> float32 latents in the VAE's own scale
+    (:func:`latent.standardise.destandardise`; both statistics ``None`` = identity)."""
+    return destandardise(latent.float(), latent_mean, latent_std)
 
 
 def output_to_canonical_hu(

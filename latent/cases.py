@@ -235,7 +235,19 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
     return {str(name): [str(pid) for pid in pids] for name, pids in data.items()}
 
 
+def read_split(path: str | os.PathLike, name: str) -> list[str]:
+    """Patient ids of split ``name`` of a split file.
+
+    Raises:
+        CaseError: the file is missing or malformed, or has no split of that name.
+    """
+    splits = load_splits(path)
+    if name not in splits:
+        raise CaseError(f"{path}: no split {name!r} (has {', '.join(sorted(splits)) or 'none'})")
+    return splits[name]
+
+
 __all__ = [
-    "Case", "CaseError", "CaseScan", "VolumeError", "check_case_grid", "discover_cases", "scan_cases", "load_splits",
+    "Case", "CaseError", "CaseScan", "read_split", "VolumeError", "check_case_grid", "discover_cases", "scan_cases", "load_splits",
     "make_splits", "parse_pid", "save_splits",
 ]

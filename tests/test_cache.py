@@ -17,7 +17,7 @@ import torch
 import zarr
 
 import cache.store as store_module
-from latent.errors import BadConfigError
+from latent.cases import CaseError
 from cache import (
     CacheError,
     CaseExistsError,
@@ -420,7 +420,7 @@ def test_dataset_preload_standardise_and_split(filled, tmp_path):
     split.write_text(json.dumps({"train": pids[:2], "val": pids[2:], "test": []}))
     val = LatentPairDataset.from_split(filled, split, "val", keys=("mr_mu",))
     assert len(val) == 1 and val[0]["pid"] == pids[2]
-    with pytest.raises(BadConfigError, match="'test', 'train', 'val'"):
+    with pytest.raises(CaseError, match=r"no split 'holdout' \(has test, train, val\)"):
         LatentPairDataset.from_split(filled, split, "holdout")
     filled.write_case("1THA009", make_case(30, ct=False), attrs(region="TH"))
     with pytest.raises(CacheError, match="1THA009"):
@@ -540,3 +540,18 @@ def test_fast_chunk_read_refuses_damaged_chunks_naming_the_file(filled):
     with pytest.raises(ChunkError, match="chunk file missing"):
         filled.read_case("1ABA001", ["mr_mu"])
     np.testing.assert_array_equal(filled.read_case("1ABA000", ["mr_mu"])["mr_mu"], f16(make_case(20)["mr_mu"]))
+
+
+def test_one_producer_pick_for_every_caller(tmp_path: Path) -> None:
+    from cache import ProducerNotFoundError, pick_producer
+
+    with pytest.raises(ProducerNotFoundError, match="cache not found"):
+        pick_producer(tmp_path / "none.zarr", None)
+    first = LatentCache(tmp_path / "c.zarr", record())
+    assert pick_producer(tmp_path / "c.zarr", "auto") == (first.key, list_producers(tmp_path / "c.zarr")[first.key])
+    with pytest.raises(ProducerNotFoundError, match=r"data\.producer: 'f+' is not in .*present: " + first.key):
+        pick_producer(tmp_path / "c.zarr", "f" * 16, option="data.producer")
+    second = LatentCache(tmp_path / "c.zarr", record(vae_info=vae(weights="1" * 64)))
+    with pytest.raises(ProducerNotFoundError, match=r"--producer: .* holds 2 producers"):
+        pick_producer(tmp_path / "c.zarr", None)
+    assert pick_producer(tmp_path / "c.zarr", second.key)[0] == second.key

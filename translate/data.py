@@ -43,22 +43,11 @@ def model_batch_keys(model_cls: type[TranslationModel]) -> tuple[str, ...]:
 
 
 def resolve_producer(cache_path: str | Path, producer: str) -> tuple[str, dict]:
-    """``(key, record)`` of the producer to train on; ``"auto"`` picks the store's only one.
+    """``(key, record)`` of the producer to train on; ``"auto"`` picks the store's only one
+    (:func:`cache.pick_producer`, the one producer pick)."""
+    from cache import pick_producer
 
-    Raises:
-        ValueError: ``auto`` with zero or several producers, or an unknown key (lists the present ones).
-    """
-    from cache import list_producers
-
-    present = list_producers(cache_path)
-    if producer == "auto":
-        if len(present) != 1:
-            raise BadConfigError(f"data.producer: 'auto' needs exactly one producer in {cache_path}, found "
-                             f"{len(present)} ({', '.join(present) or 'none'}); name one")
-        producer = next(iter(present))
-    if producer not in present:
-        raise BadConfigError(f"data.producer: {producer!r} is not in {cache_path}; present: {', '.join(present) or 'none'}")
-    return producer, present[producer]
+    return pick_producer(cache_path, producer, option="data.producer")
 
 
 def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str], seed: int

@@ -12,7 +12,6 @@ import typer
 import click
 from pydantic import ValidationError
 
-from latent.cases import CaseError
 from latent.errors import InputError, one_line
 
 #: Errors that end a command with one line on stderr and exit status 2 (no traceback): the
@@ -81,9 +80,6 @@ def split_pids(split_file: Optional[Path], split: Optional[str]) -> Optional[lis
     """Patient ids of one split of a split file (None without a split file)."""
     if split_file is None:
         return None
-    from latent.cases import load_splits
+    from latent.cases import read_split
 
-    splits = load_splits(split_file)
-    if split not in splits:
-        raise CaseError(f"{split_file}: no split {split!r} (has {', '.join(splits)})")
-    return splits[split]
+    return read_split(split_file, split)

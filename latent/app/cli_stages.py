@@ -39,16 +39,10 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def open_cache(cache: Path, producer: Optional[str]):
     """Open a cache read-only; with one producer group it is chosen automatically."""
-    from cache import LatentCache, list_producers
+    from cache import LatentCache, pick_producer
 
-    if not cache.exists():
-        raise FileNotFoundError(f"{cache}: cache not found")
-    producers = list_producers(cache)
-    if producer is None:
-        if len(producers) != 1:
-            raise BadConfigError(f"{cache}: holds {len(producers)} producers ({', '.join(producers) or 'none'}); pass --producer")
-        producer = next(iter(producers))
-    return LatentCache.open(cache, producer)
+    key, _ = pick_producer(cache, producer, option="--producer")
+    return LatentCache.open(cache, key)
 
 
 def encode(

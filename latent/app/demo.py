@@ -131,11 +131,11 @@ def vae_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[str, Path
 
 def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, test: list[str], vae_seconds: float) -> MethodResult:
     """decode(encode(CT)) on the native grid: the floor of latent-to-latent methods."""
-    from cache import LatentCache, list_producers
+    from cache import LatentCache, pick_producer
     from latent.app.vae_check import vae_check
     from latent.vae import load_vae
 
-    cache = LatentCache.open(cache_path, next(iter(list_producers(cache_path))))
+    cache = LatentCache.open(cache_path, pick_producer(cache_path, None)[0])
     vae = load_vae(vae_spec)
     started = time.perf_counter()
     evaluation = vae_check(cache, vae, data, out / "predictions" / "vae_floor", pids=test, quiet=True)
