@@ -136,11 +136,7 @@ class CUT(PixelGAN):
         return {"loss": loss, **logs}
 
     def _discriminator_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stashed = self.unstash(batch)
-        if stashed is None:
-            views = self.sample_views(batch, paired=False)
-            with torch.no_grad():
-                stashed = {"ct": views["ct"], "fake": self.generator(views["mr"])}
+        stashed = self.stashed_or_regenerated(batch, lambda views: {"ct": views["ct"], "fake": self.generator(views["mr"])})
         loss = self.adversarial.discriminator(discriminator_logits(self.discriminator(stashed["ct"])),
                                               discriminator_logits(self.discriminator(stashed["fake"])))
         return {"loss": loss}

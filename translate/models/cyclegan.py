@@ -109,12 +109,9 @@ class CycleGAN(PixelGAN):
         return {"loss": loss, **logs}
 
     def _discriminator_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stashed = self.unstash(batch)
-        if stashed is None:
-            views = self.sample_views(batch, paired=False)
-            with torch.no_grad():
-                stashed = {"mr": views["mr"].clamp(-1.0, 1.0), "ct": views["ct"],
-                           "fake_ct": self.generator(views["mr"]), "fake_mr": self.generator_ct_to_mr(views["ct"])}
+        stashed = self.stashed_or_regenerated(batch, lambda views: {
+            "mr": views["mr"].clamp(-1.0, 1.0), "ct": views["ct"],
+            "fake_ct": self.generator(views["mr"]), "fake_mr": self.generator_ct_to_mr(views["ct"])})
         loss_ct = self.adversarial.discriminator(discriminator_logits(self.discriminator_ct(stashed["ct"])),
                                                  discriminator_logits(self.discriminator_ct(stashed["fake_ct"])))
         loss_mr = self.adversarial.discriminator(discriminator_logits(self.discriminator_mr(stashed["mr"])),

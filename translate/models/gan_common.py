@@ -361,6 +361,16 @@ class PixelGAN(TranslationModel):
         self._stashed, self._stash_source = None, None
         return stashed if stashed is not None and source is batch[self.input_key] else None
 
+    def stashed_or_regenerated(self, batch: dict[str, torch.Tensor], regenerate) -> dict[str, torch.Tensor]:
+        """For a discriminator phase: the generator phase's stash of this batch, or (none) fresh
+        unpaired views passed through ``regenerate(views) -> tensors`` without gradients."""
+        stashed = self.unstash(batch)
+        if stashed is None:
+            views = self.sample_views(batch, paired=False)
+            with torch.no_grad():
+                stashed = regenerate(views)
+        return stashed
+
     def sample_views(self, batch: dict[str, torch.Tensor], paired: bool) -> dict[str, torch.Tensor]:
         """Training views of a batch of whole volumes.
 
