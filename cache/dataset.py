@@ -15,7 +15,6 @@ import torch
 from torch.utils.data import Dataset
 
 from latent.cases import read_split  # noqa: F401 - one split reader, re-exported
-from latent.errors import BadConfigError
 from latent.standardise import destandardise, standardise  # noqa: F401 - the one standardisation, re-exported
 from cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
 

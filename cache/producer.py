@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 from latent.hashing import sha256_file
