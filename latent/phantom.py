@@ -24,6 +24,7 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage
 
+from latent.errors import BadConfigError
 from latent.io import VolumeProperties, write_volume
 from latent.phantom_anatomy import (
     LABELS,
@@ -32,10 +33,10 @@ from latent.phantom_anatomy import (
     SUBSLICES,
     TISSUES,
     Canvas,
-    build_region,
-    sample_body,
     sample_tissue_values,
 )
+from latent.phantom_artefacts import _add_metal, _bias_field, _metal_streaks, _misregister, _unit_noise
+from latent.phantom_regions import build_region, sample_body
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +137,9 @@ def case_ids(cases: int, regions: Sequence[str] = REGIONS) -> list[tuple[str, st
     """
     regions = _check_regions(regions)
     if cases < 0:
-        raise ValueError(f"cases must be >= 0, got {cases}")
+        raise BadConfigError(f"cases must be >= 0, got {cases}")
     if cases > len(regions) * len(CENTRES) * 999:
-        raise ValueError(f"at most {len(regions) * len(CENTRES) * 999} cases fit three-digit ids")
+        raise BadConfigError(f"at most {len(regions) * len(CENTRES) * 999} cases fit three-digit ids")
     out = []
     for i in range(cases):
         j = i // len(regions)
@@ -150,7 +151,7 @@ def case_ids(cases: int, regions: Sequence[str] = REGIONS) -> list[tuple[str, st
 def case_rng(seed: int, pid: str) -> np.random.Generator:
     """Random stream of one case, from ``(seed, pid)`` only."""
     if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
+        raise BadConfigError(f"seed must be >= 0, got {seed}")
     return np.random.default_rng(np.random.SeedSequence([seed, int.from_bytes(pid.encode(), "little")]))
 
 
@@ -226,7 +227,7 @@ def render_case(
     """Like :func:`generate_case` but also returns the tissue labels and sampled parameters."""
     _check_pid(pid, region)
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
+        raise BadConfigError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     profile = CENTRE_PROFILES[pid[3]]
     # Fixed draws up front, so the options never shift the anatomy's random stream.
     anatomy_rng, mr_rng, ct_rng, metal_rng, motion_rng, grid_rng = (
@@ -318,12 +319,6 @@ def _lookup(attribute: str) -> np.ndarray:
     return table
 
 
-def _unit_noise(rng, shape, sigma) -> np.ndarray:
-    """Gaussian-filtered white noise rescaled to unit standard deviation."""
-    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=2.5)
-    return noise / max(float(noise.std()), 1e-6)
-
-
 def _texture_and_blur(cv: Canvas, rng) -> None:
     """Within-tissue heterogeneity (one field for CT and MR, so they correlate) and the CT's
     reconstruction blur. The MR keeps only the shapes' own partial volume: a further blur
@@ -349,18 +344,6 @@ def _mr_signal(cv: Canvas, profile: CentreProfile, void, rng, info: dict) -> np.
     imaginary = sigma * rng.standard_normal(signal.shape, dtype=np.float32)
     info.update(mr_gain=gain, mr_gamma=profile.gamma, mr_bias_amplitude=amplitude, mr_snr_muscle=snr)
     return np.sqrt(real**2 + imaginary**2)
-
-
-def _bias_field(shape, amplitude: float, rng) -> np.ndarray:
-    """Smooth multiplicative field 1 +- amplitude: random polynomial of degree 2 over the grid."""
-    z, y, x = (np.linspace(-1, 1, n, dtype=np.float32) for n in shape)
-    legendre = [lambda u: np.ones_like(u), lambda u: u, lambda u: 1.5 * u**2 - 0.5]
-    field_ = np.zeros(shape, np.float32)
-    for k in range(3):  # z order k times an in-plane polynomial of order <= 2 - k
-        plane = sum(rng.uniform(-1, 1) * legendre[i](y)[:, None] * legendre[j](x)[None, :]
-                    for i in range(3) for j in range(3) if 0 < i + j + k <= 2)
-        field_ += (0.5 if k else 1.0) * legendre[k](z)[:, None, None] * plane[None]  # slower along z
-    return 1 + amplitude * field_ / max(float(np.abs(field_).max()), 1e-6)
 
 
 def mask_dilation_voxels(pixel_mm: float) -> int:
@@ -395,65 +378,18 @@ def _dilate_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
     return counts[:, radius:radius + ny, radius:radius + nx] > 0.5
 
 
-# -- options: metal and misregistration ------------------------------------------------------------
-def _add_metal(cv: Canvas, site: dict, rng, info: dict):
-    """Paint the metal object; return the (wider) MR signal void as ``(occupancy, box)``."""
-    lo, hi = cv.t[0], cv.t[-1]
-    tc = float(np.clip(site["tc"], lo + 0.2 * (hi - lo), hi - 0.2 * (hi - lo)))
-    half = max(site["half_mm"], 0.6 * cv.slice_mm) / cv.length_mm
-    cv.blob("metal", site["cx"], site["cy"], site["rx"], site["ry"], tc, half, site["angle"])
-    widen = rng.uniform(1.8, 2.5)
-    factor, weight = cv.ellipsoid(tc, half * 1.8)
-    pad = 3 * cv.pixel
-    void = cv.occupancy(site["cx"], site["cy"], (site["rx"] * widen + pad) * factor,
-                        (site["ry"] * widen + pad) * factor, site["angle"], weight)
-    site["tc_used"], site["half_t"] = tc, half
-    info["metal"] = {k: float(v) for k, v in site.items()}
-    return None if void[0] is None else void
-
-
-def _metal_streaks(cv: Canvas, site: dict, rng) -> np.ndarray:
-    """Bright and dark rays from the metal on the slices it occupies (decaying with distance)."""
-    _, weight = cv.ellipsoid(site["tc_used"], site["half_t"])
-    weight = np.convolve(weight, [0.3, 1.0, 0.3], mode="same").clip(0, 1)
-    dx = cv.x[None, :] - site["cx"]
-    dy = cv.y[:, None] - site["cy"]
-    theta, radius = np.arctan2(dy, dx), np.hypot(dx, dy)
-    rays = np.zeros_like(radius)
-    for angle, amplitude, width in zip(rng.uniform(-np.pi, np.pi, 16), rng.uniform(-700, 500, 16),
-                                       rng.uniform(0.01, 0.03, 16)):
-        rays += amplitude * np.exp(-0.5 * (np.angle(np.exp(1j * (theta - angle))) / width) ** 2)
-    rays *= 20.0 / (radius + 20.0)  # decays over a few cm
-    return (weight[:, None, None] * rays[None]).astype(np.float32)
-
-
-def _misregister(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
-    """Small rigid motion of the CT against the MR (rotation about z and x, translation)."""
-    yaw, pitch = np.deg2rad(rng.uniform(-2.0, 2.0)), np.deg2rad(rng.uniform(-1.0, 1.0))
-    shift_mm = rng.uniform(-2.0, 2.0, size=3) * [0.75, 1.0, 1.0]  # (z, y, x)
-    rz = np.array([[1, 0, 0], [0, np.cos(yaw), -np.sin(yaw)], [0, np.sin(yaw), np.cos(yaw)]])
-    rx = np.array([[np.cos(pitch), -np.sin(pitch), 0], [np.sin(pitch), np.cos(pitch), 0], [0, 0, 1]])
-    scale = np.diag(spacing_zyx)
-    matrix = np.linalg.inv(scale) @ rz @ rx @ scale
-    centre = (np.array(ct.shape) - 1) / 2
-    offset = centre - matrix @ centre + shift_mm / np.asarray(spacing_zyx)
-    info["misregistration"] = {"yaw_deg": float(np.rad2deg(yaw)), "pitch_deg": float(np.rad2deg(pitch)),
-                               "shift_mm_zyx": [float(v) for v in shift_mm]}
-    return ndimage.affine_transform(ct, matrix, offset, order=1, mode="constant", cval=-1000.0)
-
-
 # -- validation ------------------------------------------------------------------------------------
 def _check_regions(regions: Sequence[str]) -> tuple[str, ...]:
     regions = tuple(regions)
     bad = [r for r in regions if r not in REGIONS]
     if bad or not regions or len(set(regions)) != len(regions):
-        raise ValueError(f"regions must be distinct values of {REGIONS}, got {regions}")
+        raise BadConfigError(f"regions must be distinct values of {REGIONS}, got {regions}")
     return regions
 
 
 def _check_pid(pid: str, region: str) -> None:
     if region not in REGIONS:
-        raise ValueError(f"unknown region {region!r}; expected one of {REGIONS}")
+        raise BadConfigError(f"unknown region {region!r}; expected one of {REGIONS}")
     if (len(pid) != 7 or pid[0] != "1" or pid[1:3] != region or pid[3] not in CENTRES
             or not pid[4:].isdigit()):
-        raise ValueError(f"patient id {pid!r} must be '1' + {region} + centre A-E + 3 digits, e.g. 1{region}A005")
+        raise BadConfigError(f"patient id {pid!r} must be '1' + {region} + centre A-E + 3 digits, e.g. 1{region}A005")

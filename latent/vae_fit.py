@@ -35,111 +35,25 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from latent.accelerator import make_accelerator
 from latent.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU
 from latent.vae import LAYOUT_CANONICAL, LoadedVAE, build_vae, save_vae_dir
+from latent.vae_fit_config import VAE_LEVELS, VAEFitConfig, learning_rate  # noqa: F401 - re-exported
+from latent.vae_fit_data import _BatchSampler, _check_masks, _check_volumes
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIRNAME = "checkpoint"
 TRAINER_STATE_FILENAME = "trainer_state.json"
 FIT_REPORT_FILENAME = "fit_config.json"
-#: Canonical grids give latents at shape / 4, i.e. three channel levels (two downsamplings).
-VAE_LEVELS = 3
 #: Loss smoothing for the progress display only.
 LOSS_EMA = 0.9
-
-
-class VAEFitConfig(BaseModel):
-    """Typed settings of :func:`fit_vae`; unknown fields are refused, errors name the field."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    channels: tuple[int, ...] = Field((16, 32, 64), description="channels per level; 3 levels = x4 downsampling")
-    latent_channels: int = Field(4, ge=1)
-    num_res_blocks: int = Field(1, ge=1)
-    norm_num_groups: int = Field(8, ge=1, description="must divide every channel count")
-    norm: Literal["group", "none"] = Field("none", description="GroupNorm layers, or none (any shape, exact tiles)")
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (after warmup); the stand-in VAE used 5e-4")
-    lr_schedule: Literal["none", "cosine"] = Field("cosine", description="after warmup: constant or cosine to min")
-    warmup_steps: int = Field(50, ge=0)
-    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine floor as a fraction of lr")
-    ema_decay: float | None = Field(0.995, gt=0, lt=1, description="EMA of the weights that are kept; None = off")
-    max_steps: int | None = Field(3000, ge=1, description="stop after this many optimiser steps (cosine length)")
-    time_budget_s: float | None = Field(
-        None, gt=0, description="stop training after this many seconds of this call (setup and final save excluded)"
-    )
-    batch_size: int = Field(1, ge=1, description="volumes per step, all of one shape")
-    kl_weight: float = Field(1e-6, ge=0)
-    log_sigma_bias_init: float = Field(-6.0, description="start with small posterior variance (docs/vae.md)")
-    seed: int = 0
-    checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
-    cpu: bool = Field(False, description="train on CPU even if CUDA is available")
-    flip_augment: bool = Field(True, description="random left-right (x) flips")
-    adversarial: bool = False
-    adversarial_weight: float = Field(0.01, ge=0)
-    adversarial_start_step: int = Field(0, ge=0)
-    discriminator_channels: int = Field(16, ge=1)
-    discriminator_layers: int = Field(3, ge=1, description="each halves the size: every side needs >= 2**(layers+2)")
-    crop: tuple[int, int, int] | None = Field(
-        (32, 64, 64), description="train on random (z, y, x) crops (None: whole volumes); with norm=group the "
-        "VAE is then always run with this window"
-    )
-    body_crop_fraction: float = Field(0.9, ge=0, le=1, description="share of crops centred on a body voxel")
-    modalities: tuple[Literal["mr", "ct"], ...] = Field(("mr", "ct"), min_length=1,
-                                                         description="volumes of each training case to train on")
-    val_every: int = Field(100, ge=1, description="steps between validations in HU (when validation CTs are given)")
-    val_cases: int = Field(6, ge=1, description="validation CTs used (evenly spread over those given)")
-    final_eval_volumes: int = Field(4, ge=0, description="volumes whose posterior-mean L1 is reported at the end")
-
-    @model_validator(mode="after")
-    def _check(self) -> "VAEFitConfig":
-        if len(self.channels) != VAE_LEVELS:
-            raise ValueError(f"channels must have {VAE_LEVELS} entries (x4 downsampling), got {self.channels}")
-        bad = [c for c in self.channels if c % self.norm_num_groups]
-        if bad and self.norm == "group":
-            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every entry of channels; {bad} not")
-        if self.max_steps is None and self.time_budget_s is None:
-            raise ValueError("max_steps and time_budget_s are both unset: set at least one")
-        factor = 2 ** (len(self.channels) - 1)
-        if self.crop is not None and any(c <= 0 or c % factor for c in self.crop):
-            raise ValueError(f"crop {self.crop} must be three positive multiples of {factor}")
-        return self
-
-    @property
-    def downsample_factor(self) -> int:
-        """Image size / latent size."""
-        return 2 ** (len(self.channels) - 1)
-
-    def architecture(self) -> dict[str, Any]:
-        """``{"class_name", "kwargs", "layout", "inference_tile"}`` of the VAE (its ``config.json``)."""
-        kwargs = {
-            "spatial_dims": 3,
-            "in_channels": 1,
-            "out_channels": 1,
-            "channels": list(self.channels),
-            "latent_channels": self.latent_channels,
-            "num_res_blocks": [self.num_res_blocks] * len(self.channels),
-            "norm_num_groups": self.norm_num_groups,
-            "norm_eps": 1e-6,
-            "attention_levels": [False] * len(self.channels),
-            "with_encoder_nonlocal_attn": False,
-            "with_decoder_nonlocal_attn": False,
-            "include_fc": False,
-        }
-        tile = None if self.crop is None or self.norm == "none" else list(self.crop)
-        if self.norm == "none":
-            kwargs["norm_num_groups"] = 1  # MONAI still builds (then drops) the GroupNorms
-        return {"class_name": "AutoencoderKL", "kwargs": kwargs, "layout": LAYOUT_CANONICAL, "inference_tile": tile,
-                "norm": self.norm}
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -149,36 +63,6 @@ def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * per_voxel.flatten(1).sum(dim=1).mean()
 
 
-def _check_volumes(volumes: Sequence[np.ndarray], factor: int, what: str = "volume") -> list[np.ndarray]:
-    if len(volumes) == 0:
-        raise ValueError("fit_vae needs at least one volume")
-    checked = []
-    for index, volume in enumerate(volumes):
-        array = np.asarray(volume, dtype=np.float32)
-        if array.ndim != 3:
-            raise ValueError(f"{what} {index} must be 3D (z, y, x), got shape {array.shape}")
-        if any(s % factor for s in array.shape):
-            raise ValueError(f"{what} {index} shape {array.shape} is not a multiple of {factor}: use a canonical grid")
-        if not np.isfinite(array).all():
-            raise ValueError(f"{what} {index} holds NaN or inf")
-        checked.append(np.ascontiguousarray(array))
-    return checked
-
-
-def _check_masks(masks: Sequence[np.ndarray] | None, volumes: list[np.ndarray], what: str) -> list[np.ndarray] | None:
-    if masks is None:
-        return None
-    if len(masks) != len(volumes):
-        raise ValueError(f"{len(masks)} {what} masks for {len(volumes)} volumes")
-    checked = []
-    for index, (mask, volume) in enumerate(zip(masks, volumes)):
-        mask = np.asarray(mask) > 0
-        if mask.shape != volume.shape:
-            raise ValueError(f"{what} mask {index} has shape {mask.shape}, its volume {volume.shape}")
-        checked.append(mask)
-    return checked
-
-
 def _build_model(config: VAEFitConfig) -> torch.nn.Module:
     architecture = config.architecture()
     model = build_vae(architecture["class_name"], architecture["kwargs"], norm=config.norm).train()
@@ -186,17 +70,6 @@ def _build_model(config: VAEFitConfig) -> torch.nn.Module:
         # sigma ~ 1 at init makes the sampled latent pure noise and training slow (docs/vae.md).
         model.quant_conv_log_sigma.conv.bias.fill_(config.log_sigma_bias_init)
     return model
-
-
-def learning_rate(config: VAEFitConfig, step: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then constant or cosine."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "none" or config.max_steps is None:
-        return config.lr
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def _ema_average(decay: float):
@@ -232,47 +105,6 @@ def _save_checkpoint(accelerator: Any, out_dir: Path, state: dict[str, Any]) -> 
         os.replace(final, old)
     os.replace(staging, final)
     shutil.rmtree(old, ignore_errors=True)
-
-
-class _BatchSampler:
-    """Random batches (with replacement) of whole same-shape volumes or of equal crops.
-
-    With masks, a ``body_fraction`` share of crops is centred on a random body voxel (clamped
-    to the volume), the rest placed uniformly. Reproducible from the generator passed in,
-    which the loop seeds from (seed, step).
-    """
-
-    def __init__(self, volumes: list[np.ndarray], batch_size: int, flip: bool, crop: tuple[int, ...] | None,
-                 masks: list[np.ndarray] | None = None, body_fraction: float = 0.0) -> None:
-        self.volumes, self.batch_size, self.flip, self.crop = volumes, batch_size, flip, crop
-        self.body_fraction = body_fraction if masks is not None else 0.0
-        self.body_voxels = None if masks is None else [np.flatnonzero(m) for m in masks]
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for index, volume in enumerate(volumes):
-            groups.setdefault(volume.shape if crop is None else (), []).append(index)
-        self.groups = list(groups.values())
-        self.weights = np.array([len(g) for g in self.groups], dtype=float) / len(volumes)
-
-    def _crop_start(self, rng: np.random.Generator, index: int) -> list[int]:
-        shape = self.volumes[index].shape
-        voxels = None if self.body_voxels is None else self.body_voxels[index]
-        if voxels is not None and voxels.size and rng.random() < self.body_fraction:
-            centre = np.unravel_index(int(voxels[rng.integers(0, voxels.size)]), shape)
-            return [int(np.clip(c - k // 2, 0, s - k)) for c, k, s in zip(centre, self.crop, shape)]
-        return [int(rng.integers(0, s - c + 1)) for s, c in zip(shape, self.crop)]
-
-    def __call__(self, rng: np.random.Generator) -> np.ndarray:
-        group = self.groups[rng.choice(len(self.groups), p=self.weights)]
-        batch = []
-        for index in rng.choice(group, size=self.batch_size, replace=True):
-            volume = self.volumes[index]
-            if self.crop is not None:
-                start = self._crop_start(rng, int(index))
-                volume = volume[tuple(slice(b, b + c) for b, c in zip(start, self.crop))]
-            if self.flip and rng.random() < 0.5:
-                volume = volume[:, :, ::-1]
-            batch.append(volume)
-        return np.stack(batch)[:, None].copy()
 
 
 def _loaded(network: torch.nn.Module, config: VAEFitConfig) -> LoadedVAE:

@@ -92,3 +92,14 @@ def test_no_module_inside_translate_shadows_a_top_level_package() -> None:
               if (path.suffix == ".py" or (path / "__init__.py").exists()) and path.name != "__init__.py"}
     assert inside, "translate/ has no modules?"
     assert not inside & top_level, f"translate/ would shadow: {sorted(inside & top_level)}"
+
+
+#: Small modules with one job: the longest package module may have this many lines.
+MAX_MODULE_LINES = 400
+
+
+def test_no_package_module_is_longer_than_the_limit() -> None:
+    long = {str(path.relative_to(ROOT)): count
+            for package in STAGES for path in (ROOT / package).rglob("*.py")
+            if (count := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert not long, f"split these by job: {long}"
