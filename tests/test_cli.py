@@ -42,3 +42,13 @@ def test_subprocess_smoke(tmp_path: Path, phantom_root: Path) -> None:
         capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and completed.stderr.strip().startswith("error:")
     assert "Traceback" not in completed.stderr
+
+
+def test_train_verb_runs_the_training_loop_and_reports_a_bad_recipe_in_one_line(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model:\n  family: l2sct\n  trunk_chanels: 8\n")
+    result = runner.invoke(app, ["train", "--config", str(recipe), "--quiet", "train.max_steps=1"])
+    assert result.exit_code == 2, result.output
+    assert "model.trunk_chanels: Extra inputs are not permitted" in result.output
+    result = runner.invoke(app, ["train", "--config", "no_such_recipe"])
+    assert result.exit_code == 2 and "no shipped recipe of that name" in result.output

@@ -191,6 +191,21 @@ def dose(
     report_failures(dose_run.failures)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def train(
+    ctx: typer.Context,
+    config: str = typer.Option(..., help="Recipe: a YAML file or a shipped recipe's name (e.g. l2sct_demo)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Train a translation model (the loop of `accelerate launch translate/train.py`); extra
+    arguments are dotted overrides, e.g. `train.max_steps=20 model.lr=1e-4`."""
+    from translate.train import main as train_main
+
+    arguments = ["--config", config, *(["--resume"] if resume else []), *(["--quiet"] if quiet else []), *ctx.args]
+    raise typer.Exit(train_main(arguments))
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_run"), help="Output folder."),
