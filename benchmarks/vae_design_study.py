@@ -9,7 +9,7 @@ the MR reconstruction error. Writes ``benchmarks/results/vae_design_study.{json,
     python benchmarks/vae_design_study.py --work bench_run/vae_study --seconds 300 --note "..."
 
 Each variant's folder under ``--work`` is a resumable ``latent vae fit`` run: the winner can be
-continued with ``latent vae fit ... --resume`` (see latent/weights/PROVENANCE.md).
+continued with ``latent vae fit ... --resume`` (see latent/weights/standin_vae/PROVENANCE.md).
 """
 
 from __future__ import annotations
