@@ -68,28 +68,49 @@ def split(
     typer.echo(" ".join(f"{name}={len(pids)}" for name, pids in splits.items()))
 
 
+#: Option groups of `latent predict --help`, so that it reads as a menu.
+PANEL_INPUT = "Input (one of --data, --mr, --from-cache, --gc-io)"
+PANEL_BASELINE = "Baseline (no model)"
+PANEL_MODEL = "Trained model"
+PANEL_OUTPUT = "Output"
+
+
 @app.command()
 def predict(
-    out: Path = typer.Option(..., help="Prediction folder (<pid>.mha per case, <pid>_std.mha for K > 1 samples)."),
-    data: Optional[Path] = typer.Option(None, help="Data set root (SynthRAD layout)."),
-    method: Optional[str] = typer.Option(None, help="Baseline instead of a model: water, bulk, or the oracle "
-                                         "grid_floor / grid_floor_vae (CT -> canonical -> native; needs the CT and --grid)."),
-    grid: Optional[str] = typer.Option(None, help="Canonical grid of --method grid_floor*: a preset or SXxSYxSZ:DxHxW."),
-    model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output)."),
-    mr: Optional[Path] = typer.Option(None, help="One MR file instead of --data."),
-    mask: Optional[Path] = typer.Option(None, help="Body mask of --mr (derived from the MR when absent)."),
-    from_cache: Optional[Path] = typer.Option(None, "--from-cache", help="Read MR latents from this cache instead of encoding."),
-    gc_io: Optional[tuple[Path, Path]] = typer.Option(None, "--gc-io", help="Grand Challenge INPUT and OUTPUT folders."),
-    vae: Optional[str] = typer.Option(None, help="VAE spec (default: the one recorded in the run)."),
-    samples: int = typer.Option(1, min=1, help="Samples averaged for diffusion models; a std map is written for K > 1."),
-    seed: int = typer.Option(0),
-    fmt: str = typer.Option("mha", "--format", help="mha, nii.gz, nii, nrrd or dicom."),
-    which: str = typer.Option("best", help="best or final model of the run."),
-    device: str = typer.Option("cpu"),
-    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON."),
-    split: str = typer.Option("test", help="Which split to predict when --split-file is given."),
-    keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    # -- input
+    data: Optional[Path] = typer.Option(None, help="Data set root (SynthRAD layout).", rich_help_panel=PANEL_INPUT),
+    mr: Optional[Path] = typer.Option(None, help="One MR file instead of --data.", rich_help_panel=PANEL_INPUT),
+    mask: Optional[Path] = typer.Option(None, help="Body mask of --mr (derived from the MR when absent).",
+                                        rich_help_panel=PANEL_INPUT),
+    from_cache: Optional[Path] = typer.Option(None, "--from-cache", rich_help_panel=PANEL_INPUT,
+                                              help="Read MR latents from this cache instead of encoding."),
+    gc_io: Optional[tuple[Path, Path]] = typer.Option(None, "--gc-io", help="Grand Challenge INPUT and OUTPUT folders.",
+                                                      rich_help_panel=PANEL_INPUT),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON.", rich_help_panel=PANEL_INPUT),
+    split: str = typer.Option("test", help="Which split to predict when --split-file is given.",
+                              rich_help_panel=PANEL_INPUT),
+    # -- baseline
+    method: Optional[str] = typer.Option(None, rich_help_panel=PANEL_BASELINE, help=(
+        "water, bulk, or the oracle grid_floor / grid_floor_vae (CT -> canonical -> native; needs the CT and --grid).")),
+    grid: Optional[str] = typer.Option(None, help="Canonical grid of --method grid_floor*: a preset or SXxSYxSZ:DxHxW.",
+                                       rich_help_panel=PANEL_BASELINE),
+    # -- trained model
+    model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output).",
+                                         rich_help_panel=PANEL_MODEL),
+    vae: Optional[str] = typer.Option(None, help="VAE spec (default: the one recorded in the run).",
+                                      rich_help_panel=PANEL_MODEL),
+    which: str = typer.Option("best", help="best or final model of the run.", rich_help_panel=PANEL_MODEL),
+    samples: int = typer.Option(1, min=1, help="Samples averaged for diffusion models; a std map is written for K > 1.",
+                                rich_help_panel=PANEL_MODEL),
+    seed: int = typer.Option(0, rich_help_panel=PANEL_MODEL),
+    device: str = typer.Option("cpu", rich_help_panel=PANEL_MODEL),
+    # -- output
+    out: Path = typer.Option(..., help="Prediction folder (<pid>.mha per case, <pid>_std.mha for K > 1 samples).",
+                             rich_help_panel=PANEL_OUTPUT),
+    fmt: str = typer.Option("mha", "--format", help="mha, nii.gz, nii, nrrd or dicom.", rich_help_panel=PANEL_OUTPUT),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed.",
+                                    rich_help_panel=PANEL_OUTPUT),
+    quiet: bool = typer.Option(False, "--quiet", "-q", rich_help_panel=PANEL_OUTPUT),
 ) -> None:
     """Write one sCT per case on the MR's exact native grid (baseline or trained model)."""
     setup_logging(quiet)
