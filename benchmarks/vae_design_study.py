@@ -30,6 +30,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TRAINING_SEED = 9001
 TRAINING_CASES = 60
 GRID = "3x3x5:32x128x128"
+#: Validation cases each fit scores during training (``VAEFitConfig.val_cases`` default).
+VALIDATION_DURING_FIT = 6
 #: The variants: overrides of the VAEFitConfig defaults (the first is the default design).
 VARIANTS = {
     "default": {},
@@ -111,22 +113,27 @@ def score(vae_dir: Path, data: Path, split: Path) -> dict:
     }
 
 
-def write_results(rows: dict, args: argparse.Namespace, seconds: float) -> None:
+def write_results(rows: dict, args: argparse.Namespace, seconds: float, split: Path) -> None:
     """JSON + markdown table of the study (written by this script only)."""
+    from latent.cases import load_splits
     from latent.provenance import git_revision, machine_description
+
+    counts = {name: len(pids) for name, pids in load_splits(split).items()}
 
     RESULTS.mkdir(exist_ok=True)
     record = {"machine": machine_description(),
-              "threads_per_variant": args.threads, "seconds_per_variant": args.seconds, "grid": GRID,
+              "threads_per_variant": args.threads, "seconds_per_variant": args.seconds, "parallel": args.parallel,
+              "split_counts": counts, "grid": GRID,
               "training_seed": TRAINING_SEED, "training_cases": TRAINING_CASES, "variants": VARIANTS,
               "git_revision": git_revision(), "note": args.note, "wall_seconds": round(seconds, 1), "results": rows}
     (RESULTS / "vae_design_study.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = [f"<!-- written by benchmarks/vae_design_study.py; {args.note} -->",
              "# Stand-in VAE design study (CPU)", "",
-             f"Each variant: `latent vae fit` for {args.seconds:.0f} s with {args.threads} CPU thread(s), all variants "
-             f"at once on a {os.cpu_count()}-core machine; {TRAINING_CASES} phantoms of seed {TRAINING_SEED} "
-             f"(train {TRAINING_CASES - TRAINING_CASES // 10}, val {TRAINING_CASES // 10}), grid `{GRID}`. Scores on the "
-             "validation CTs, canonical grid, inside the body mask: MAE in HU in the VAE window, then per tissue "
+             f"Each variant: `latent vae fit` for {args.seconds:.0f} s with {args.threads} CPU thread(s), "
+             f"{args.parallel} variant(s) at a time on a {os.cpu_count()}-core machine; {TRAINING_CASES} phantoms of "
+             f"seed {TRAINING_SEED} (train {counts['train']}, val {counts['val']}; each fit validates on "
+             f"{VALIDATION_DURING_FIT} of the val cases), grid `{GRID}`. Scores on the CTs of all val "
+             "cases, canonical grid, inside the body mask: MAE in HU in the VAE window, then per tissue "
              "class of the true CT against the full-range CT (above 1000 HU the window saturates), and the MR L1.",
              "", "| variant | overrides | steps | CT MAE (HU, window) | air | soft tissue | bone 250-1000 | above 1000 "
              "| soft-tissue bias | MR L1 |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -148,18 +155,20 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=2, help="variants trained at once")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
+    parser.add_argument("--score-only", action="store_true",
+                        help="score the variants already trained under --work (same --seconds/--parallel as that run)")
     args = parser.parse_args()
     started = time.perf_counter()
     data, split = make_training_set(args.work)
     names = [n for n in args.variants.split(",") if n]
-    for start in range(0, len(names), args.parallel):
+    for start in range(0, 0 if args.score_only else len(names), args.parallel):
         processes = [launch(n, VARIANTS[n], data, split, args.work, args.seconds, args.threads)
                      for n in names[start:start + args.parallel]]
         for process in processes:
             if process.wait() != 0:
                 raise SystemExit(f"a variant failed; see {args.work}/*/fit.log")
     rows = {name: score(args.work / name / "vae", data, split) for name in names}
-    write_results(rows, args, time.perf_counter() - started)
+    write_results(rows, args, time.perf_counter() - started, split)
     print((RESULTS / "vae_design_study.md").read_text())
     return 0
 
