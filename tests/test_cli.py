@@ -52,3 +52,12 @@ def test_train_verb_runs_the_training_loop_and_reports_a_bad_recipe_in_one_line(
     assert "model.trunk_chanels: Extra inputs are not permitted" in result.output
     result = runner.invoke(app, ["train", "--config", "no_such_recipe"])
     assert result.exit_code == 2 and "no shipped recipe of that name" in result.output
+
+
+def test_debug_shows_the_traceback_of_an_input_error(tmp_path: Path, phantom_root: Path) -> None:
+    from latent.cases import CaseError
+
+    arguments = ["evaluate", "--pred", str(tmp_path / "nope"), "--data", str(phantom_root)]
+    assert runner.invoke(app, arguments).exit_code == 2
+    result = runner.invoke(app, ["--debug", *arguments])
+    assert isinstance(result.exception, CaseError) and "prediction folder not found" in str(result.exception)

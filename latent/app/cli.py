@@ -29,6 +29,7 @@ app.add_typer(vae_app, name="vae")
 
 @app.command()
 def phantom(
+    ctx: typer.Context,
     out: Path = typer.Option(..., help="Output data set root (Task1/<region>/<pid>/ is written inside)."),
     cases: int = typer.Option(12, min=1, help="Number of cases, spread over regions and centres."),
     regions: str = typer.Option("AB,HN,TH", help="Comma-separated regions."),
@@ -45,12 +46,13 @@ def phantom(
         folders = generate_phantom_dataset(out, cases, region_list, seed=seed, size=size,
                                            misregistration=misregistration, metal=metal)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     typer.echo(f"wrote {len(folders)} cases under {out}")
 
 
 @app.command()
 def split(
+    ctx: typer.Context,
     data: Path = typer.Option(..., help="Data set root."),
     out: Path = typer.Option(..., help="Split JSON to write."),
     seed: int = typer.Option(0),
@@ -63,7 +65,7 @@ def split(
     try:
         splits = make_splits(discover_cases(data), (1 - val - test, val, test), seed=seed)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     save_splits(splits, out)
     typer.echo(" ".join(f"{name}={len(pids)}" for name, pids in splits.items()))
 
@@ -77,6 +79,7 @@ PANEL_OUTPUT = "Output"
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     # -- input
     data: Optional[Path] = typer.Option(None, help="Data set root (SynthRAD layout).", rich_help_panel=PANEL_INPUT),
     mr: Optional[Path] = typer.Option(None, help="One MR file instead of --data.", rich_help_panel=PANEL_INPUT),
@@ -152,7 +155,7 @@ def predict(
         else:
             fail("give --method water|bulk|grid_floor|grid_floor_vae or --model RUN_DIR")
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     destination = out if gc_io is None else gc_io[1]
     typer.echo(f"wrote {len(run.results)} predictions to {destination}")
     # No manifest in a Grand Challenge output folder: it must hold only the expected outputs.
@@ -161,6 +164,7 @@ def predict(
 
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     pred: Path = typer.Option(..., help="Prediction folder."),
     data: Path = typer.Option(..., help="Data set root with ct.mha and mask.mha per case."),
     out: Optional[Path] = typer.Option(None, help="Per-case CSV to write (a JSON is written beside it)."),
@@ -176,7 +180,7 @@ def evaluate(
     try:
         evaluation = evaluate_predictions(pred, data, out, pids=split_pids(split_file, split), quiet=quiet)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     if evaluation.summary:
         typer.echo(format_summary(evaluation.summary))
     report_run(evaluation.run, keep_going)
@@ -184,6 +188,7 @@ def evaluate(
 
 @app.command()
 def dose(
+    ctx: typer.Context,
     pred: Path = typer.Option(..., help="Prediction folder (<pid>.mha on the native grids)."),
     data: Path = typer.Option(..., help="Data set root with ct.mha and mask.mha per case."),
     out: Path = typer.Option(..., help="Output folder: per-case JSON/CSV, summary, DVH and dose-difference PNGs."),
@@ -204,9 +209,9 @@ def dose(
         dose_run = run_dose(pred, data, out, modes=modes, dose_grid_mm=dose_grid, protocol=protocol,
                             plan_cache=plan_cache, pids=split_pids(split_file, split), figures=figures, quiet=quiet)
     except DoseExtraMissing as error:
-        user_error(error)
+        user_error(error, ctx)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     if dose_run.summary:
         typer.echo(dose_run.table())
     report_failures(dose_run.failures)
@@ -229,6 +234,7 @@ def train(
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("demo_run"), help="Output folder."),
     cases: int = typer.Option(30, min=9, help="Phantom cases (at least 9: a validation and a test case per region)."),
     seed: int = typer.Option(0),
@@ -247,7 +253,7 @@ def demo(
         run_demo(out, DemoConfig(cases=cases, seed=seed, vae=vae, fit_vae=fit_vae, vae_seconds=vae_seconds,
                                  methods=methods, dose=dose))
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'report.md'}")
 
 

@@ -8,8 +8,6 @@ from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
-
-import click
 from pydantic import ValidationError
 
 from latent.errors import InputError, one_line
@@ -27,16 +25,15 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def debug_requested() -> bool:
-    """True when ``latent --debug ...`` asked for full tracebacks."""
-    context = click.get_current_context(silent=True)
-    obj = context.find_root().obj if context is not None else None
+def debug_requested(ctx: typer.Context) -> bool:
+    """True when ``latent --debug ...`` asked for full tracebacks (kept on the root context)."""
+    obj = ctx.find_root().obj
     return bool(isinstance(obj, dict) and obj.get("debug"))
 
 
-def user_error(error: BaseException) -> NoReturn:
+def user_error(error: BaseException, ctx: typer.Context) -> NoReturn:
     """Report an input error on one line (exit 2); with ``--debug`` re-raise it with its traceback."""
-    if debug_requested():
+    if debug_requested(ctx):
         raise error
     fail(one_line(error))
 

@@ -46,6 +46,7 @@ def open_cache(cache: Path, producer: Optional[str]):
 
 
 def encode(
+    ctx: typer.Context,
     data: Path = typer.Option(..., help="Data set root (SynthRAD layout)."),
     cache: Path = typer.Option(..., help="Zarr latent cache (created when missing)."),
     vae: str = typer.Option(..., help="maisi-ct, maisi-mr, a .pt/.safetensors file, or a VAE folder (latent vae fit)."),
@@ -69,7 +70,7 @@ def encode(
         report = encode_dataset(data, cache, loaded, grid, max_shape=parse_shape(max_shape), shard=parse_shard(shard),
                                 split_file=split_file, tile=parse_shape(tile), bf16=bf16, quiet=quiet)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     typer.echo(f"producer {report.producer_key}, grid {report.grid.spec()}"
                + ("" if report.coverage != report.coverage else f" (covers {report.coverage:.0%} of bodies)")
                + f": encoded {len(report.encoded)}, already cached {len(report.skipped)}, failed {len(report.failures)}"
@@ -81,6 +82,7 @@ def encode(
 
 @cache_app.command("info")
 def cache_info(
+    ctx: typer.Context,
     cache: Path = typer.Argument(..., help="Zarr latent cache."),
     producer: Optional[str] = typer.Option(None, help="Producer key (needed when the store holds several)."),
     as_json: bool = typer.Option(False, "--json"),
@@ -89,7 +91,7 @@ def cache_info(
     try:
         info = open_cache(cache, producer).info()
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     typer.echo(json.dumps(info, indent=2, default=str) if as_json else format_cache_info(info))
 
 
@@ -116,6 +118,7 @@ def format_cache_info(info: dict) -> str:
 
 @cache_app.command("verify")
 def cache_verify(
+    ctx: typer.Context,
     cache: Path = typer.Argument(..., help="Zarr latent cache."),
     producer: Optional[str] = typer.Option(None, help="Producer key."),
     sources: bool = typer.Option(False, help="Also re-hash the source files recorded for each case."),
@@ -126,7 +129,7 @@ def cache_verify(
         paths = {pid: store.case_attrs(pid).get("source_paths", {}) for pid in store.case_ids()} if sources else None
         problems = store.verify(paths)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     for problem in problems:
         typer.echo(f"problem: {problem}", err=True)
     if problems:
@@ -136,6 +139,7 @@ def cache_verify(
 
 @vae_app.command("fit")
 def vae_fit(
+    ctx: typer.Context,
     data: Path = typer.Option(..., help="Data set root."),
     out: Path = typer.Option(..., help="Output VAE folder (config.json + model.safetensors)."),
     grid: str = typer.Option("auto", help="Canonical grid the VAE is trained at (use the same for encode)."),
@@ -154,12 +158,13 @@ def vae_fit(
         path = fit_vae_on_dataset(data, out, grid, split_file=split_file, config_path=config, seconds=seconds,
                                   max_steps=max_steps, resume=resume, quiet=quiet)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     typer.echo(f"wrote {path}")
 
 
 @vae_app.command("check")
 def vae_check_command(
+    ctx: typer.Context,
     cache: Path = typer.Option(..., help="Latent cache made with this VAE."),
     vae: str = typer.Option(..., help="The VAE that made the cache."),
     data: Path = typer.Option(..., help="Data set root (native CT and masks)."),
@@ -182,7 +187,7 @@ def vae_check_command(
             raise BadConfigError(f"{vae}: not the VAE that made {cache} (weights hash differs); pass the cache's VAE")
         evaluation = vae_check(store, loaded, data, out, split_pids(split_file, split), quiet=quiet)
     except USER_ERRORS as error:
-        user_error(error)
+        user_error(error, ctx)
     if evaluation.rows:
         write_rows_csv(evaluation.rows, out / "scores.csv")
         columns = ["mae", "psnr", "ms_ssim", "bone_dice"]
