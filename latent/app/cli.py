@@ -240,8 +240,8 @@ def demo(
     seed: int = typer.Option(0),
     vae: str = typer.Option("standin", help="Frozen VAE: the shipped stand-in, or any --vae spec of `latent encode`."),
     fit_vae: bool = typer.Option(False, "--fit-vae", help="Fit a small VAE on the demo's training split instead."),
-    vae_seconds: float = typer.Option(240.0, help="Training budget of --fit-vae."),
-    train_seconds: Optional[float] = typer.Option(None, help="Training budget of each method (default: per-method)."),
+    vae_seconds: float = typer.Option(240.0, min=1.0, help="Training budget of --fit-vae."),
+    train_seconds: Optional[float] = typer.Option(None, min=1.0, help="Training budget of each method (default: per-method)."),
     dose: bool = typer.Option(True, help="Dose evaluation of one test case (needs the dose extra)."),
 ) -> None:
     """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose."""

@@ -145,7 +145,7 @@ def vae_fit(
     grid: str = typer.Option("auto", help="Canonical grid the VAE is trained at (use the same for encode)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Train on this split's train cases."),
     config: Optional[Path] = typer.Option(None, help="YAML/JSON with VAEFitConfig fields."),
-    seconds: Optional[float] = typer.Option(None, help="Time budget in seconds."),
+    seconds: Optional[float] = typer.Option(None, min=1.0, help="Time budget in seconds."),
     max_steps: Optional[int] = typer.Option(None, help="Step budget."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
