@@ -93,10 +93,10 @@ def pick_producer(path: str | Path, producer: str | None, option: str = "--produ
         ProducerNotFoundError: no store, an unknown key, or none / several to choose from
             automatically (the message names ``option`` and lists the present keys).
     """
-    present = list_producers(path)
-    listed = ", ".join(present) or "none"
     if not Path(path).exists():
         raise ProducerNotFoundError(f"{path}: cache not found")
+    present = list_producers(path)
+    listed = ", ".join(present) or "none"
     if producer in (None, "auto"):
         if len(present) != 1:
             raise ProducerNotFoundError(f"{option}: {path} holds {len(present)} producers ({listed}); name one")

@@ -35,10 +35,8 @@ def one_line(error: BaseException) -> str:
 
     Pydantic validation errors keep every field path and reason.
     """
-    try:
-        from pydantic import ValidationError
-    except ImportError:  # pragma: no cover - pydantic is a dependency
-        ValidationError = ()  # type: ignore[assignment]
+    from pydantic import ValidationError
+
     if isinstance(error, ValidationError):
         parts = [f"{'.'.join(str(p) for p in item['loc']) or 'value'}: {item['msg'].removeprefix('Value error, ')}"
                  for item in error.errors()]

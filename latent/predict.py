@@ -11,7 +11,7 @@ from typing import Iterable, Literal
 import numpy as np
 
 from latent.baselines import BulkModel, fit_bulk_model, water_sct
-from latent.cases import Case, CaseError, scan_cases
+from latent.cases import Case, CaseError
 from latent.errors import InputError, one_line
 from latent.io import VolumeProperties, read_volume, write_volume
 from latent.prepare import check_body
@@ -76,8 +76,8 @@ def predict_baseline(
     if method not in ("water", "bulk"):
         raise ValueError(f"unknown baseline method {method!r}; choose water or bulk")
     out_dir = Path(out_dir)
-    cases = scan_cases(data_root).cases
     selection = select_cases(data_root, pids)
+    cases = selection.found
     targets = selection.cases
     model = None
     if method == "bulk":

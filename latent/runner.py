@@ -50,6 +50,8 @@ class Selection:
     """The cases a command works on, the ones it skips and the requested ones that are absent."""
 
     cases: list[Case]
+    #: every usable case of the data folder, selected or not (e.g. to fit a baseline on the others).
+    found: list[Case] = field(default_factory=list)
     #: case folders without an MR; with ``need_ct`` / ``need_mask``, cases without that file.
     skipped: dict[str, str] = field(default_factory=dict)
     #: ids asked for (a split file) that the data folder does not hold: counted as failed.
@@ -64,7 +66,7 @@ def select_cases(root, pids: Iterable[str] | None = None, need_ct: bool = False,
     :func:`run_over_cases` so that they reach the run's summary and manifest.
     """
     scan = scan_cases(root)
-    selection = Selection(scan.cases, dict(scan.skipped))
+    selection = Selection(scan.cases, list(scan.cases), dict(scan.skipped))
     if pids is not None:
         wanted = list(dict.fromkeys(pids))
         present = {case.pid for case in scan.cases}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from latent.errors import BadConfigError
 
@@ -13,11 +14,7 @@ from latent.errors import BadConfigError
 def _per_channel(values: Sequence[float] | Any, z):
     """``values`` shaped (C, 1, 1, 1) in z's library, dtype and device (broadcasts over B)."""
     channels = z.shape[-4]
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        torch = None
-    if torch is not None and isinstance(z, torch.Tensor):
+    if isinstance(z, torch.Tensor):
         tensor = torch.as_tensor(values, dtype=z.dtype, device=z.device).reshape(-1)
         if tensor.numel() != channels:
             raise BadConfigError(f"{tensor.numel()} statistics for {channels} latent channels")
