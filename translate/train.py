@@ -241,7 +241,8 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
             with accelerator.autocast():
                 metrics = {k: float(v) for k, v in validator(unwrapped, val_batches).items()}
             unwrapped.train()
-            log({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+            log({"step": step, "elapsed_s": round(time.monotonic() - start, 3),
+                 **{f"val/{k}": v for k, v in metrics.items()}})
             if metrics["mae"] < best_mae:
                 best_mae, best_step = metrics["mae"], step
                 unwrapped.save_pretrained(run_dir / "best")

@@ -20,6 +20,7 @@ def options(
     ctx.obj = {"debug": debug}
 
 from latent.app.cli_common import USER_ERRORS, fail, report_failures, report_run, setup_logging, split_pids, user_error
+from latent.app.bench.config import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from latent.app.cli_stages import cache_app, encode, vae_app
 
 app.command()(encode)
@@ -255,6 +256,45 @@ def demo(
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {out / 'metrics.csv'} and {out / 'report.md'}")
+
+
+@app.command()
+def bench(
+    ctx: typer.Context,
+    data: Path = typer.Option(..., help="Data set root (SynthRAD layout)."),
+    cache: Path = typer.Option(..., help="Latent cache (built with --vae and --grid when missing)."),
+    out: Path = typer.Option(..., help="Report folder: report.md, report.html, results.json/csv, figures/."),
+    methods: str = typer.Option(",".join(DEFAULT_BENCH_METHODS), help=(
+        "Comma-separated: water, bulk, grid_floor, grid_floor_vae, vae_floor, l2sct, l2l_regress, l2l_ddim, "
+        "l2l_controlnet, regress3d, pix2pix, cyclegan, cut.")),
+    split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON (default: a stratified split, seed 0)."),
+    runs: Optional[Path] = typer.Option(None, help="Training runs: <runs>/<method> is reused when complete, else trained there."),
+    work: Optional[Path] = typer.Option(None, help="Predictions, scores and panels (default <out>/work)."),
+    seconds: float = typer.Option(120.0, min=1.0, help="Training budget of each learned method trained here."),
+    size: str = typer.Option("demo", help="Shipped recipes <family>_<size>.yaml: demo or full."),
+    recipe: list[str] = typer.Option([], help="METHOD=RECIPE: another recipe for one method (repeatable)."),
+    override: list[str] = typer.Option([], help="Dotted key=value for every recipe trained here (repeatable)."),
+    ddim_steps: str = typer.Option("5,10,25", "--ddim-steps", help="DDIM step sweep of l2l_ddim ('' for none)."),
+    samples: int = typer.Option(2, min=1, help="Samples per case of the diffusion families (> 1: std map)."),
+    vae: Optional[str] = typer.Option(None, help="VAE spec (building the cache, VAE floor; default the cache's)."),
+    grid: str = typer.Option("auto", help="Canonical grid of a cache built here."),
+    note: str = typer.Option("", help="Text at the head of the report (e.g. the machine's load)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Every method on one split: accuracy with CIs and paired tests, compute, figures, HTML report."""
+    from latent.app.bench.config import BenchConfig, parse_methods, parse_recipes, parse_steps
+    from latent.app.bench.run import run_bench
+
+    setup_logging(quiet)
+    try:
+        config = BenchConfig(data, cache, out, methods=parse_methods(methods), split_file=split_file, runs=runs,
+                             work=work, seconds=seconds, size=size, recipes=parse_recipes(recipe),
+                             overrides=tuple(override), ddim_steps=parse_steps(ddim_steps), samples=samples, vae=vae,
+                             grid=grid, note=note, quiet=quiet)
+        html_path = run_bench(config)
+    except USER_ERRORS as error:
+        user_error(error, ctx)
+    typer.echo(f"wrote {out / 'report.md'} and {html_path}")
 
 
 def main() -> None:

@@ -20,7 +20,9 @@ from pathlib import Path
 from latent.errors import BadConfigError
 from latent.cases import discover_cases, make_splits, save_splits
 from latent.recipes import RECIPES_DIR
-from latent.evaluate import METRIC_COLUMNS, evaluate_predictions, format_summary, summarise, write_rows_csv
+from latent.app.methods import (GRID_FLOORS, MethodResult, baseline_result, grid_floor_result, predict_method,
+                                train_method, vae_floor_result)
+from latent.evaluate import METRIC_COLUMNS, format_summary, summarise, write_rows_csv
 
 logger = logging.getLogger(__name__)
 
@@ -55,56 +57,6 @@ class DemoConfig:
     configs_dir: Path = RECIPES_DIR
 
 
-@dataclass
-class MethodResult:
-    """One method's evaluation on the test split plus its compute."""
-
-    name: str
-    rows: list[dict]
-    seconds_per_volume: float
-    train_seconds: float = 0.0
-    parameters: int = 0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    pred_dir: Path | None = None
-    dose: dict[str, float] = field(default_factory=dict)
-
-
-def _evaluate(name: str, data: Path, pred_dir: Path, out: Path, test: list[str], seconds: float, **extra) -> MethodResult:
-    evaluation = evaluate_predictions(pred_dir, data, out / "scores" / f"{name}.csv", pids=test, quiet=True)
-    for message in evaluation.run.failures.values():
-        logger.error("%s: %s", name, message)
-    return MethodResult(name, evaluation.rows, seconds, pred_dir=pred_dir, **extra)
-
-
-def baseline_results(data: Path, out: Path, splits: dict[str, list[str]]) -> list[MethodResult]:
-    """Water and bulk baselines on the test split."""
-    from latent.predict import predict_baseline
-
-    results = []
-    for method in ("water", "bulk"):
-        started = time.perf_counter()
-        pred_dir = out / "predictions" / method
-        run = predict_baseline(method, data, pred_dir, pids=splits["test"], fit_pids=splits["train"], quiet=True)
-        seconds = (time.perf_counter() - started) / max(1, len(run.results))
-        results.append(_evaluate(method, data, pred_dir, out, splits["test"], seconds))
-    return results
-
-
-def grid_floor_results(data: Path, out: Path, config: DemoConfig, test: list[str]) -> list[MethodResult]:
-    """The grid round trip of the true CT, full range and in the VAE window: the floors of the grid."""
-    from decode.grid_floor import predict_grid_floor
-    from latent.grid import parse_grid_spec
-
-    results = []
-    for name, window in (("grid_floor", "full"), ("grid_floor_vae", "vae")):
-        started = time.perf_counter()
-        pred_dir = out / "predictions" / name
-        run = predict_grid_floor(data, pred_dir, parse_grid_spec(config.grid), window, pids=test, quiet=True)
-        seconds = (time.perf_counter() - started) / max(1, len(run.results))
-        results.append(_evaluate(name, data, pred_dir, out, test, seconds))
-    return results
-
-
 def vae_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[str, Path, float]:
     """The demo's VAE (shipped, or fitted with ``fit_vae``) and every case encoded with it.
 
@@ -127,50 +79,6 @@ def vae_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[str, Path
     logger.info("encode: %d cases in %.0f s (%d failed)", len(report.encoded) + len(report.skipped),
                 report.seconds, len(report.failures))
     return vae_spec, out / "cache.zarr", vae_seconds
-
-
-def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, test: list[str], vae_seconds: float) -> MethodResult:
-    """decode(encode(CT)) on the native grid: the floor of latent-to-latent methods."""
-    from cache import LatentCache, pick_producer
-    from latent.app.vae_check import vae_check
-    from latent.vae import load_vae
-
-    cache = LatentCache.open(cache_path, pick_producer(cache_path, None)[0])
-    vae = load_vae(vae_spec)
-    started = time.perf_counter()
-    evaluation = vae_check(cache, vae, data, out / "predictions" / "vae_floor", pids=test, quiet=True)
-    seconds = (time.perf_counter() - started) / max(1, len(evaluation.rows))
-    parameters = sum(p.numel() for p in vae.network.parameters())
-    return MethodResult("vae_floor", evaluation.rows, seconds, vae_seconds, parameters,
-                        pred_dir=out / "predictions" / "vae_floor")
-
-
-def train_method(name: str, recipe: Path, out: Path, seconds: float, overrides: list[str] = ()) -> tuple[Path, float]:
-    """Train one recipe on the demo cache for ``seconds``; returns (run dir, training seconds)."""
-    from translate.train import load_config, train
-
-    run_dir = out / "runs" / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    config = load_config(recipe, [f"data.cache={out / 'cache.zarr'}", f"data.split_file={out / 'splits.json'}",
-                                  f"run_dir={run_dir}", f"train.max_seconds={seconds}", *overrides])
-    started = time.perf_counter()
-    train(config, quiet=True)
-    return run_dir, time.perf_counter() - started
-
-
-def predict_method(name: str, run_dir: Path, data: Path, out: Path, test: list[str], train_seconds: float,
-                   samples: int = 1, vae_spec: str | None = None) -> MethodResult:
-    """Predict the test split from raw MR files with a trained run and score it."""
-    from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset
-
-    run, vae = load_run_and_vae(run_dir, vae_spec)
-    pred_dir = out / "predictions" / name
-    predict_dataset(run, vae, data, pred_dir, pids=test, options=PredictOptions(samples=samples), quiet=True)
-    timings = json.loads((pred_dir / "timings.json").read_text())["mean_seconds"]
-    parameters = sum(p.numel() for p in run.model.parameters())
-    return _evaluate(name, data, pred_dir, out, test, sum(timings.values()), train_seconds=train_seconds,
-                     parameters=parameters, stage_seconds=timings)
 
 
 #: Rows without dose in the demo: the oracles (their images already say how close the grid comes)
@@ -294,27 +202,10 @@ def write_report(out: Path, results: list[MethodResult], splits: dict[str, list[
 def write_bench_report(out: Path, results: list[MethodResult], data: Path, pid: str, notes: str) -> Path:
     """``out/report/report.{md,html}``: paired statistics, Pareto plot, per-region bars and, per
     method, the axial, coronal and sagittal slices of test case ``pid`` (MR | CT | sCT | error)."""
-    import numpy as np
-
-    from latent.app.bench.figures import slice_panel
+    from latent.app.bench.panels import method_panels
     from latent.app.bench.report import write_report
-    from latent.cases import discover_cases
-    from latent.evaluate import find_prediction
-    from latent.io import read_volume
 
-    case = next(c for c in discover_cases(data) if c.pid == pid)
-    mr, properties = read_volume(case.mr, dtype=np.float32)
-    ct, mask = read_volume(case.ct, dtype=np.float32)[0], read_volume(case.mask)[0]
-    spacing_zyx = tuple(reversed(properties.spacing))
-    figures = {}
-    for result in results:
-        if result.pred_dir is None:
-            continue
-        sct = read_volume(find_prediction(result.pred_dir, pid), dtype=np.float32)[0]
-        std_path = result.pred_dir / f"{pid}_std.mha"
-        std = read_volume(std_path, dtype=np.float32)[0] if std_path.is_file() else None
-        figures[f"slices_{result.name}"] = slice_panel(mr, ct, sct, mask, out / "report" / "panels" / f"{result.name}.png",
-                                                       std=std, title=f"{result.name}: {pid}", spacing_zyx=spacing_zyx)
+    figures = method_panels(results, data, pid, out / "report" / "panels")
     compute = {r.name: {"train_seconds": r.train_seconds, "seconds_per_volume": r.seconds_per_volume,
                         "parameters": r.parameters, **{f"{k}_s": v for k, v in r.stage_seconds.items()}}
                for r in results}
@@ -337,7 +228,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
     data, splits = prepare_data(out, config)
     test = splits["test"]
     logger.info("phantom: %d cases (%s)", sum(map(len, splits.values())), ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    results = baseline_results(data, out, splits) + grid_floor_results(data, out, config, test)
+    results = [baseline_result(method, data, out, splits) for method in ("water", "bulk")]
+    results += [grid_floor_result(name, data, out, config.grid, test) for name in GRID_FLOORS]
     if config.fit_vae:
         logger.info("fitting the demo VAE for %.0f s", config.vae_seconds)
     vae_spec, cache_path, vae_seconds = vae_and_encode(data, out, config)

@@ -112,6 +112,7 @@ def encode_dataset(
             message = str(error).splitlines()[0]
             report.failures[case.pid] = message if case.pid in message else f"{case.pid}: {message}"
             logger.error(report.failures[case.pid])
+    report.seconds = time.perf_counter() - started  # the manifest records the encoding time
     report.manifest = _write_manifest(Path(cache_path), report, index, count)
     _update_statistics(cache, cases, split_file, set(report.failures), Path(cache_path))
     report.seconds = time.perf_counter() - started
@@ -126,6 +127,7 @@ def _write_manifest(cache_path: Path, report: EncodeReport, index: int, count: i
     temporary.write_text(json.dumps({
         "producer_key": report.producer_key, "grid": report.grid.to_dict(), "coverage": report.coverage,
         "encoded": report.encoded, "skipped": report.skipped, "failures": report.failures,
+        "seconds": round(report.seconds, 3),
     }, indent=2) + "\n")
     os.replace(temporary, path)
     return path

@@ -36,7 +36,7 @@ PAIRED_METRICS = {"mae": True, "psnr": False, "ms_ssim": False}
 #: Compute columns with their titles; any other key of a method's compute dict is appended.
 COMPUTE_LABELS = {"train_seconds": "train s", "seconds_per_volume": "s/volume", "encode_s": "encode s",
                   "translate_s": "translate s", "decode_s": "decode s", "parameters": "params (M)",
-                  "peak_memory_mb": "peak memory (MB)"}
+                  "peak_memory_mb": "train peak memory (MB)", "predict_peak_memory_mb": "predict peak memory (MB)"}
 #: Paired-table columns; the difference is method minus best, so its sign says which way the gap goes.
 PAIRED_HEADERS = ["method", "n", "mean difference (method - best)", "Wilcoxon p", "Wilcoxon p (Holm)",
                   "paired t p", "Cohen's dz"]
@@ -246,7 +246,7 @@ def _case_note(rows_by_method: Mapping[str, Sequence[dict]]) -> str:
 
 def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict]],
                  compute: Mapping[str, Mapping] | None = None, figures: Mapping[str, Path] | None = None,
-                 metadata: Mapping | None = None) -> tuple[Path, Path]:
+                 metadata: Mapping | None = None, tables: Mapping[str, Table] | None = None) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html``, ``results.json`` and ``results.csv`` under ``out_dir``.
 
     Args:
@@ -257,6 +257,7 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
         figures: extra PNGs by name (slice panels, step curve, training curves), embedded too.
         metadata: machine, library versions, git revision, recipes, note; missing machine, git
             revision and library versions are filled in.
+        tables: extra sections ``title -> (headers, rows of cell strings)`` after the compute table.
 
     Returns:
         ``(report.md path, report.html path)``.
@@ -275,13 +276,15 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
     table = method_table(rows_by_method, metrics)
     paired = {metric: compare_to_best(rows_by_method, metric, lower) for metric, lower in PAIRED_METRICS.items()}
     rows = results_rows(table, paired, compute)
-    tables = build_tables(table, paired, compute)
+    extra_tables = dict(tables or {})
+    tables = {**build_tables(table, paired, compute), **extra_tables}
     drawn = _collect_figures(out_dir, rows_by_method, table, compute, figures or {})
 
     write_rows_csv(rows, out_dir / "results.csv")
     results = {"methods": rows, "table": table,
                "paired": {m: {"best": best, "comparisons": c} for m, (best, c) in paired.items()},
-               "compute": compute, "metadata": metadata, "note": note,
+               "compute": compute, "tables": {title: {"headers": h, "rows": r} for title, (h, r) in extra_tables.items()},
+               "metadata": metadata, "note": note,
                "figures": {name: str(path.relative_to(out_dir)) for name, path in drawn.items()}}
     # Python's json writes NaN / Infinity (as latent.evaluate does): unscored and unbounded values survive.
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
