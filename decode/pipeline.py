@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from decode.combine import Moments, combine_volumes, flip_variants, mirror
 from decode.native import canonical_to_native_sct, std_to_native
 from decode.sct import output_to_canonical_hu
 from latent.cases import Case
@@ -103,46 +104,71 @@ def check_grid_matches(run: TrainedRun, grid: CanonicalGrid) -> None:
 
 @dataclass
 class CasePrediction:
-    """Native-grid sCT (and std map for K > 1 samples) with per-stage seconds."""
+    """Native-grid sCT (and std map over K > 1 samples, flips or ensemble members) with per-stage seconds."""
 
     hu: np.ndarray
     std: np.ndarray | None
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def translate_input(run: TrainedRun, inputs: torch.Tensor, samples: int, seed: int = 0) -> list[torch.Tensor]:
-    """``samples`` outputs of the model (one for deterministic models), seeded ``seed + k``."""
+def translate_input(run: TrainedRun, inputs: torch.Tensor, samples: int, seed: int = 0,
+                    tta: str = "none") -> list[torch.Tensor]:
+    """Outputs of the model: per flip variant of ``tta`` (:func:`decode.combine.flip_variants` of the
+    family's ``flip_axes``), ``samples`` outputs (one for deterministic models) seeded ``seed + k``.
+
+    A flipped pass mirrors the input (latent or pixels) and mirrors the output back, so every
+    output is in the input's orientation.
+    """
     model = run.model
-    if not model.stochastic or samples <= 1:
-        generator = torch.Generator(device=inputs.device).manual_seed(seed)
-        return [model.translate(inputs, generator=generator) if model.stochastic else model.translate(inputs)]
+    count = samples if model.stochastic else 1
     outputs = []
-    for index in range(samples):
-        generator = torch.Generator(device=inputs.device).manual_seed(seed + index)
-        outputs.append(model.translate(inputs, generator=generator))
+    for dims in flip_variants(model.flip_axes, tta):
+        flipped = mirror(inputs, dims)
+        for index in range(count):
+            if model.stochastic:
+                generator = torch.Generator(device=inputs.device).manual_seed(seed + index)
+                output = model.translate(flipped, generator=generator)
+            else:
+                output = model.translate(flipped)
+            outputs.append(mirror(output, dims))
     return outputs
 
 
 def predict_canonical(run: TrainedRun, vae, mr_input: torch.Tensor, samples: int = 1, seed: int = 0,
-                      tile: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
-    """Model input (encoded MR latent already standardised, or MR pixels) -> canonical HU (+ std)."""
+                      tile: Sequence[int] | None = None, tta: str = "none"
+                      ) -> tuple[np.ndarray, np.ndarray | None, dict[str, float]]:
+    """Model input (encoded MR latent already standardised, or MR pixels) -> canonical HU (+ std
+    over samples and flips, None for a single output)."""
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     with torch.no_grad():
-        outputs = translate_input(run, mr_input, samples, seed)
+        outputs = translate_input(run, mr_input, samples, seed, tta)
     seconds["translate"] = time.perf_counter() - started
     started = time.perf_counter()
     mean, std = run.latent_stats("ct_mu")
-    volumes = [output_to_canonical_hu(out, run.model.output_space, vae, mean, std, tile=tile)[0] for out in outputs]
+    moments = Moments()
+    for out in outputs:
+        moments.add(output_to_canonical_hu(out, run.model.output_space, vae, mean, std, tile=tile)[0])
     seconds["decode"] = time.perf_counter() - started
-    # float64: sums of float32 samples are exact, so the std is exactly 0 where the samples agree.
-    stack = np.stack(volumes).astype(np.float64)
-    std_map = stack.std(0).astype(np.float32) if len(volumes) > 1 else None
-    return stack.mean(0).astype(np.float32), std_map, seconds
+    hu, std_map = moments.result()
+    return hu, std_map, seconds
+
+
+def combine_predictions(predictions: Sequence[CasePrediction]) -> CasePrediction:
+    """Ensemble of native-grid predictions: the members' mean HU (equal weights) and the std of
+    the mixture of their outputs (across members, and each member's samples and flips); seconds add up."""
+    if len(predictions) == 1:
+        return predictions[0]
+    hu, std = combine_volumes([p.hu for p in predictions], [p.std for p in predictions])
+    seconds: dict[str, float] = {}
+    for prediction in predictions:
+        for stage, value in prediction.seconds.items():
+            seconds[stage] = seconds.get(stage, 0.0) + value
+    return CasePrediction(hu, std, seconds)
 
 
 def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int = 1, seed: int = 0,
-                     tile: Sequence[int] | None = None) -> CasePrediction:
+                     tile: Sequence[int] | None = None, tta: str = "none") -> CasePrediction:
     """Encode (if the model is latent), translate, decode and map one prepared case to its native grid."""
     from latent.vae_inference import encode_mu
 
@@ -156,7 +182,7 @@ def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int 
         mean, std = run.latent_stats("mr_mu")
         mr = standardise(latent, mean, std)
         seconds["encode"] = time.perf_counter() - started
-    hu, std_map, stage_seconds = predict_canonical(run, vae, mr, samples, seed, tile)
+    hu, std_map, stage_seconds = predict_canonical(run, vae, mr, samples, seed, tile, tta)
     seconds.update(stage_seconds)
     started = time.perf_counter()
     native = canonical_to_native_sct(hu, prepared.mapping, prepared.native_mask)
@@ -166,7 +192,7 @@ def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int 
 
 
 def predict_cached(run: TrainedRun, vae, cache, pid: str, samples: int = 1, seed: int = 0,
-                   tile: Sequence[int] | None = None) -> tuple[CasePrediction, GridMapping]:
+                   tile: Sequence[int] | None = None, tta: str = "none") -> tuple[CasePrediction, GridMapping]:
     """Predict one case from the cache's stored MR latent / pixels (no re-encoding)."""
     from latent.io import read_volume
 
@@ -181,7 +207,7 @@ def predict_cached(run: TrainedRun, vae, cache, pid: str, samples: int = 1, seed
         tensor = standardise(tensor, mean, std)
     elif tensor.ndim == 4:
         tensor = tensor[None]
-    hu, std_map, seconds = predict_canonical(run, vae, tensor, samples, seed, tile)
+    hu, std_map, seconds = predict_canonical(run, vae, tensor, samples, seed, tile, tta)
     mask_path = attrs.get("source_paths", {}).get("mask")
     native_mask = read_volume(mask_path)[0] if mask_path else None
     native = canonical_to_native_sct(hu, mapping, native_mask)
@@ -197,6 +223,6 @@ def case_from_files(mr: Path, mask: Path | None, pid: str | None = None) -> Case
 
 
 __all__ = [
-    "CasePrediction", "RunMismatchError", "TrainedRun", "case_from_files", "check_grid_matches",
+    "CasePrediction", "RunMismatchError", "TrainedRun", "case_from_files", "check_grid_matches", "combine_predictions",
     "check_vae_matches", "load_run", "predict_cached", "predict_canonical", "predict_prepared",
 ]

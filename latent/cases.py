@@ -10,7 +10,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from latent.io import VolumeError, VolumeProperties, is_volume_path, read_image
 from latent.errors import BadConfigError, InputError
@@ -168,6 +168,28 @@ def check_case_grid(case: Case) -> VolumeProperties:
     return reference
 
 
+def stratify(labels: Mapping[str, tuple[str, str]], seed: int = 0, by_centre: bool = True
+             ) -> dict[tuple[str, str], list[str]]:
+    """Patient ids grouped by (region, centre) (or region alone), each group shuffled with ``seed``.
+
+    Args:
+        labels: patient id -> (region, centre).
+
+    Returns:
+        ``{(region, centre or ""): [pid, ...]}`` in sorted key order; the same input and seed
+        always give the same order.
+    """
+    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for pid, (region, centre) in labels.items():
+        strata[(region, centre if by_centre else "")].append(pid)
+    shuffled = {}
+    for key in sorted(strata):
+        pids = sorted(strata[key])
+        random.Random(f"{seed}:{key[0]}:{key[1]}").shuffle(pids)
+        shuffled[key] = pids
+    return shuffled
+
+
 def make_splits(
     cases: Sequence[Case],
     fractions: tuple[float, float, float] = (0.7, 0.1, 0.2),
@@ -185,16 +207,12 @@ def make_splits(
     """
     if abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
         raise BadConfigError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
-    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for case in cases:
-        strata[(case.region, case.centre if by_centre else "")].append(case.pid)
+    strata = stratify({case.pid: (case.region, case.centre) for case in cases}, seed, by_centre)
     # Small strata are merged per region so that rounding does not starve val/test.
     if by_centre and any(len(pids) < 3 for pids in strata.values()):
         return make_splits(cases, fractions, seed, by_centre=False)
     splits: dict[str, list[str]] = {"train": [], "val": [], "test": []}
-    for key in sorted(strata):
-        pids = sorted(strata[key])
-        random.Random(f"{seed}:{key[0]}:{key[1]}").shuffle(pids)
+    for pids in strata.values():
         count = len(pids)
         n_val = round(count * fractions[1])
         n_test = round(count * fractions[2])
@@ -205,6 +223,59 @@ def make_splits(
         splits["val"] += pids[n_train:n_train + n_val]
         splits["test"] += pids[n_train + n_val:]
     return {name: sorted(pids) for name, pids in splits.items()}
+
+
+def parse_fold(text: object) -> tuple[int, int]:
+    """``"k/K"`` -> ``(k, K)`` with ``1 <= k <= K`` and ``K >= 2``.
+
+    Raises:
+        ValueError: anything else (the message shows the value).
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text) if isinstance(text, str) else None
+    if match is None or not 1 <= int(match[1]) <= int(match[2]) or int(match[2]) < 2:
+        raise ValueError(f"expected k/K with 1 <= k <= K and K >= 2 (e.g. 2/5), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def make_folds(labels: Mapping[str, tuple[str, str]], folds: int, seed: int = 0) -> list[list[str]]:
+    """``folds`` disjoint folds covering ``labels``, stratified by region and centre.
+
+    Each stratum (:func:`stratify`) is shuffled with ``seed`` and dealt round-robin, the deal
+    continuing from one stratum to the next, so fold sizes differ by at most one and every
+    region (and centre) is spread as evenly as its size allows.
+
+    Args:
+        labels: patient id -> (region, centre).
+
+    Returns:
+        ``folds`` lists of patient ids, each sorted.
+    """
+    out: list[list[str]] = [[] for _ in range(folds)]
+    position = 0
+    for pids in stratify(labels, seed).values():
+        for pid in pids:
+            out[position % folds].append(pid)
+            position += 1
+    return [sorted(fold) for fold in out]
+
+
+def fold_of_splits(splits: Mapping[str, Sequence[str]], pool: Sequence[str], labels: Mapping[str, tuple[str, str]],
+                   fold: str, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Training and validation ids of fold ``"k/K"`` over ``pool`` (the train + val cases).
+
+    The ``test`` split's ids are never used, even if the pool names one of them.
+
+    Returns:
+        ``(train_ids, val_ids)``: the other K - 1 folds and fold k, each sorted.
+    """
+    index, count = parse_fold(fold)
+    held_out = set(splits.get("test", ()))
+    usable = sorted(set(pool) - held_out)
+    folds = make_folds({pid: labels[pid] for pid in usable}, count, seed)
+    if any(not ids for ids in folds):
+        raise BadConfigError(f"{count} folds need at least {count} train + val cases, got {len(usable)}")
+    train = sorted(pid for number, ids in enumerate(folds, 1) if number != index for pid in ids)
+    return train, folds[index - 1]
 
 
 def save_splits(splits: dict[str, list[str]], path: str | os.PathLike) -> Path:
@@ -249,5 +320,5 @@ def read_split(path: str | os.PathLike, name: str) -> list[str]:
 
 __all__ = [
     "Case", "CaseError", "CaseScan", "read_split", "VolumeError", "check_case_grid", "discover_cases", "scan_cases", "load_splits",
-    "make_splits", "parse_pid", "save_splits",
+    "fold_of_splits", "make_folds", "make_splits", "parse_fold", "parse_pid", "save_splits", "stratify",
 ]

@@ -1,6 +1,8 @@
 """`latent evaluate`: score a prediction folder against the data set, SynthRAD-style.
 
-A prediction folder holds ``<pid>.mha`` (or ``.nii.gz``) per case on the case's native grid.
+A prediction folder holds ``<pid>.mha`` (or ``.nii.gz``) per case on the case's native grid,
+and optionally ``<pid>_std.mha``, a per-voxel uncertainty map (samples, flips, ensembles) whose
+ranking against the absolute error is reported as ``std_error_spearman``.
 Every case with a CT and a mask is scored; a missing prediction, one on another grid, or a
 broken input is a one-line per-case error, the others are still scored.
 """
@@ -25,6 +27,8 @@ from latent.runner import CaseRun, run_over_cases, select_cases
 #: Metric columns, in table order, with their display precision.
 METRIC_COLUMNS = {"mae": 1, "psnr": 2, "ms_ssim": 4, "ssim": 4, "bone_dice": 3, "bone_hd95": 2}
 PREDICTION_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
+#: Voxels used for the std-error Spearman correlation (more are subsampled evenly).
+SPEARMAN_MAX_VOXELS = 200_000
 
 
 def find_prediction(pred_dir: Path, pid: str) -> Path:
@@ -49,22 +53,54 @@ def cases_with_ct(data_root: str | os.PathLike, pids: Iterable[str] | None = Non
     return [case for case in cases if case.pid in wanted]
 
 
+def find_std_map(prediction: Path) -> Path | None:
+    """The uncertainty map ``<pid>_std.<suffix>`` beside a prediction file, if there is one."""
+    for suffix in PREDICTION_SUFFIXES:
+        if prediction.name.endswith(suffix):
+            candidate = prediction.with_name(prediction.name[: -len(suffix)] + "_std" + suffix)
+            return candidate if candidate.is_file() else None
+    return None
+
+
+def std_error_spearman(std: np.ndarray, error: np.ndarray, max_voxels: int = SPEARMAN_MAX_VOXELS) -> float:
+    """Spearman correlation between per-voxel std and absolute error (1-D arrays of the masked voxels).
+
+    More than ``max_voxels`` voxels are subsampled at evenly spaced indices (deterministic). NaN
+    when either side is constant (no ranking to compare).
+    """
+    from scipy.stats import spearmanr
+
+    if std.size > max_voxels:
+        keep = np.linspace(0, std.size - 1, max_voxels).round().astype(np.int64)
+        std, error = std[keep], error[keep]
+    if std.size < 2 or np.all(std == std[0]) or np.all(error == error[0]):
+        return math.nan
+    return float(spearmanr(std, error).statistic)
+
+
 def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
-    """Score one prediction file against its case's CT inside the case's mask."""
+    """Score one prediction file against its case's CT inside the case's mask; with a
+    ``<pid>_std`` map beside it, also ``std_error_spearman`` (std vs. |sCT - CT| in the mask)."""
     if case.ct is None or case.mask is None:
         raise CaseError(f"{case.pid}: needs ct and mask to be scored")
     ct, ct_properties = read_volume(case.ct, dtype=np.float32)
     mask, mask_properties = read_volume(case.mask)
     sct, sct_properties = read_volume(prediction, dtype=np.float32)
-    for name, properties in (("mask", mask_properties), ("prediction", sct_properties)):
-        differences = ct_properties.grid_differences(properties)
+    std_path = find_std_map(prediction)
+    std, std_properties = read_volume(std_path, dtype=np.float32) if std_path is not None else (None, None)
+    for name, path, properties in (("mask", case.mask, mask_properties), ("prediction", prediction, sct_properties),
+                                   ("std map", std_path, std_properties)):
+        differences = ct_properties.grid_differences(properties) if properties is not None else []
         if differences:
-            path = case.mask if name == "mask" else prediction
             raise CaseError(f"{case.pid}: {name} {path} is on another grid than the CT: {'; '.join(differences)}")
     if not np.any(mask):
         raise CaseError(f"{case.pid}: empty mask {case.mask}")
     scores = score_case(ct, sct, mask > 0, ct_properties.spacing)
-    return {"pid": case.pid, "region": case.region, "centre": case.centre, **{k: float(v) for k, v in scores.items()}}
+    row = {"pid": case.pid, "region": case.region, "centre": case.centre, **{k: float(v) for k, v in scores.items()}}
+    if std is not None:
+        inside = mask > 0
+        row["std_error_spearman"] = std_error_spearman(std[inside], np.abs(sct[inside] - ct[inside]))
+    return row
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -154,7 +190,9 @@ def evaluate_predictions(
                            if selection.skipped else ""))
     run = run_over_cases(None, lambda case: score_prediction(case, find_prediction(pred_dir, case.pid)), "evaluate",
                          quiet, selection=selection)
-    evaluation = Evaluation(run, summarise(run.results.values()) if run.results else [])
+    columns = list(METRIC_COLUMNS) + [column for column in ("std_error_spearman",)
+                                      if any(column in row for row in run.results.values())]
+    evaluation = Evaluation(run, summarise(run.results.values(), columns=columns) if run.results else [])
     if out is not None:
         out = Path(out)
         write_rows_csv(evaluation.rows, out)

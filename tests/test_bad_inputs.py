@@ -284,6 +284,11 @@ def train_with(recipe_changes: dict) -> Callable[[World, Path, Path], list[str]]
     return command
 
 
+def predict_ensemble_of_one(world: World, data: Path, tmp: Path) -> list[str]:
+    return ["predict", "--ensemble", str(world.run), "--vae", str(world.vae), "--data", str(data),
+            "--out", str(world.pred), "-q"]
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -336,6 +341,9 @@ CORPUS: dict[str, Bad] = {
                                       r"invalid training config: model\.trunk_chanels: Extra inputs are not permitted", 2),
     "cache of another producer": Bad(nothing, train_with({"data.producer": "0123456789abcdef"}),
                                      r"data\.producer: '0123456789abcdef' is not in .*cache\.zarr", 2),
+    "fold out of range": Bad(nothing, train_with({"data.fold": "6/5"}),
+                             r"invalid training config: data\.fold: expected k/K .* got '6/5'", 2),
+    "ensemble of one run": Bad(nothing, predict_ensemble_of_one, r"--ensemble: .* names one run", 2),
 }
 
 

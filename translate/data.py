@@ -50,6 +50,30 @@ def resolve_producer(cache_path: str | Path, producer: str) -> tuple[str, dict]:
     return pick_producer(cache_path, producer, option="data.producer")
 
 
+def split_ids(cache: Any, data: Any) -> tuple[list[str], list[str] | None]:
+    """Training and validation case ids of a ``data`` section (``None``: no validation).
+
+    Without ``data.fold`` these are the ``train_split`` and ``val_split`` of the split file;
+    with ``data.fold = "k/K"`` the train + val cases are split into K folds stratified by the
+    region and centre recorded in the cache, and fold k validates (:func:`latent.cases.fold_of_splits`).
+    """
+    from latent.cases import fold_of_splits, load_splits, read_split
+
+    train = read_split(data.split_file, data.train_split)
+    val = None if data.val_split is None else read_split(data.split_file, data.val_split)
+    if data.fold is None:
+        return train, val
+    pool = train + (val or [])
+    labels = {}
+    for pid in pool:
+        attrs = cache.case_attrs(pid)
+        labels[pid] = (str(attrs.get("region") or "?"), str(attrs.get("centre") or "?"))
+    try:
+        return fold_of_splits(load_splits(data.split_file), pool, labels, data.fold, data.fold_seed)
+    except BadConfigError as error:
+        raise BadConfigError(f"data.fold: {error}") from None
+
+
 def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str], seed: int
                          ) -> tuple[Dataset, Dataset | None, dict]:
     """Train / validation datasets of a run's ``data`` section (a ``DataConfig``).
@@ -65,17 +89,20 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
         raise BadConfigError(f"{missing}: required (or pass train_dataset to train())")
     key, record = resolve_producer(data.cache, data.producer)
     cache = LatentCache.open(data.cache, key, mode="r")
-    train_dataset = LatentPairDataset.from_split(cache, data.split_file, data.train_split, keys=tuple(keys),
-                                                 preload=data.preload, crop=data.crop, seed=seed)
+    train_ids, val_ids = split_ids(cache, data)
+    train_dataset = LatentPairDataset(cache, train_ids, keys=tuple(keys), preload=data.preload, crop=data.crop,
+                                      seed=seed)
     val_dataset = None
-    if data.val_split is not None:
-        val_dataset = LatentPairDataset.from_split(cache, data.split_file, data.val_split, keys=tuple(val_keys),
-                                                   preload=data.preload, crop=data.val_crop, seed=seed)
+    if val_ids is not None:
+        val_dataset = LatentPairDataset(cache, val_ids, keys=tuple(val_keys), preload=data.preload,
+                                        crop=data.val_crop, seed=seed)
         if data.val_limit is not None:
             val_dataset = Subset(val_dataset, range(min(data.val_limit, len(val_dataset))))
     producer = {"producer_key": key, "record": record, "latent_stats": cache.latent_stats(),
                 "cache": str(data.cache), "split_file": str(data.split_file),
                 "train_split": data.train_split, "val_split": data.val_split}
+    if data.fold is not None:
+        producer.update(fold=data.fold, fold_seed=data.fold_seed, train_ids=train_ids, val_ids=val_ids)
     logger.info("data: producer %s, %d train / %d val cases", key, len(train_dataset),
                 0 if val_dataset is None else len(val_dataset))
     return train_dataset, val_dataset, producer

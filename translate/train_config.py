@@ -14,6 +14,7 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
+from latent.cases import parse_fold
 from latent.errors import BadConfigError
 from latent.recipes import find_recipe
 from translate.models.base import ModelConfig, model_class
@@ -46,6 +47,18 @@ class DataConfig(_Section):
     extra_val_keys: tuple[str, ...] = ()
     #: Validate on the first N validation cases only.
     val_limit: int | None = Field(None, ge=1)
+    #: "k/K": split the train + val cases of ``split_file`` into K folds stratified by region and
+    #: centre, train on the other K - 1 and validate on fold k (the test split is never used).
+    fold: str | None = None
+    #: Seed of the fold assignment (keep it fixed across the K runs of one cross-validation).
+    fold_seed: int = 0
+
+    @field_validator("fold", mode="before")
+    @classmethod
+    def _fold(cls, value: Any) -> Any:
+        if value is not None:
+            parse_fold(value)
+        return value
 
 
 class TrainSection(_Section):

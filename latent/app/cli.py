@@ -101,6 +101,10 @@ def predict(
     # -- trained model
     model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output).",
                                          rich_help_panel=PANEL_MODEL),
+    ensemble: Optional[str] = typer.Option(None, rich_help_panel=PANEL_MODEL, help=(
+        "RUN1,RUN2,...: average these runs in HU on the native grid (each with its own VAE); std map written.")),
+    tta: str = typer.Option("none", rich_help_panel=PANEL_MODEL, help=(
+        "none, or flip: also predict the input mirrored along the family's flip axes (left-right) and average.")),
     vae: Optional[str] = typer.Option(None, help="VAE spec (default: the one recorded in the run).",
                                       rich_help_panel=PANEL_MODEL),
     which: str = typer.Option("best", help="best or final model of the run.", rich_help_panel=PANEL_MODEL),
@@ -109,7 +113,8 @@ def predict(
     seed: int = typer.Option(0, rich_help_panel=PANEL_MODEL),
     device: str = typer.Option("cpu", rich_help_panel=PANEL_MODEL),
     # -- output
-    out: Path = typer.Option(..., help="Prediction folder (<pid>.mha per case, <pid>_std.mha for K > 1 samples).",
+    out: Path = typer.Option(..., help=("Prediction folder (<pid>.mha per case; <pid>_std.mha for K > 1 samples, "
+                                        "--tta flip or --ensemble)."),
                              rich_help_panel=PANEL_OUTPUT),
     fmt: str = typer.Option("mha", "--format", help="mha, nii.gz, nii, nrrd or dicom.", rich_help_panel=PANEL_OUTPUT),
     keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed.",
@@ -136,11 +141,18 @@ def predict(
             else:
                 fit_pids = split_pids(split_file, "train") if split_file and method == "bulk" else None
                 run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
-        elif model is not None:
+        elif model is not None or ensemble is not None:
+            from decode.combine import check_tta
             from latent.app import predict_run as runner
 
-            trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
-            options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which)
+            if model is not None and ensemble is not None:
+                fail("--ensemble: give either --model RUN_DIR or --ensemble RUN1,RUN2,..., not both")
+            check_tta(tta)
+            if ensemble is not None:
+                trained, loaded_vae = runner.load_ensemble(ensemble, vae, which, device), None
+            else:
+                trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
+            options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which, tta=tta)
             if gc_io is not None:
                 run = runner.predict_grand_challenge(trained, loaded_vae, gc_io[0], gc_io[1], options, quiet)
             elif mr is not None:
@@ -154,7 +166,7 @@ def predict(
             else:
                 fail("--model needs one of --data ROOT, --mr FILE, --from-cache CACHE or --gc-io IN OUT")
         else:
-            fail("give --method water|bulk|grid_floor|grid_floor_vae or --model RUN_DIR")
+            fail("give --method water|bulk|grid_floor|grid_floor_vae, --model RUN_DIR or --ensemble RUN1,RUN2,...")
     except USER_ERRORS as error:
         user_error(error, ctx)
     destination = out if gc_io is None else gc_io[1]

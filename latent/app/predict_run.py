@@ -2,6 +2,9 @@
 
 Inputs: a data set (``--data``), one MR file (``--mr [--mask]``), the Grand Challenge layout
 (``--gc-io INPUT OUTPUT``) or the latents already in the run's cache (``--from-cache``).
+``--ensemble RUN1,RUN2,...`` predicts with every run (each through its own VAE and latent
+statistics) and averages in HU on the native grid; the std across members, samples and flips
+(``--tta flip``) goes to ``<pid>_std.mha`` like the std of ``--samples K``.
 """
 
 from __future__ import annotations
@@ -10,29 +13,45 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from decode.pipeline import (
-    CasePrediction, TrainedRun, case_from_files, check_vae_matches, load_run, predict_cached, predict_prepared,
+    CasePrediction, TrainedRun, case_from_files, check_vae_matches, combine_predictions, load_run, predict_cached,
+    predict_prepared,
 )
 from decode.writers import write_prediction
 from latent.cases import Case, CaseError
+from latent.errors import BadConfigError
+from latent.grid import CanonicalGrid
 from latent.io import read_volume, write_volume
-from latent.prepare import body_mask_from_mr, prepare_case, prepare_mr_only
+from latent.prepare import PreparedCase, body_mask_from_mr, prepare_case, prepare_mr_only
 from latent.runner import CaseRun, run_over_cases, select_cases
 
 
 @dataclass
 class PredictOptions:
-    """How to predict: samples for stochastic models, seed, output format, decoder tile."""
+    """How to predict: samples for stochastic models, seed, flip TTA, output format, decoder tile."""
 
     samples: int = 1
     seed: int = 0
     fmt: str = "mha"
     tile: Sequence[int] | None = None
     which: str = "best"
+    #: "none" or "flip" (mirror along the family's ``flip_axes``; decode.combine.TTA_MODES).
+    tta: str = "none"
+
+
+#: One trained run and the VAE it predicts through (None for pixel models).
+Member = tuple[TrainedRun, Any]
+
+
+@dataclass
+class Ensemble:
+    """Runs whose native-grid predictions are averaged in HU (each with its own VAE and statistics)."""
+
+    members: list[Member]
 
 
 def load_run_and_vae(run_dir: str | os.PathLike, vae_spec: str | None, which: str = "best",
@@ -53,6 +72,46 @@ def load_run_and_vae(run_dir: str | os.PathLike, vae_spec: str | None, which: st
     return run, vae
 
 
+def parse_ensemble(text: str) -> list[Path]:
+    """``RUN1,RUN2,...`` -> run folders (at least two, no repeats).
+
+    Raises:
+        BadConfigError: naming ``--ensemble`` and the problem.
+    """
+    names = [name.strip() for name in text.split(",")]
+    if any(not name for name in names):
+        raise BadConfigError(f"--ensemble: empty run name in {text!r}; expected RUN1,RUN2,...")
+    if len(names) < 2:
+        raise BadConfigError(f"--ensemble: {text!r} names one run; an ensemble needs at least two (or use --model)")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise BadConfigError(f"--ensemble: {repeated[0]} is named twice")
+    return [Path(name) for name in names]
+
+
+def load_ensemble(text: str, vae_spec: str | None, which: str = "best", device: str = "cpu") -> Ensemble:
+    """The runs of ``--ensemble RUN1,RUN2,...``, each with its own VAE (``vae_spec`` applies to all)."""
+    return Ensemble([load_run_and_vae(run_dir, vae_spec, which, device) for run_dir in parse_ensemble(text)])
+
+
+def _members(run: TrainedRun | Ensemble, vae) -> list[Member]:
+    return run.members if isinstance(run, Ensemble) else [(run, vae)]
+
+
+def _predict_members(members: Sequence[Member], prepare: Callable[[CanonicalGrid], PreparedCase],
+                     options: PredictOptions) -> tuple[CasePrediction, PreparedCase]:
+    """Every member's prediction of one case (prepared once per canonical grid), combined in HU."""
+    prepared: dict[str, PreparedCase] = {}
+    predictions = []
+    for run, vae in members:
+        key = run.grid.spec()
+        if key not in prepared:
+            prepared[key] = prepare(run.grid)
+        predictions.append(predict_prepared(run, vae, prepared[key], options.samples, options.seed, options.tile,
+                                            options.tta))
+    return combine_predictions(predictions), next(iter(prepared.values()))
+
+
 def _write(out_dir: Path, pid: str, prediction: CasePrediction, properties, options: PredictOptions) -> Path:
     return write_prediction(out_dir, pid, prediction.hu, properties, std=prediction.std, fmt=options.fmt)
 
@@ -64,18 +123,18 @@ def _write_timings(out_dir: Path, run: CaseRun, timings: dict[str, dict[str, flo
         {"cases": timings, "mean_seconds": summary, "failures": run.failures}, indent=2) + "\n")
 
 
-def predict_dataset(run: TrainedRun, vae, data_root: str | os.PathLike, out_dir: str | os.PathLike,
+def predict_dataset(run: TrainedRun | Ensemble, vae, data_root: str | os.PathLike, out_dir: str | os.PathLike,
                     pids: Iterable[str] | None = None, options: PredictOptions | None = None,
                     quiet: bool = False) -> CaseRun[Path]:
     """Predict every case (or ``pids``) of a SynthRAD-layout data set from its raw MR files."""
     options = options or PredictOptions()
+    members = _members(run, vae)
     out_dir = Path(out_dir)
     selection = select_cases(data_root, pids)
     timings: dict[str, dict[str, float]] = {}
 
     def work(case: Case) -> Path:
-        prepared = prepare_case(case, run.grid, with_ct=False)
-        prediction = predict_prepared(run, vae, prepared, options.samples, options.seed, options.tile)
+        prediction, prepared = _predict_members(members, lambda grid: prepare_case(case, grid, with_ct=False), options)
         timings[case.pid] = prediction.seconds
         return _write(out_dir, case.pid, prediction, prepared.mapping.native, options)
 
@@ -84,25 +143,31 @@ def predict_dataset(run: TrainedRun, vae, data_root: str | os.PathLike, out_dir:
     return result
 
 
-def predict_from_cache(run: TrainedRun, vae, cache_path: str | os.PathLike, out_dir: str | os.PathLike,
+def predict_from_cache(run: TrainedRun | Ensemble, vae, cache_path: str | os.PathLike, out_dir: str | os.PathLike,
                        pids: Iterable[str] | None = None, options: PredictOptions | None = None,
                        quiet: bool = False) -> CaseRun[Path]:
-    """Predict from the MR latents / pixels stored in the run's cache (no re-encoding)."""
+    """Predict from the MR latents / pixels stored in the cache, in each member's own producer group
+    (no re-encoding)."""
     from cache import LatentCache
 
     options = options or PredictOptions()
+    members = _members(run, vae)
     out_dir = Path(out_dir)
-    cache = LatentCache.open(cache_path, run.record["producer_key"])
+    caches = [LatentCache.open(cache_path, member.record["producer_key"]) for member, _ in members]
+    cache = caches[0]
     wanted = list(pids) if pids is not None else cache.case_ids()
+    present = [pid for pid in wanted if all(store.has_case(pid) for store in caches)]
     cases = [Case(pid, str(cache.case_attrs(pid).get("region", "?")), str(cache.case_attrs(pid).get("centre", "?")),
-                  Path(cache.case_attrs(pid).get("source_paths", {}).get("mr", pid))) for pid in wanted if cache.has_case(pid)]
-    missing = sorted(set(wanted) - {case.pid for case in cases})
+                  Path(cache.case_attrs(pid).get("source_paths", {}).get("mr", pid))) for pid in present]
+    missing = sorted(set(wanted) - set(present))
     timings: dict[str, dict[str, float]] = {}
 
     def work(case: Case) -> Path:
-        prediction, mapping = predict_cached(run, vae, cache, case.pid, options.samples, options.seed, options.tile)
+        predictions = [predict_cached(member, member_vae, store, case.pid, options.samples, options.seed,
+                                      options.tile, options.tta) for (member, member_vae), store in zip(members, caches)]
+        prediction = combine_predictions([item[0] for item in predictions])
         timings[case.pid] = prediction.seconds
-        return _write(out_dir, case.pid, prediction, mapping.native, options)
+        return _write(out_dir, case.pid, prediction, predictions[0][1].native, options)
 
     result = run_over_cases(cases, work, "predict (cache)", quiet)
     result.failures.update({pid: f"{pid}: not in cache {cache_path}" for pid in missing})
@@ -110,7 +175,7 @@ def predict_from_cache(run: TrainedRun, vae, cache_path: str | os.PathLike, out_
     return result
 
 
-def predict_files(run: TrainedRun, vae, mr: Path, mask: Path | None, out_dir: str | os.PathLike,
+def predict_files(run: TrainedRun | Ensemble, vae, mr: Path, mask: Path | None, out_dir: str | os.PathLike,
                   options: PredictOptions | None = None, output_name: str | None = None) -> Path:
     """Predict one MR file (with its mask, or a mask derived from the MR)."""
     options = options or PredictOptions()
@@ -125,8 +190,8 @@ def predict_files(run: TrainedRun, vae, mr: Path, mask: Path | None, out_dir: st
             raise CaseError(f"{mask}: empty mask")
     else:
         mask_array = body_mask_from_mr(mr_array, min(properties.spacing[:2]))
-    prepared = prepare_mr_only(mr_array, mask_array, properties, case, run.grid)
-    prediction = predict_prepared(run, vae, prepared, options.samples, options.seed, options.tile)
+    prediction, _ = _predict_members(
+        _members(run, vae), lambda grid: prepare_mr_only(mr_array, mask_array, properties, case, grid), options)
     out_dir = Path(out_dir)
     if output_name is not None:  # Grand Challenge layout: nothing else in the output folder
         return write_volume(out_dir / output_name, prediction.hu, properties, dtype=np.int16)
@@ -135,8 +200,9 @@ def predict_files(run: TrainedRun, vae, mr: Path, mask: Path | None, out_dir: st
     return path
 
 
-def predict_grand_challenge(run: TrainedRun, vae, input_dir: str | os.PathLike, output_dir: str | os.PathLike,
-                            options: PredictOptions | None = None, quiet: bool = False) -> CaseRun[Path]:
+def predict_grand_challenge(run: TrainedRun | Ensemble, vae, input_dir: str | os.PathLike,
+                            output_dir: str | os.PathLike, options: PredictOptions | None = None,
+                            quiet: bool = False) -> CaseRun[Path]:
     """Grand Challenge algorithm layout: images/mri + images/body (+ region.json) -> images/synthetic-ct."""
     from decode.gc_io import gc_output_path, read_gc_inputs
 

@@ -66,6 +66,10 @@ class TranslationModel(nn.Module):
     phases: ClassVar[tuple[str, ...]] = ("main",)
     #: Whether :meth:`translate` is stochastic (diffusion): then K samples give an uncertainty map.
     stochastic: ClassVar[bool] = False
+    #: Canonical axes (``"z"``, ``"y"``, ``"x"``) that flip test-time augmentation may mirror.
+    #: The canonical grid has the identity direction in LPS, so ``x`` is left-right, the one
+    #: mirror under which anatomy stays plausible; head-feet and front-back are not symmetric.
+    flip_axes: ClassVar[tuple[str, ...]] = ("x",)
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
