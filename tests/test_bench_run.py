@@ -36,7 +36,7 @@ TINY_RECIPE = {
               "tensorboard": False},
     "run_dir": "unused",
 }
-METHODS = "water,bulk,grid_floor,vae_floor,l2l_regress"
+METHODS = "water,bulk,grid_floor,vae_floor,l2l_regress,l2l_regress+tta,l2l_regress+ens2"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 cli = CliRunner()
@@ -105,6 +105,15 @@ def test_bench_writes_every_table_column_and_valid_p_values(first_bench: Path) -
     assert float(trained["train_seconds"]) > 0 and float(trained["peak_memory_mb"]) > 0
     assert float(trained["parameters"]) > 0 and float(trained["encode_s"]) >= 0
     assert math.isnan(float(rows["water"]["peak_memory_mb"]))  # nothing trained
+    assert rows["l2l_regress+tta"]["train_seconds"] == trained["train_seconds"]  # the same run, predicted with flips
+    assert float(rows["l2l_regress+ens2"]["parameters"]) == 2 * float(trained["parameters"])
+    work = first_bench / "work" / "predictions"
+    for name in ("l2l_regress+tta", "l2l_regress+ens2"):
+        assert len(list((work / name).glob("*_std.mha"))) == 2, name
+    assert not list((work / "l2l_regress").glob("*_std.mha"))
+    folds = [json.loads((first_bench.parent / "runs" / f"l2l_regress_fold{k}of2" / "producer.json").read_text())
+             for k in (1, 2)]
+    assert [f["fold"] for f in folds] == ["1/2", "2/2"] and not set(folds[0]["val_ids"]) & set(folds[1]["val_ids"])
     results = json.loads((first_bench / "results.json").read_text())
     p_values = [c[key] for block in results["paired"].values() for c in block["comparisons"]
                 for key in ("wilcoxon_p", "wilcoxon_p_holm", "ttest_p")]
@@ -144,6 +153,7 @@ def test_bench_reuses_a_complete_run(bench_inputs: dict[str, Path], first_bench:
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--methods", "water,magic", r"--methods: unknown method\(s\) magic"),
+    ("--methods", "l2sct+ens1,bulk+tta", r"--methods: unknown method\(s\) l2sct\+ens1, bulk\+tta"),
     ("--ddim-steps", "5,x", r"--ddim-steps: '5,x' is not a comma-separated list"),
     ("--recipe", "water=foo", r"--recipe 'water=foo': 'water' is not a trained method"),
     ("--size", "huge", r"--size 'huge': expected one of demo, full"),

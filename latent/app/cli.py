@@ -278,7 +278,8 @@ def bench(
     out: Path = typer.Option(..., help="Report folder: report.md, report.html, results.json/csv, figures/."),
     methods: str = typer.Option(",".join(DEFAULT_BENCH_METHODS), help=(
         "Comma-separated: water, bulk, grid_floor, grid_floor_vae, vae_floor, l2sct, l2l_regress, l2l_ddim, "
-        "l2l_controlnet, regress3d, pix2pix, cyclegan, cut.")),
+        "l2l_controlnet, regress3d, pix2pix, cyclegan, cut; a learned family with +tta (flip TTA) and/or "
+        "+ensK (K fold runs averaged), e.g. regress3d+tta, l2sct+ens3.")),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON (default: a stratified split, seed 0)."),
     runs: Optional[Path] = typer.Option(None, help="Training runs: <runs>/<method> is reused when complete, else trained there."),
     work: Optional[Path] = typer.Option(None, help="Predictions, scores and panels (default <out>/work)."),

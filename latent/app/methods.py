@@ -112,22 +112,26 @@ def train_method(name: str, recipe: Path, out: Path, seconds: float, overrides: 
     return run_dir, seconds_taken
 
 
-def predict_method(name: str, run_dir: Path, data: Path, out: Path, test: list[str], train_seconds: float,
-                   samples: int = 1, vae_spec: str | None = None, steps: int | None = None,
-                   quiet: bool = True) -> MethodResult:
-    """Predict the test split from raw MR files with a trained run and score it.
+def predict_method(name: str, run_dir: Path | list[Path], data: Path, out: Path, test: list[str],
+                   train_seconds: float, samples: int = 1, vae_spec: str | None = None, steps: int | None = None,
+                   tta: str = "none", quiet: bool = True) -> MethodResult:
+    """Predict the test split from raw MR files with a trained run (or an ensemble of runs) and score it.
 
     ``steps`` overrides a diffusion model's sampling steps (the DDIM step sweep); ``samples > 1``
-    averages that many samples and writes ``<pid>_std.mha``.
+    averages that many samples, ``tta="flip"`` the mirrored passes, a list of runs their
+    predictions in HU; each of these writes ``<pid>_std.mha``.
     """
-    from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset
+    from latent.app.predict_run import Ensemble, PredictOptions, load_run_and_vae, predict_dataset
 
-    run, vae = load_run_and_vae(run_dir, vae_spec)
-    if steps is not None:
-        run.model.config.num_inference_steps = steps  # read by the sampler at every translate call
+    members = [load_run_and_vae(folder, vae_spec) for folder in (run_dir if isinstance(run_dir, list) else [run_dir])]
+    for run, _ in members:
+        if steps is not None:
+            run.model.config.num_inference_steps = steps  # read by the sampler at every translate call
+    run, vae = members[0] if len(members) == 1 else (Ensemble(members), None)
     pred_dir = out / "predictions" / name
-    predict_dataset(run, vae, data, pred_dir, pids=test, options=PredictOptions(samples=samples), quiet=quiet)
+    predict_dataset(run, vae, data, pred_dir, pids=test, options=PredictOptions(samples=samples, tta=tta),
+                    quiet=quiet)
     timings = json.loads((pred_dir / "timings.json").read_text())["mean_seconds"]
-    parameters = sum(p.numel() for p in run.model.parameters())
+    parameters = sum(p.numel() for member, _ in members for p in member.model.parameters())
     return score_method(name, data, pred_dir, out, test, sum(timings.values()), train_seconds=train_seconds,
                         parameters=parameters, stage_seconds=timings)

@@ -20,23 +20,52 @@ DIFFUSION = ("l2l_ddim", "l2l_controlnet")
 #: The DDIM step sweep runs on this family's trained run.
 SWEPT = "l2l_ddim"
 KNOWN_METHODS = (*BASELINES, *ORACLES, VAE_FLOOR, *LEARNED)
+#: Variants of a learned family, appended to its name: ``+tta`` (flip test-time augmentation) and
+#: ``+ensK`` (K fold runs, ``data.fold=k/K``, averaged in HU), e.g. ``regress3d+ens3+tta``.
+VARIANT_HELP = "a learned family with +tta and/or +ensK (K >= 2), e.g. regress3d+tta, l2sct+ens3+tta"
 #: What ``latent bench`` runs when ``--methods`` is not given.
 DEFAULT_METHODS = ("water", "bulk", "grid_floor", "grid_floor_vae", "vae_floor", "l2sct", "l2l_regress", "l2l_ddim",
                    "regress3d", "pix2pix")
 RECIPE_SIZES = ("demo", "full")
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A learned family predicted with flip TTA and/or as an ensemble of K fold runs (K = 1: one run)."""
+
+    family: str
+    tta: bool = False
+    folds: int = 1
+
+
+def parse_variant(name: str) -> Variant | None:
+    """The :class:`Variant` of ``family[+tta][+ensK]`` (None when ``name`` is no such variant)."""
+    family, *suffixes = name.split("+")
+    if family not in LEARNED or not suffixes or len(set(suffixes)) != len(suffixes):
+        return None
+    tta, folds = False, 1
+    for suffix in suffixes:
+        if suffix == "tta":
+            tta = True
+        elif suffix.startswith("ens") and suffix[3:].isdigit() and int(suffix[3:]) >= 2:
+            folds = int(suffix[3:])
+        else:
+            return None
+    return Variant(family, tta, folds)
+
+
 def parse_methods(text: str) -> tuple[str, ...]:
-    """Comma-separated method names, checked against :data:`KNOWN_METHODS` (order kept, duplicates dropped).
+    """Comma-separated method names from :data:`KNOWN_METHODS` or learned variants (order kept,
+    duplicates dropped).
 
     Raises:
         BadConfigError: naming ``--methods`` and the unknown names.
     """
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    unknown = [name for name in names if name not in KNOWN_METHODS]
+    unknown = [name for name in names if name not in KNOWN_METHODS and parse_variant(name) is None]
     if unknown or not names:
         raise BadConfigError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
-                             f"known: {', '.join(KNOWN_METHODS)}")
+                             f"known: {', '.join(KNOWN_METHODS)}, or {VARIANT_HELP}")
     return names
 
 

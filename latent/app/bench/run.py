@@ -20,7 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from latent.app.bench.config import BASELINES, DIFFUSION, LEARNED, ORACLES, SWEPT, VAE_FLOOR, BenchConfig
+from latent.app.bench.config import (BASELINES, DIFFUSION, ORACLES, SWEPT, VAE_FLOOR, BenchConfig, Variant,
+                                     parse_variant)
 from latent.app.bench.memory import PeakMemory
 from latent.app.methods import (MethodResult, baseline_result, grid_floor_result, predict_method, train_recipe,
                                 vae_floor_result)
@@ -35,6 +36,8 @@ TRAIN_RECORD = "bench_train.json"
 #: The shipped prior recipe of the ControlNet route at each size, if any (else the ControlNet
 #: recipe itself with :data:`PRIOR_OVERRIDES`, as its header says).
 PRIOR_OVERRIDES = ["model.stage=prior", "model.prior_path=null", "data.val_split=null"]
+#: Methods that predict without a trained run.
+NOT_TRAINED = (*BASELINES, *ORACLES, VAE_FLOOR)
 
 
 @dataclass
@@ -160,20 +163,31 @@ def train_or_reuse(config: BenchConfig, name: str, recipe: str, split_file: Path
     return record
 
 
-def train_learned(config: BenchConfig, name: str, split_file: Path, cache: Path) -> TrainRecord:
-    """Train (or reuse) a learned family; the ControlNet's prior first, its seconds added to the row."""
-    if name != "l2l_controlnet":
-        return train_or_reuse(config, name, config.recipe(name), split_file, cache)
+def train_learned(config: BenchConfig, family: str, split_file: Path, cache: Path, fold: tuple[int, int] | None = None
+                  ) -> TrainRecord:
+    """Train (or reuse) a learned family, on fold ``(k, K)`` of train + val when given (run
+    ``<family>_fold<k>of<K>``); the ControlNet's prior first, its seconds added to the row."""
+    suffix, overrides = ("", []) if fold is None else (f"_fold{fold[0]}of{fold[1]}", [f"data.fold={fold[0]}/{fold[1]}"])
+    if family != "l2l_controlnet":
+        return train_or_reuse(config, family + suffix, config.recipe(family), split_file, cache, overrides)
     try:
         prior_recipe, prior_overrides = str(find_recipe(f"l2l_controlnet_prior_{config.size}")), []
     except BadConfigError:
-        prior_recipe, prior_overrides = config.recipe(name), PRIOR_OVERRIDES
+        prior_recipe, prior_overrides = config.recipe(family), PRIOR_OVERRIDES
     prior = train_or_reuse(config, "l2l_controlnet_prior", prior_recipe, split_file, cache, prior_overrides)
-    record = train_or_reuse(config, name, config.recipe(name), split_file, cache,
-                            [f"model.prior_path={prior.run_dir / 'final'}"])
+    record = train_or_reuse(config, family + suffix, config.recipe(family), split_file, cache,
+                            [*overrides, f"model.prior_path={prior.run_dir / 'final'}"])
     record.seconds += prior.seconds
     record.peak_memory_mb = max(record.peak_memory_mb, prior.peak_memory_mb)
     return record
+
+
+def train_variant(config: BenchConfig, variant: Variant, split_file: Path, cache: Path) -> list[TrainRecord]:
+    """The run of a family (shared by its ``+tta`` variant), or its K fold runs for ``+ensK``."""
+    if variant.folds == 1:
+        return [train_learned(config, variant.family, split_file, cache)]
+    return [train_learned(config, variant.family, split_file, cache, (k, variant.folds))
+            for k in range(1, variant.folds + 1)]
 
 
 def training_curve(run_dir: Path) -> list[tuple[float, float]]:
@@ -220,10 +234,14 @@ def run_method(config: BenchConfig, name: str, splits: dict[str, list[str]], spl
     Returns ``([result, *sweep results], {name: compute}, {"recipe", "curve"})``.
     """
     work, test = config.work, splits["test"]
-    train = None
-    if name in LEARNED:
+    train, variant = None, parse_variant(name) or (Variant(name) if name not in NOT_TRAINED else None)
+    if variant is not None:
         progress.set_postfix_str(f"{name}: train")
-        train = train_learned(config, name, split_file, facts.path)
+        members = train_variant(config, variant, split_file, facts.path)
+        train = TrainRecord(members[0].run_dir, sum(m.seconds for m in members),
+                            max(m.peak_memory_mb for m in members), max(m.peak_cuda_mb for m in members),
+                            "; ".join(dict.fromkeys(m.recipe for m in members)), all(m.reused for m in members))
+        run_dirs = [m.run_dir for m in members]
     progress.set_postfix_str(f"{name}: predict + score")
     with PeakMemory() as memory:
         if name in BASELINES:
@@ -233,9 +251,10 @@ def run_method(config: BenchConfig, name: str, splits: dict[str, list[str]], spl
         elif name == VAE_FLOOR:
             result = vae_floor_result(config.data, work, facts.vae, facts.path, test, 0.0)
         else:
-            samples = config.samples if name in DIFFUSION else 1
-            result = predict_method(name, train.run_dir, config.data, work, test, train.seconds, samples=samples,
-                                    vae_spec=facts.vae, quiet=config.quiet)
+            samples = config.samples if variant.family in DIFFUSION else 1
+            result = predict_method(name, run_dirs if len(run_dirs) > 1 else run_dirs[0], config.data, work, test,
+                                    train.seconds, samples=samples, vae_spec=facts.vae,
+                                    tta="flip" if variant.tta else "none", quiet=config.quiet)
     results, compute = [result], {name: _compute(result, train, memory)}
     if name == SWEPT:
         for steps in config.ddim_steps:
@@ -246,7 +265,7 @@ def run_method(config: BenchConfig, name: str, splits: dict[str, list[str]], spl
             results.append(swept)
             compute[swept.name] = {**_compute(swept, train, memory), "ddim_steps": steps}
     details = {"recipe": train.recipe if train else "none (no training)",
-               "curve": training_curve(train.run_dir) if train else []}
+               "curve": training_curve(train.run_dir) if train and variant == Variant(variant.family) else []}
     return results, compute, details
 
 
