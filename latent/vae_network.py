@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from latent.errors import WeightsError
+from latent.network_weights import freeze, load_strict, read_state_dict
 
 
 #: Architecture of the released MAISI VAE (NV-Generate-CT / NV-Generate-MR), ~20.9 M parameters.
@@ -160,43 +161,12 @@ def _remap_legacy_keys(state: Mapping[str, torch.Tensor], model_keys: set[str]) 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a plain state dict (``.pt`` with ``weights_only=True``, or ``.safetensors``)."""
-    try:
-        if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many types for a corrupt file
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise VAEError(f"cannot read VAE weights {path}: {type(exc).__name__}: {first}") from exc
-    if isinstance(state, Mapping) and STATE_DICT_WRAPPER_KEY in state:
-        state = state[STATE_DICT_WRAPPER_KEY]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise VAEError(f"{path} does not hold a state dict of tensors")
-    return dict(state)
+    return read_state_dict(path, what="VAE weights", error=VAEError, wrapper_key=STATE_DICT_WRAPPER_KEY)
 
 
 def _load_weights(network: nn.Module, path: Path) -> None:
     """Load ``path`` into ``network`` strictly, after the legacy key remap."""
-    model_keys = set(network.state_dict())
-    state = _remap_legacy_keys(_read_state_dict(path), model_keys)
-    missing = sorted(model_keys - set(state))
-    unexpected = sorted(set(state) - model_keys)
-    if missing or unexpected:
-        raise VAEError(
-            f"{path} does not match the {type(network).__name__} architecture: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    try:
-        network.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # shape mismatch: another channel configuration
-        first = str(exc).strip().splitlines()[-1].strip()
-        raise VAEError(f"{path} does not match the configured architecture: {first}") from exc
+    load_strict(network, _remap_legacy_keys(_read_state_dict(path), set(network.state_dict())), path, error=VAEError)
 
 
-def _freeze(network: nn.Module) -> nn.Module:
-    network.eval()
-    for parameter in network.parameters():
-        parameter.requires_grad_(False)
-    return network
+_freeze = freeze
