@@ -23,7 +23,6 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import DynUNet
 from pydantic import model_validator
@@ -33,6 +32,13 @@ from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from translate.models.base import ModelConfig, TranslationModel
 from translate.models.gan_common import pad_volume_to
 from translate.models.l2sct import AIR_VALUE, START_VALUE
+from translate.models.regress3d_parts import (
+    downsample_target,
+    gradient_l1,
+    masked_mean,
+    register_once,
+    supervision_weights,
+)
 
 #: nnU-Net treats axes within this factor of the finest spacing as isotropic (3x3x3 kernels, pooling).
 ANISOTROPY_RATIO = 2.0
@@ -220,12 +226,6 @@ def training_patches(batch: dict[str, torch.Tensor], config: Regress3DConfig) ->
 
 
 # -- losses -----------------------------------------------------------------------------------
-def supervision_weights(heads: int) -> list[float]:
-    """nnU-Net's deep-supervision weights: halving per level, normalised to sum 1 (``heads + 1`` outputs)."""
-    raw = [0.5**level for level in range(heads + 1)]
-    return [w / sum(raw) for w in raw]
-
-
 def head_scales(strides: list[list[int]], heads: int) -> list[tuple[int, int, int]]:
     """Per output (full resolution first), its downsampling factor (z, y, x) against the patch."""
     return [total_stride(strides[:level + 1]) for level in range(heads + 1)]
@@ -238,40 +238,6 @@ def split_heads(stacked: torch.Tensor, scales: list[tuple[int, int, int]]) -> li
     ``scale``-th voxel recovers the head's own output exactly (integer factors).
     """
     return [stacked[:, k, :, ::sz, ::sy, ::sx] for k, (sz, sy, sx) in enumerate(scales)]
-
-
-def downsample_target(ct: torch.Tensor, mask: torch.Tensor, size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """CT (trilinear) and mask (nearest) ``(N, 1, D, H, W)`` resampled to ``size`` (d, h, w)."""
-    if tuple(ct.shape[2:]) == tuple(size):
-        return ct, mask
-    return (F.interpolate(ct, size=size, mode="trilinear", align_corners=False),
-            F.interpolate(mask, size=size, mode="nearest"))
-
-
-def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` weighted by ``weight`` (same shape); 0 where the weight is empty."""
-    return (values * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def gradient_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L1 between finite-difference gradients of ``(N, 1, D, H, W)`` tensors, over voxel pairs in the mask."""
-    total = prediction.new_zeros(())
-    for axis in (2, 3, 4):
-        pairs = mask.narrow(axis, 1, mask.shape[axis] - 1) * mask.narrow(axis, 0, mask.shape[axis] - 1)
-        total = total + masked_mean((prediction.diff(dim=axis) - target.diff(dim=axis)).abs(), pairs)
-    return total / 3.0
-
-
-def register_once(network: DynUNet) -> DynUNet:
-    """Unregister DynUNet's ``skip_layers`` tree, whose blocks are also registered by name.
-
-    MONAI registers every block twice (``input_block``, ``downsamples``, ... and again inside the
-    recursive ``skip_layers``), so its state dict holds each tensor under two keys, which
-    safetensors refuses to save. The tree stays a plain attribute (``forward`` calls it); every
-    block it holds is still registered once, so ``.to()``, ``train()`` and the optimizer reach it.
-    """
-    object.__setattr__(network, "skip_layers", network._modules.pop("skip_layers"))
-    return network
 
 
 class Regress3D(TranslationModel):

@@ -1,0 +1,48 @@
+"""Parts of the ``regress3d`` family shared with its perception loss: deep-supervision weights,
+targets on a head's grid, masked means, the gradient-matching term, and DynUNet registered once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DynUNet
+
+
+def supervision_weights(heads: int) -> list[float]:
+    """nnU-Net's deep-supervision weights: halving per level, normalised to sum 1 (``heads + 1`` outputs)."""
+    raw = [0.5**level for level in range(heads + 1)]
+    return [w / sum(raw) for w in raw]
+
+
+def downsample_target(ct: torch.Tensor, mask: torch.Tensor, size: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """CT (trilinear) and mask (nearest) ``(N, 1, D, H, W)`` resampled to ``size`` (d, h, w)."""
+    if tuple(ct.shape[2:]) == tuple(size):
+        return ct, mask
+    return (F.interpolate(ct, size=size, mode="trilinear", align_corners=False),
+            F.interpolate(mask, size=size, mode="nearest"))
+
+
+def masked_mean(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` weighted by ``weight`` (same shape); 0 where the weight is empty."""
+    return (values * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def gradient_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L1 between finite-difference gradients of ``(N, 1, D, H, W)`` tensors, over voxel pairs in the mask."""
+    total = prediction.new_zeros(())
+    for axis in (2, 3, 4):
+        pairs = mask.narrow(axis, 1, mask.shape[axis] - 1) * mask.narrow(axis, 0, mask.shape[axis] - 1)
+        total = total + masked_mean((prediction.diff(dim=axis) - target.diff(dim=axis)).abs(), pairs)
+    return total / 3.0
+
+
+def register_once(network: DynUNet) -> DynUNet:
+    """Unregister DynUNet's ``skip_layers`` tree, whose blocks are also registered by name.
+
+    MONAI registers every block twice (``input_block``, ``downsamples``, ... and again inside the
+    recursive ``skip_layers``), so its state dict holds each tensor under two keys, which
+    safetensors refuses to save. The tree stays a plain attribute (``forward`` calls it); every
+    block it holds is still registered once, so ``.to()``, ``train()`` and the optimizer reach it.
+    """
+    object.__setattr__(network, "skip_layers", network._modules.pop("skip_layers"))
+    return network
