@@ -183,6 +183,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
 
     # -- model and one optimizer per phase
     model = build_model(config.model)
+    model.prepare_training()
     optimizer_class = torch.optim.AdamW if section.optimizer == "adamw" else torch.optim.Adam
     phase_params = {phase: model.phase_parameters(phase) for phase in model.phases}
     optimizers = [optimizer_class(phase_params[phase], lr=config.model.lr, betas=config.model.betas,

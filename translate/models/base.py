@@ -79,6 +79,10 @@ class TranslationModel(nn.Module):
         """Parameters optimised in ``phase`` (default: all trainable ones)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def prepare_training(self) -> None:
+        """Load what only training needs (e.g. a frozen network of a loss term) before the first
+        step, so that its errors come at once; prediction never calls it. Default: nothing."""
+
     def forward(self, batch: dict[str, torch.Tensor], phase: str = "main") -> dict[str, torch.Tensor]:
         """Losses of one phase; ``"loss"`` is back-propagated, the others are logged."""
         raise NotImplementedError

@@ -10,7 +10,9 @@ Training: batches may hold whole canonical volumes; ``forward`` crops one random
 a random body voxel. Loss: masked L1 (or MSE) against ``ct_pixels`` inside ``mask_pixels`` plus
 ``background_weight`` x L1 to air outside, on the full-resolution output and on every
 deep-supervision head (target and mask downsampled to the head's grid, weights halving per
-level and summing to 1), plus an optional gradient-matching term. The network reads the
+level and summing to 1), plus an optional gradient-matching term and an optional anatomical perception term (L1 between
+normalised features of a frozen segmentation network on CT and sCT; translate/models/perception.py).
+The network reads the
 normalised MR as it is (background 0, in-body p99.5 = 1; docs/intensities.md).
 
 Inference: gaussian-blended sliding windows of ``patch_size`` over the whole volume, the output
@@ -19,19 +21,21 @@ clipped to [-1, 1] (CT on [-1024, 3071] HU).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import ClassVar, Literal
 
 import torch
 from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import DynUNet
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 from torch import nn
 
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from translate.models.base import ModelConfig, TranslationModel
 from translate.models.gan_common import pad_volume_to
 from translate.models.l2sct import AIR_VALUE, START_VALUE
+from translate.models.perception import PerceptionNetwork, load_perception_network
 from translate.models.regress3d_parts import (
     downsample_target,
     gradient_l1,
@@ -49,6 +53,7 @@ MR_PAD, CT_PAD, MASK_PAD = 0.0, -1.0, 0.0
 #: Half the full-range width: [-1, 1] units -> HU differences.
 HU_PER_UNIT = (FULL_CT_MAX_HU - FULL_CT_MIN_HU) / 2.0
 
+logger = logging.getLogger(__name__)
 Topology = tuple[list[list[int]], list[list[int]]]
 
 
@@ -109,6 +114,13 @@ class Regress3DConfig(ModelConfig):
         background_weight: weight of the L1 to air (-1000 HU) outside the mask.
         gradient_weight: weight of the L1 between finite-difference gradients of sCT and CT in the mask.
         overlap: sliding-window overlap at inference (gaussian blending).
+        perception_weights: folder of a frozen segmentation network (translate/models/perception.py);
+            ``None``: no perception loss.
+        perception_weight: weight of the perception loss (0: off).
+        perception_layers: module names of the segmentation network whose features are compared;
+            empty: the ``layers`` of the weights folder's ``config.json``.
+        perception: derived, ``"on"`` with weights and a positive weight, else ``"off"``; recorded
+            in the resolved config (a recipe may leave it out).
     """
 
     family: Literal["regress3d"] = "regress3d"
@@ -127,6 +139,16 @@ class Regress3DConfig(ModelConfig):
     background_weight: float = 0.1
     gradient_weight: float = 0.0
     overlap: float = 0.5
+    perception_weights: str | None = None
+    perception_weight: float = 0.1
+    perception_layers: tuple[str, ...] = ()
+    perception: Literal["off", "on"] = "off"
+
+    @field_validator("perception", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: object) -> object:
+        """YAML reads an unquoted ``off`` / ``on`` as a boolean."""
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check(self) -> "Regress3DConfig":
@@ -144,9 +166,14 @@ class Regress3DConfig(ModelConfig):
             raise ValueError(f"body_patch_fraction: must be in [0, 1], got {self.body_patch_fraction}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap: must be in [0, 1), got {self.overlap}")
-        for name in ("background_weight", "gradient_weight"):
+        for name in ("background_weight", "gradient_weight", "perception_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        derived = "on" if self.perception_weights and self.perception_weight > 0 else "off"
+        if "perception" in self.model_fields_set and self.perception != derived:
+            raise ValueError(f"perception: derived from perception_weights and perception_weight ({derived!r} "
+                             f"here), got {self.perception!r}; leave it out")
+        self.perception = derived
         kernels, strides = self.topology
         if len(strides) < MIN_LEVELS:
             raise ValueError(f"patch_size: {list(self.patch_size)} plans only {len(strides)} levels "
@@ -259,6 +286,29 @@ class Regress3D(TranslationModel):
         self.supervision_scales = head_scales(strides, config.deep_supr_num)
         self.supervision_weights = supervision_weights(config.deep_supr_num)
         self._init_heads()
+        self._perception: PerceptionNetwork | None = None
+        if config.perception == "on":
+            logger.info("regress3d: perception loss on (weight %g, weights %s, loaded for training only)",
+                        config.perception_weight, config.perception_weights)
+        else:
+            logger.info("regress3d: perception loss off (no perception_weights)")
+
+    def prepare_training(self) -> None:
+        """Load the frozen perception network now, so that bad weights fail before the first step."""
+        self.perception_network()
+
+    def perception_network(self) -> PerceptionNetwork | None:
+        """The frozen segmentation network of the perception loss (loaded once), or ``None`` when off.
+
+        It is kept out of the registered modules: not in ``state_dict`` (the saved model), not in
+        ``parameters()`` (the optimiser), not switched by ``train()``; ``forward`` moves it to the
+        batch's device. Prediction never loads it.
+        """
+        config: Regress3DConfig = self.config
+        if config.perception == "on" and self._perception is None:
+            network = load_perception_network(config.perception_weights, config.perception_layers)
+            object.__setattr__(self, "_perception", network)
+        return self._perception
 
     def _init_heads(self) -> None:
         """Every output head starts at exactly 0 HU: zero weights (MONAI's kaiming init gives a fresh
@@ -286,7 +336,8 @@ class Regress3D(TranslationModel):
 
         Returns:
             ``loss`` (back-propagated), ``l1_body`` / ``l1_background`` / ``mae_hu_body`` of the
-            full-resolution output, ``deep_supervision`` (the heads' weighted share of the loss).
+            full-resolution output, ``deep_supervision`` (the heads' weighted share of the loss),
+            ``gradient`` and ``perception`` (unweighted) when those terms are on.
         """
         config: Regress3DConfig = self.config
         patches = training_patches(batch, config)
@@ -310,6 +361,12 @@ class Regress3D(TranslationModel):
             gradient = gradient_l1(full, target, mask)
             loss = loss + config.gradient_weight * gradient
             losses["gradient"] = gradient.detach()
+        perception = self.perception_network()
+        if perception is not None:
+            perception.to(full.device)
+            term = perception.loss(full, target, mask)
+            loss = loss + config.perception_weight * term
+            losses["perception"] = term.detach()
         return {"loss": loss, **losses}
 
     @torch.no_grad()
