@@ -173,3 +173,16 @@ def test_missing_cache_without_a_vae_fails_in_one_line(bench_inputs: dict[str, P
                               "--split-file", str(bench_inputs["split_file"])])
     assert result.exit_code == 2
     assert "none.zarr: no such cache; pass --vae" in result.output and "Traceback" not in result.output
+
+
+def test_a_method_that_fails_on_an_input_error_is_reported_and_the_others_go_on(bench_inputs: dict[str, Path],
+                                                                                first_bench: Path,
+                                                                                tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(yaml.safe_dump({**TINY_RECIPE, "model": {**TINY_RECIPE["model"], "chanels": [8, 8]}}))
+    result = _bench(bench_inputs, tmp_path / "broken", "--methods", "bulk,l2sct", "--recipe", f"l2sct={broken}")
+    assert result.exit_code == 1
+    assert re.search(r"error: l2sct: .*chanels", result.output) and "Traceback" not in result.output
+    rows = list(csv.DictReader((tmp_path / "broken" / "results.csv").open()))
+    assert [row["method"] for row in rows] == ["bulk"]
+    assert "l2sct" in json.loads((tmp_path / "broken" / "results.json").read_text())["metadata"]["failed methods"]

@@ -292,6 +292,7 @@ def bench(
     vae: Optional[str] = typer.Option(None, help="VAE spec (building the cache, VAE floor; default the cache's)."),
     grid: str = typer.Option("auto", help="Canonical grid of a cache built here."),
     note: str = typer.Option("", help="Text at the head of the report (e.g. the machine's load)."),
+    keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some method failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Every method on one split: accuracy with CIs and paired tests, compute, figures, HTML report."""
@@ -304,10 +305,11 @@ def bench(
                              work=work, seconds=seconds, size=size, recipes=parse_recipes(recipe),
                              overrides=tuple(override), ddim_steps=parse_steps(ddim_steps), samples=samples, vae=vae,
                              grid=grid, note=note, quiet=quiet)
-        html_path = run_bench(config)
+        outcome = run_bench(config)
     except USER_ERRORS as error:
         user_error(error, ctx)
-    typer.echo(f"wrote {out / 'report.md'} and {html_path}")
+    typer.echo(f"wrote {out / 'report.md'} and {outcome.html_path}")
+    report_failures(outcome.failures, exit_code=0 if keep_going else 1)
 
 
 def main() -> None:

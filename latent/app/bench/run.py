@@ -26,7 +26,7 @@ from latent.app.bench.memory import PeakMemory
 from latent.app.methods import (MethodResult, baseline_result, grid_floor_result, predict_method, train_recipe,
                                 vae_floor_result)
 from latent.cases import discover_cases, load_splits, make_splits, save_splits
-from latent.errors import BadConfigError
+from latent.errors import BadConfigError, InputError, one_line
 from latent.recipes import find_recipe
 
 logger = logging.getLogger(__name__)
@@ -269,8 +269,18 @@ def run_method(config: BenchConfig, name: str, splits: dict[str, list[str]], spl
     return results, compute, details
 
 
-def run_bench(config: BenchConfig) -> Path:
-    """Run the benchmark of ``config``; returns the path of ``report.html``."""
+@dataclass
+class BenchOutcome:
+    """Where the report is, and the methods that failed on an input error (method -> one line)."""
+
+    html_path: Path
+    failures: dict[str, str]
+
+
+def run_bench(config: BenchConfig) -> BenchOutcome:
+    """Run the benchmark of ``config``: a method that fails on an input error (a bad recipe or
+    run folder, say) is named in the report and the outcome, and the others go on; any other
+    exception is a bug and stops the bench."""
     from latent.app.bench import figures as bench_figures
     from latent.app.bench.panels import method_panels
     from latent.app.bench.report import write_report
@@ -285,8 +295,14 @@ def run_bench(config: BenchConfig) -> Path:
     recipes: dict[str, str] = {}
     curves: dict[str, list[tuple[float, float]]] = {}
     progress = tqdm(config.methods, desc="bench", unit="method", disable=config.quiet)
+    failures: dict[str, str] = {}
     for name in progress:
-        method_results, method_compute, details = run_method(config, name, splits, split_file, facts, progress)
+        try:
+            method_results, method_compute, details = run_method(config, name, splits, split_file, facts, progress)
+        except InputError as error:
+            failures[name] = f"{name}: {one_line(error)}"
+            logger.error(failures[name])
+            continue
         results += method_results
         compute.update(method_compute)
         recipes[name] = details["recipe"]
@@ -312,12 +328,14 @@ def run_bench(config: BenchConfig) -> Path:
         "peak memory": "process RSS sampled every 0.05 s (what the machine needs for that stage in one process)",
         "bench seconds": round(time.perf_counter() - started, 1),
     }
+    if failures:
+        metadata["failed methods"] = failures
     if facts is not None:
         metadata["cache"] = {"path": str(facts.path), "producer": facts.producer_key, "grid": facts.grid,
                              "vae": facts.vae, "cases": facts.cases, "built by this bench": facts.built_here}
     _, html_path = write_report(config.out, {r.name: r.rows for r in results if r.rows}, compute, figures,
                                 metadata, tables=tables)
-    return html_path
+    return BenchOutcome(html_path, failures)
 
 
 def _mean_mae(result: MethodResult) -> float:
