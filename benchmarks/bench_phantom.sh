@@ -12,7 +12,7 @@ SECONDS_PER_METHOD=${2:-120}
 WORK=${WORK:-bench_run}
 LATENT=${LATENT:-.venv/bin/latent}
 OUT=benchmarks/results/bench_phantom
-METHODS=water,bulk,grid_floor,grid_floor_vae,vae_floor,l2sct,l2l_regress,l2l_ddim,l2l_controlnet,regress3d,pix2pix,cyclegan,cut
+METHODS=water,bulk,grid_floor,grid_floor_vae,vae_floor,l2sct,l2sct+tta,l2l_regress,l2l_regress+tta,l2l_regress+ens3,l2l_ddim,l2l_controlnet,regress3d,regress3d+tta,regress3d+ens3,pix2pix,pix2pix+tta,cyclegan,cut
 
 rm -rf "$WORK" "$OUT"
 "$LATENT" phantom --out "$WORK/data" --cases 30 --regions AB,HN,TH --seed 0

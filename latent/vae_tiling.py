@@ -179,17 +179,20 @@ class TilePlan:
 
 
 def _axis_split(size: int, count: int, factor: int, margin: int) -> tuple[int, int, int] | None:
-    """(window, count, step) covering ``size`` with ``count`` windows that share about ``margin``
-    voxels (at most half of each window's share of the axis), or None when ``count`` windows cannot
-    be that small (the window would be the whole axis)."""
+    """(window, count, step) covering ``size`` with ``count`` windows, neighbours sharing about
+    ``margin`` voxels (more than ``margin - factor``, at least one; at most half of each window's share of the
+    axis), or None when ``count`` windows cannot be placed so (a window would be the whole axis, or
+    whole latent voxels leave too little shared)."""
     if count == 1:
         return size, 1, size
-    share = -(-size // count)
-    margin = min(margin, share // 2)  # a small volume: neighbours share at most half a window's share
-    window = min(size, -(-(share + margin) // factor) * factor)
+    margin = max(1, min(margin, -(-size // count) // 2))  # a small volume: at most half a window's share
+    # count windows of w sharing m voxels pairwise cover count * w - (count - 1) * m voxels
+    window = min(size, -(-(size + (count - 1) * margin) // (count * factor)) * factor)
     if window >= size:
         return None
     step = max(factor, -(-(-(-(size - window) // (count - 1))) // factor) * factor)
+    if window - step < max(1, margin - factor + 1):  # whole latent voxels left too little shared
+        return None
     actual = -(-(size - window) // step) + 1  # MONAI: the first d with d * step + window >= size, plus one
     return window, actual, step
 
