@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,7 +286,7 @@ def run_bench(config: BenchConfig) -> BenchOutcome:
     from latent.app.bench.panels import method_panels
     from latent.app.bench.report import write_report
 
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()
     config.work.mkdir(parents=True, exist_ok=True)
     config.out.mkdir(parents=True, exist_ok=True)
     split_file, splits = resolve_splits(config)
@@ -327,6 +328,7 @@ def run_bench(config: BenchConfig) -> BenchOutcome:
         "diffusion samples per case": config.samples,
         "peak memory": "process RSS sampled every 0.05 s (what the machine needs for that stage in one process)",
         "bench seconds": round(time.perf_counter() - started, 1),
+        "load average (1, 5, 15 min) at start / end": f"{_load(load_start)} / {_load(os.getloadavg())}",
     }
     if failures:
         metadata["failed methods"] = failures
@@ -341,3 +343,7 @@ def run_bench(config: BenchConfig) -> BenchOutcome:
 def _mean_mae(result: MethodResult) -> float:
     values = [float(row["mae"]) for row in result.rows if math.isfinite(float(row.get("mae", math.nan)))]
     return sum(values) / len(values) if values else math.nan
+
+
+def _load(values: tuple[float, float, float]) -> str:
+    return " ".join(f"{value:.1f}" for value in values)
