@@ -94,6 +94,7 @@ def test_bench_writes_every_table_column_and_valid_p_values(first_bench: Path) -
     for header in [*METRIC_LABELS.values(), *PAIRED_HEADERS, *COMPUTE_LABELS.values()]:
         assert f"| {header} |" in markdown, header
     assert "Latent cache: one-time encoding amortised over N experiments" in markdown
+    assert "Uncertainty: Spearman correlation of the per-voxel std" in markdown
     assert "Tiny test." in markdown
     with (first_bench / "results.csv").open() as handle:
         rows = {row["method"]: row for row in csv.DictReader(handle)}
@@ -111,6 +112,9 @@ def test_bench_writes_every_table_column_and_valid_p_values(first_bench: Path) -
     for name in ("l2l_regress+tta", "l2l_regress+ens2"):
         assert len(list((work / name).glob("*_std.mha"))) == 2, name
     assert not list((work / "l2l_regress").glob("*_std.mha"))
+    spearman = {name: float(rows[name]["std_error_spearman"]) for name in ("l2l_regress+tta", "l2l_regress+ens2")}
+    assert all(-1.0 <= value <= 1.0 for value in spearman.values()), spearman
+    assert math.isnan(float(rows["l2l_regress"]["std_error_spearman"]))
     folds = [json.loads((first_bench.parent / "runs" / f"l2l_regress_fold{k}of2" / "producer.json").read_text())
              for k in (1, 2)]
     assert [f["fold"] for f in folds] == ["1/2", "2/2"] and not set(folds[0]["val_ids"]) & set(folds[1]["val_ids"])

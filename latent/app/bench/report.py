@@ -31,6 +31,11 @@ METRIC_LABELS = {"mae": "MAE (HU)", "psnr": "PSNR (dB)", "ms_ssim": "MS-SSIM", "
 TISSUE_LABELS = {**{f"mae_{name}": f"MAE {name} [{low:.0f}, {high:.0f})"
                     for name, (low, high) in TISSUE_CLASSES.items()},
                  **{f"bias_{name}": f"bias {name}" for name in TISSUE_CLASSES}}
+#: Per-case Spearman correlation of a std map with the absolute error (latent.evaluate), where a
+#: method writes one (diffusion samples, flip TTA, ensembles).
+UNCERTAINTY = "std_error_spearman"
+UNCERTAINTY_TITLE = ("Uncertainty: Spearman correlation of the per-voxel std with |sCT - CT| inside the mask "
+                     "(mean +- std [95 % CI] over the test cases; methods with a std map)")
 #: Metrics the methods are paired against the best on: True where lower is better.
 PAIRED_METRICS = {"mae": True, "psnr": False, "ms_ssim": False}
 #: Compute columns with their titles; any other key of a method's compute dict is appended.
@@ -83,7 +88,7 @@ def _p_value(value: float) -> str:
 
 def _cell(entry: Mapping, metric: str, with_std: bool = True) -> str:
     """``mean +- std [CI low, CI high]`` of ``metric`` in a method-table entry."""
-    digits = METRIC_COLUMNS.get(metric, 1)
+    digits = METRIC_COLUMNS.get(metric, 3 if metric == UNCERTAINTY else 1)
     text = _number(entry.get(metric), digits)
     if with_std and not math.isnan(float(entry.get(f"{metric}_std", math.nan))):
         text += f" +- {_number(entry[f'{metric}_std'], digits)}"
@@ -144,6 +149,10 @@ def build_tables(table: list[dict], paired: Mapping[str, tuple[str | None, list[
         ["method", *regions, "all"], [[name, *(regional(name, r) for r in [*regions, "all"])] for name in methods])
     tables["Per-tissue MAE and bias (HU, mean +- std [95 % CI])"] = (
         ["method", *TISSUE_LABELS.values()], [[e["method"], *(_cell(e, c) for c in TISSUE_LABELS)] for e in overall])
+    with_std_map = [e for e in overall if math.isfinite(float(e.get(UNCERTAINTY, math.nan)))]
+    if with_std_map:
+        tables[UNCERTAINTY_TITLE] = (["method", "n", "Spearman (std, |error|)"],
+                                     [[e["method"], str(e["n"]), _cell(e, UNCERTAINTY)] for e in with_std_map])
     for metric, (best, comparisons) in paired.items():
         direction = "lower" if PAIRED_METRICS.get(metric, True) else "higher"
         best_mean = next((e[metric] for e in overall if e["method"] == best), math.nan)
@@ -272,7 +281,8 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
     metadata.setdefault("library_versions", library_versions())
     metadata.setdefault("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
-    metrics = [*METRIC_LABELS, *TISSUE_LABELS]
+    uncertain = any(UNCERTAINTY in row for rows in rows_by_method.values() for row in rows)
+    metrics = [*METRIC_LABELS, *TISSUE_LABELS, *([UNCERTAINTY] if uncertain else [])]
     table = method_table(rows_by_method, metrics)
     paired = {metric: compare_to_best(rows_by_method, metric, lower) for metric, lower in PAIRED_METRICS.items()}
     rows = results_rows(table, paired, compute)
