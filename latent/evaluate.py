@@ -8,6 +8,7 @@ broken input is a one-line per-case error, the others are still scored.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 from latent.cases import Case, CaseError, discover_cases
 from latent.io import VolumeError, read_volume
 from latent.metrics import score_case
-from latent.runner import CaseRun, run_over_cases, select_cases
+from latent.runner import CaseRun, default_workers, run_over_cases, select_cases
 
 #: Metric columns, in table order, with their display precision.
 METRIC_COLUMNS = {"mae": 1, "psnr": 2, "ms_ssim": 4, "ssim": 4, "bone_dice": 3, "bone_hd95": 2}
@@ -65,6 +66,10 @@ def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
         raise CaseError(f"{case.pid}: empty mask {case.mask}")
     scores = score_case(ct, sct, mask > 0, ct_properties.spacing)
     return {"pid": case.pid, "region": case.region, "centre": case.centre, **{k: float(v) for k, v in scores.items()}}
+
+
+def _score_from_folder(case: Case, pred_dir: Path) -> dict[str, float | str]:
+    return score_prediction(case, find_prediction(pred_dir, case.pid))
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -139,8 +144,12 @@ def evaluate_predictions(
     out: str | os.PathLike | None = None,
     pids: Iterable[str] | None = None,
     quiet: bool = False,
+    workers: int | None = None,
 ) -> Evaluation:
     """Score every case with a CT in ``data_root`` (or only ``pids``) against ``pred_dir``.
+
+    Cases are scored in ``workers`` processes (default :func:`latent.runner.default_workers`);
+    the scores do not depend on it.
 
     Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary, failures and skipped cases).
     """
@@ -152,8 +161,9 @@ def evaluate_predictions(
         raise CaseError(f"{data_root}: no case with a CT to score"
                         + (f" ({len(selection.skipped)} skipped, e.g. {next(iter(selection.skipped.values()))})"
                            if selection.skipped else ""))
-    run = run_over_cases(None, lambda case: score_prediction(case, find_prediction(pred_dir, case.pid)), "evaluate",
-                         quiet, selection=selection)
+    work = functools.partial(_score_from_folder, pred_dir=pred_dir)
+    run = run_over_cases(None, work, "evaluate", quiet, selection=selection,
+                         workers=default_workers() if workers is None else workers)
     evaluation = Evaluation(run, summarise(run.results.values()) if run.results else [])
     if out is not None:
         out = Path(out)

@@ -93,3 +93,16 @@ def test_predict_reports_broken_inputs(data_copy: Path, tmp_path: Path) -> None:
     assert "NaN/inf" in run.failures[cases[0].pid]
     assert "no mask" in run.failures[cases[1].pid]
     assert len(run.results) == len(cases) - 2
+
+
+def test_parallel_scoring_equals_serial(data_copy: Path, tmp_path: Path) -> None:
+    cases = discover_cases(data_copy)
+    pred = tmp_path / "pred"
+    predict_baseline("water", data_copy, pred, quiet=True)
+    (pred / f"{cases[0].pid}.mha").unlink()  # a failure must be reported the same way too
+    serial = evaluate_predictions(pred, data_copy, quiet=True, workers=1)
+    parallel = evaluate_predictions(pred, data_copy, quiet=True, workers=2)
+    assert len(serial.rows) == len(cases) - 1
+    assert json.dumps(parallel.rows) == json.dumps(serial.rows)
+    assert json.dumps(parallel.summary) == json.dumps(serial.summary)
+    assert parallel.run.failures == serial.run.failures and cases[0].pid in serial.run.failures
