@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -358,3 +360,27 @@ def test_tissue_errors_split_the_error_by_true_ct_class() -> None:
     assert errors["mae_above_1000"] == pytest.approx(500.0)
     empty = metrics.tissue_errors(ct, sct, np.zeros_like(ct))
     assert all(math.isnan(v) for v in empty.values())
+
+
+def _benchmark_reference():
+    """``benchmarks/metrics_reference.py``, the yardstick of ``bench_metrics.py``."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metrics_reference.py"
+    spec = importlib.util.spec_from_file_location("metrics_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("implant", [False, True])
+def test_score_case_matches_the_benchmark_reference(implant: bool) -> None:
+    ct, sct, mask = body_case((24, 40, 36), seed=13, noise=120.0)
+    if implant:
+        ct[12, 20, 18] = 3071  # above the SSIM's 3000 HU ceiling: its own moments
+    reference = _benchmark_reference().score_case(ct, sct, mask, SPACING_XYZ)
+    scores = metrics.score_case(ct.astype(np.float32), sct, mask, SPACING_XYZ)
+    assert set(scores) == set(reference)
+    for key, expected in reference.items():
+        if math.isnan(expected):
+            assert math.isnan(scores[key]), key
+        else:
+            assert scores[key] == pytest.approx(expected, rel=1e-10), key
