@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from latent.cases import Case, CaseError, discover_cases
 from latent.io import VolumeError, read_volume
@@ -66,6 +67,25 @@ def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
         raise CaseError(f"{case.pid}: empty mask {case.mask}")
     scores = score_case(ct, sct, mask > 0, ct_properties.spacing)
     return {"pid": case.pid, "region": case.region, "centre": case.centre, **{k: float(v) for k, v in scores.items()}}
+
+
+#: Cases smaller than this score faster than a worker process starts (phantoms, demos).
+POOL_MIN_VOXELS = 2_000_000
+
+
+def default_evaluate_workers(cases: Sequence[Case]) -> int:
+    """Workers for scoring ``cases``: :func:`latent.runner.default_workers` for SynthRAD-size
+    volumes, 1 when the first CT has fewer than :data:`POOL_MIN_VOXELS` voxels (header only)."""
+    if len(cases) < 2 or default_workers() == 1 or cases[0].ct is None:
+        return 1
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(cases[0].ct))
+        reader.ReadImageInformation()
+        voxels = math.prod(reader.GetSize())
+    except RuntimeError:  # a DICOM folder or an unreadable header: scoring reports the latter
+        return default_workers()
+    return default_workers() if voxels >= POOL_MIN_VOXELS else 1
 
 
 def _score_from_folder(case: Case, pred_dir: Path) -> dict[str, float | str]:
@@ -148,8 +168,8 @@ def evaluate_predictions(
 ) -> Evaluation:
     """Score every case with a CT in ``data_root`` (or only ``pids``) against ``pred_dir``.
 
-    Cases are scored in ``workers`` processes (default :func:`latent.runner.default_workers`);
-    the scores do not depend on it.
+    Cases are scored in ``workers`` processes (default :func:`default_evaluate_workers`); the
+    scores do not depend on it.
 
     Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary, failures and skipped cases).
     """
@@ -163,7 +183,7 @@ def evaluate_predictions(
                            if selection.skipped else ""))
     work = functools.partial(_score_from_folder, pred_dir=pred_dir)
     run = run_over_cases(None, work, "evaluate", quiet, selection=selection,
-                         workers=default_workers() if workers is None else workers)
+                         workers=default_evaluate_workers(selection.cases) if workers is None else workers)
     evaluation = Evaluation(run, summarise(run.results.values()) if run.results else [])
     if out is not None:
         out = Path(out)

@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterable, TypeVar
 
@@ -136,11 +137,18 @@ def run_over_cases(
         for case in tqdm(cases, desc=description, unit="case", disable=quiet, leave=False):
             _record(run, case, lambda case=case: work(case))
         return run
-    with _pool(min(workers, len(cases))) as pool:
-        futures: list[Future] = [pool.submit(work, case) for case in cases]
-        for _ in tqdm(as_completed(futures), total=len(futures), desc=description, unit="case", disable=quiet,
-                      leave=False):
-            pass
-        for case, future in zip(cases, futures):
-            _record(run, case, future.result)
+    try:
+        with _pool(min(workers, len(cases))) as pool:
+            futures: list[Future] = [pool.submit(work, case) for case in cases]
+            for _ in tqdm(as_completed(futures), total=len(futures), desc=description, unit="case",
+                          disable=quiet, leave=False):
+                pass
+            for case, future in zip(cases, futures):
+                _record(run, case, future.result)
+    except BrokenProcessPool as error:
+        # A worker problem costs time, never a result: the cases not yet recorded run here.
+        logger.warning("%s: worker pool broke (%s); running the remaining cases in this process", description, error)
+        for case in cases:
+            if case.pid not in run.results and case.pid not in run.failures:
+                _record(run, case, lambda case=case: work(case))
     return run

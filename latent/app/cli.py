@@ -172,7 +172,8 @@ def evaluate(
     split: str = typer.Option("test", help="Which split to score when --split-file is given."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1,
-                                          help="Processes scoring cases side by side (default: CPU cores, at most 2)."),
+                                          help="Processes scoring cases side by side (default: the CPU cores up to 2 for "
+                                               "SynthRAD-size cases, 1 for small ones)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
 ) -> None:
     """Score predictions with SynthRAD2025 metrics (MAE, PSNR, MS-SSIM) plus SSIM and bone Dice/HD95."""
