@@ -14,8 +14,11 @@ MAISI family (AutoencoderKL, channels 16/32/64, 4 latent channels, x4), it measu
   decoding them with numcodecs' Blosc alone (no zarr, no CRC check), MB/s of decoded array bytes,
   median of alternating rounds. Target: ratio >= 0.7 over whole cases (all six arrays); the ratio
   for the three small training arrays is reported beside it.
+- **training data path** (``benchmarks/cache_training.py``): loader stall share while training
+  ``configs/l2l_regress_demo.yaml`` on the cache (target <= 5 %) and the cold start of
+  ``translate/train.py`` on it, launch -> first optimiser step (target <= 15 s).
 
-    .venv/bin/python benchmarks/bench_cache.py [--cases N] [--grid SPEC] [--threads T]
+    .venv/bin/python benchmarks/bench_cache.py [--cases N] [--grid SPEC] [--threads T] [--only-training]
 
 Writes ``benchmarks/results/bench_cache.json`` and ``.md`` (machine load noted) and exits 1 when
 a target is missed.
@@ -36,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cache_training import training_markdown, training_path, training_table  # noqa: E402  (benchmarks/ helper)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Targets of the cache (issue): epoch speed-up, stored / raw float32 size, read / raw-decode speed.
 TARGET_SPEEDUP = 50.0
@@ -54,6 +60,7 @@ SAME_SAMPLE_ATOL = 1e-2
 
 
 def load_note() -> str:
+    """The 1/5/15-min load averages."""
     return " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
@@ -177,22 +184,12 @@ def read_throughput(cache, pids: list[str], keys: tuple[str, ...], rounds: int) 
     }
 
 
-def run(args: argparse.Namespace, work: Path) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from cache import LatentCache, LatentPairDataset
+def build_cache(args: argparse.Namespace, work: Path, result: dict):
+    """Phantom data, splits, a random demo VAE and the encoded cache; timings go into ``result``."""
     from latent.app.encode_run import encode_dataset
     from latent.cases import discover_cases, make_splits, save_splits
-    from latent.grid import parse_grid_spec
     from latent.phantom import generate_phantom_dataset
 
-    result: dict = {
-        "benchmark": "bench_cache", "cases": args.cases, "grid": args.grid,
-        "vae": {**DEMO_VAE, "weights": "random"},
-        "torch_threads": args.threads, "cpus": os.cpu_count(), "platform": platform.platform(),
-        "python": platform.python_version(), "torch": torch.__version__, "load_average_start": load_note(),
-    }
     data, cache_path = work / "data", work / "latents.zarr"
     started = time.perf_counter()
     generate_phantom_dataset(data, args.cases, ["AB", "HN", "TH"], seed=args.seed, size="small")
@@ -207,6 +204,31 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     if report.failures:
         raise RuntimeError(f"encode failed: {report.failures}")
     result["encode_seconds_per_case"] = report.seconds / len(report.encoded)
+    return cases, splits, split_file, vae, report, cache_path
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from cache import LatentCache, LatentPairDataset
+    from latent.grid import parse_grid_spec
+
+    result: dict = {
+        "benchmark": "bench_cache", "cases": args.cases, "grid": args.grid,
+        "vae": {**DEMO_VAE, "weights": "random"},
+        "torch_threads": args.threads, "cpus": os.cpu_count(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "load_average_start": load_note(),
+    }
+    if args.only_training and args.keep is not None and (work / "latents.zarr").is_dir():
+        cases, split_file, cache_path = None, work / "splits.json", work / "latents.zarr"  # reuse a kept cache
+    else:
+        cases, splits, split_file, vae, report, cache_path = build_cache(args, work, result)
+    if args.only_training:
+        torch.set_num_threads(os.cpu_count() or 1)  # training as the recipe runs it
+        return {"load_average_start": result["load_average_start"],
+                **training_path(cache_path, split_file, work, args.steps, args.cold_runs),
+                "load_average_end": load_note()}
     cache = LatentCache.open(cache_path, report.producer_key)
     stats = cache.latent_stats()
 
@@ -255,6 +277,11 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                        "met": result["read"]["all_arrays"]["ratio"] >= TARGET_READ_RATIO},
     }
     result["load_average_end"] = load_note()
+    torch.set_num_threads(os.cpu_count() or 1)  # training as the recipe runs it
+    result["training"] = {"load_average_start": load_note(),
+                          **training_path(cache_path, split_file, work, args.steps, args.cold_runs),
+                          "load_average_end": load_note()}
+    result["targets"].update({f"training_{k}": v for k, v in result["training"]["targets"].items()})
     return result
 
 
@@ -313,6 +340,8 @@ def write_results(result: dict, out: Path) -> None:
         "alternating rounds, files in the page cache.",
         "",
     ]
+    if "training" in result:
+        lines += training_markdown(result["training"], result.get("note", ""))
     (out / "bench_cache.md").write_text("\n".join(lines))
 
 
@@ -327,6 +356,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--keep", type=Path, default=None, help="keep the data and cache in this folder")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of the stall measurement")
+    parser.add_argument("--cold-runs", type=int, default=3, help="cold starts to time (median)")
+    parser.add_argument("--only-training", action="store_true",
+                        help="measure only the training data path (stall, cold start) and update that part of the "
+                             "results, keeping the others")
+    parser.add_argument("--note", default="", help="a remark about the machine (load, other jobs)")
     args = parser.parse_args(argv)
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench_cache_"))
@@ -336,9 +371,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
+    if args.only_training:
+        previous = json.loads((args.results / "bench_cache.json").read_text())
+        previous["training"] = result
+        previous["targets"].update({f"training_{k}": v for k, v in result["targets"].items()})
+        result = previous
+    result["note"] = args.note
     write_results(result, args.results)
-    print("\n".join(table(result)))
-    print(f"load average {result['load_average_start']} -> {result['load_average_end']}; "
+    print("\n".join(table(result) + training_table(result["training"])))
+    load = result["training"] if args.only_training else result
+    print(f"load average {load['load_average_start']} -> {load['load_average_end']}; "
           f"wrote {args.results / 'bench_cache.json'} and .md")
     missed = [name for name, row in result["targets"].items() if not row["met"]]
     if missed:

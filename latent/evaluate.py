@@ -10,6 +10,7 @@ broken input is a one-line per-case error, the others are still scored.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -18,11 +19,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
 from latent.cases import Case, CaseError, discover_cases
 from latent.io import VolumeError, read_volume
 from latent.metrics import score_case
-from latent.runner import CaseRun, run_over_cases, select_cases
+from latent.runner import CaseRun, default_workers, run_over_cases, select_cases
 
 #: Metric columns, in table order, with their display precision.
 METRIC_COLUMNS = {"mae": 1, "psnr": 2, "ms_ssim": 4, "ssim": 4, "bone_dice": 3, "bone_hd95": 2}
@@ -103,6 +105,29 @@ def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
     return row
 
 
+#: Cases smaller than this score faster than a worker process starts (phantoms, demos).
+POOL_MIN_VOXELS = 2_000_000
+
+
+def default_evaluate_workers(cases: Sequence[Case]) -> int:
+    """Workers for scoring ``cases``: :func:`latent.runner.default_workers` for SynthRAD-size
+    volumes, 1 when the first CT has fewer than :data:`POOL_MIN_VOXELS` voxels (header only)."""
+    if len(cases) < 2 or default_workers() == 1 or cases[0].ct is None:
+        return 1
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(cases[0].ct))
+        reader.ReadImageInformation()
+        voxels = math.prod(reader.GetSize())
+    except RuntimeError:  # a DICOM folder or an unreadable header: scoring reports the latter
+        return default_workers()
+    return default_workers() if voxels >= POOL_MIN_VOXELS else 1
+
+
+def _score_from_folder(case: Case, pred_dir: Path) -> dict[str, float | str]:
+    return score_prediction(case, find_prediction(pred_dir, case.pid))
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
@@ -175,8 +200,12 @@ def evaluate_predictions(
     out: str | os.PathLike | None = None,
     pids: Iterable[str] | None = None,
     quiet: bool = False,
+    workers: int | None = None,
 ) -> Evaluation:
     """Score every case with a CT in ``data_root`` (or only ``pids``) against ``pred_dir``.
+
+    Cases are scored in ``workers`` processes (default :func:`default_evaluate_workers`); the
+    scores do not depend on it.
 
     Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary, failures and skipped cases).
     """
@@ -188,8 +217,9 @@ def evaluate_predictions(
         raise CaseError(f"{data_root}: no case with a CT to score"
                         + (f" ({len(selection.skipped)} skipped, e.g. {next(iter(selection.skipped.values()))})"
                            if selection.skipped else ""))
-    run = run_over_cases(None, lambda case: score_prediction(case, find_prediction(pred_dir, case.pid)), "evaluate",
-                         quiet, selection=selection)
+    work = functools.partial(_score_from_folder, pred_dir=pred_dir)
+    run = run_over_cases(None, work, "evaluate", quiet, selection=selection,
+                         workers=default_evaluate_workers(selection.cases) if workers is None else workers)
     columns = list(METRIC_COLUMNS) + [column for column in ("std_error_spearman",)
                                       if any(column in row for row in run.results.values())]
     evaluation = Evaluation(run, summarise(run.results.values(), columns=columns) if run.results else [])

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Iterable, TypeVar
 
@@ -82,32 +86,69 @@ def select_cases(root, pids: Iterable[str] | None = None, need_ct: bool = False,
     return selection
 
 
+def default_workers() -> int:
+    """Worker processes used by default: the CPU cores, at most 2 (the reference machine)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _record(run: CaseRun, case: Case, attempt: Callable[[], Result]) -> None:
+    try:
+        run.results[case.pid] = attempt()
+    except INPUT_ERRORS as error:
+        message = one_line(error)
+        if case.pid not in message:
+            message = f"{case.pid}: {message}"
+        run.failures[case.pid] = message
+        logger.error(message)
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    # Fresh interpreters from a fork server (spawn where there is none): never a fork of a
+    # process whose OpenMP / torch thread pools already run.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+
+
 def run_over_cases(
     cases: Iterable[Case] | None,
     work: Callable[[Case], Result],
     description: str,
     quiet: bool = False,
     selection: Selection | None = None,
+    workers: int = 1,
 ) -> CaseRun[Result]:
     """Call ``work(case)`` for every case, collecting results and one-line input errors.
 
     With ``selection`` (from :func:`select_cases`; then ``cases`` may be None) its skipped
     cases are carried into the run and its missing ones count as failed. Errors that are not
-    input errors (bugs) propagate with their traceback.
+    input errors (bugs) propagate with their traceback. ``workers`` > 1 runs the cases in that
+    many processes (``work`` must then be picklable: a module-level function or a partial of
+    one); results and failures are the same as with one worker, recorded in case order.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if selection is not None:
         cases = selection.cases if cases is None else cases
         run: CaseRun[Result] = CaseRun(failures=dict(selection.missing), skipped=dict(selection.skipped))
     else:
         run = CaseRun()
     cases = list(cases)
-    for case in tqdm(cases, desc=description, unit="case", disable=quiet, leave=False):
-        try:
-            run.results[case.pid] = work(case)
-        except INPUT_ERRORS as error:
-            message = one_line(error)
-            if case.pid not in message:
-                message = f"{case.pid}: {message}"
-            run.failures[case.pid] = message
-            logger.error(message)
+    if workers == 1 or len(cases) < 2:
+        for case in tqdm(cases, desc=description, unit="case", disable=quiet, leave=False):
+            _record(run, case, lambda case=case: work(case))
+        return run
+    try:
+        with _pool(min(workers, len(cases))) as pool:
+            futures: list[Future] = [pool.submit(work, case) for case in cases]
+            for _ in tqdm(as_completed(futures), total=len(futures), desc=description, unit="case",
+                          disable=quiet, leave=False):
+                pass
+            for case, future in zip(cases, futures):
+                _record(run, case, future.result)
+    except BrokenProcessPool as error:
+        # A worker problem costs time, never a result: the cases not yet recorded run here.
+        logger.warning("%s: worker pool broke (%s); running the remaining cases in this process", description, error)
+        for case in cases:
+            if case.pid not in run.results and case.pid not in run.failures:
+                _record(run, case, lambda case=case: work(case))
     return run

@@ -1,6 +1,9 @@
 """Baselines and `latent evaluate` on phantoms: grids, scores, and per-case errors."""
 
+import dataclasses
+import functools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -8,9 +11,10 @@ import numpy as np
 import pytest
 
 from latent.cases import discover_cases
-from latent.evaluate import evaluate_predictions, format_summary
-from latent.io import read_volume, write_volume
+from latent.evaluate import default_evaluate_workers, evaluate_predictions, format_summary
+from latent.io import VolumeProperties, read_volume, write_volume
 from latent.predict import predict_baseline
+from latent.runner import default_workers, run_over_cases
 
 
 @pytest.fixture()
@@ -93,3 +97,44 @@ def test_predict_reports_broken_inputs(data_copy: Path, tmp_path: Path) -> None:
     assert "NaN/inf" in run.failures[cases[0].pid]
     assert "no mask" in run.failures[cases[1].pid]
     assert len(run.results) == len(cases) - 2
+
+
+def test_parallel_scoring_equals_serial(data_copy: Path, tmp_path: Path) -> None:
+    cases = discover_cases(data_copy)
+    pred = tmp_path / "pred"
+    predict_baseline("water", data_copy, pred, quiet=True)
+    (pred / f"{cases[0].pid}.mha").unlink()  # a failure must be reported the same way too
+    serial = evaluate_predictions(pred, data_copy, quiet=True, workers=1)
+    parallel = evaluate_predictions(pred, data_copy, quiet=True, workers=2)
+    assert len(serial.rows) == len(cases) - 1
+    assert json.dumps(parallel.rows) == json.dumps(serial.rows)
+    assert json.dumps(parallel.summary) == json.dumps(serial.summary)
+    assert parallel.run.failures == serial.run.failures and cases[0].pid in serial.run.failures
+
+
+def test_default_workers_follow_the_case_size(phantom_root: Path, tmp_path: Path) -> None:
+    small = discover_cases(phantom_root)
+    assert default_evaluate_workers(small) == 1  # phantoms score faster than a worker starts
+    large = tmp_path / "ct.mha"
+    properties = VolumeProperties((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), (130, 130, 130))
+    write_volume(large, np.zeros((130, 130, 130), np.int16), properties, compress=False)
+    cases = [dataclasses.replace(case, ct=large) for case in small]
+    assert default_evaluate_workers(cases) == default_workers()
+    assert default_evaluate_workers(cases[:1]) == 1
+
+
+def _pid_or_crash(case, main_pid: int) -> str:
+    """In a worker process: die abruptly (a broken pool); in the main process: the case id."""
+    if os.getpid() != main_pid:
+        os._exit(1)
+    return case.pid
+
+
+def test_a_broken_worker_pool_falls_back_to_this_process(phantom_root: Path, caplog) -> None:
+    cases = discover_cases(phantom_root)
+    work = functools.partial(_pid_or_crash, main_pid=os.getpid())
+    run = run_over_cases(cases, work, "test", quiet=True, workers=2)
+    assert run.ok and run.results == {case.pid: case.pid for case in cases}
+    assert "worker pool broke" in caplog.text
+    with pytest.raises(ValueError, match="workers"):
+        run_over_cases(cases, work, "test", quiet=True, workers=0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,6 +215,42 @@ def test_ssim_2023_needs_7_voxels_per_axis() -> None:
         metrics.ssim_2023(np.zeros((6, 10, 10)), np.zeros((6, 10, 10)), np.ones((6, 10, 10)))
 
 
+@pytest.mark.parametrize("ceiling_matters", [False, True])
+def test_score_case_shares_level_0_only_when_exact(ceiling_matters: bool) -> None:
+    # With a voxel between 3000 and 3071 HU the SSIM cannot reuse the MS-SSIM's moments.
+    ct, sct, mask = body_case((30, 25, 20), seed=9, noise=300.0)
+    if ceiling_matters:
+        sct[15, 12, 10] = 3050.0
+    scores = metrics.score_case(ct, sct, mask, SPACING_XYZ)
+    assert scores["ssim"] == pytest.approx(skimage_ssim_2023(ct, sct, mask), rel=1e-10)
+    assert scores["ms_ssim"] == pytest.approx(reference_ms_ssim(ct, sct, mask), rel=1e-10)
+    assert scores["ssim"] == pytest.approx(metrics.ssim_2023(ct, sct, mask), rel=1e-12)
+
+
+def test_score_case_ssim_on_a_mask_reaching_the_unpadded_border() -> None:
+    # Short axes are edge-padded for the MS-SSIM; the SSIM must still crop the original border.
+    rng = np.random.default_rng(10)
+    ct = rng.normal(0, 500, (12, 40, 36))
+    sct = ct + rng.normal(0, 120, ct.shape)
+    mask = np.ones(ct.shape, dtype=np.uint8)
+    mask[:, :, :4] = 0
+    scores = metrics.score_case(ct, sct, mask, SPACING_XYZ)
+    assert scores["ssim"] == pytest.approx(skimage_ssim_2023(ct, sct, mask), rel=1e-10)
+    assert scores["ms_ssim"] == pytest.approx(reference_ms_ssim(ct, sct, mask), rel=1e-10)
+
+
+def test_score_case_agrees_with_each_metric() -> None:
+    ct, sct, mask = body_case((20, 24, 28), seed=11)
+    scores = metrics.score_case(ct, sct, mask, SPACING_XYZ)
+    assert scores["mae"] == metrics.mae(ct, sct, mask)
+    assert scores["psnr"] == metrics.psnr(ct, sct, mask)
+    assert scores["bone_dice"] == metrics.bone_dice(ct, sct, mask)
+    assert scores["bone_hd95"] == metrics.bone_hd95(ct, sct, mask, SPACING_XYZ)
+    assert {k: scores[k] for k in metrics.tissue_errors(ct, sct, mask)} == metrics.tissue_errors(ct, sct, mask)
+    inside = mask > 0
+    assert scores["mae"] == pytest.approx(np.abs(ct[inside] - sct[inside].astype(np.float64)).mean(), rel=1e-12)
+
+
 # --- bone Dice / HD95 ------------------------------------------------------------------------
 
 
@@ -256,6 +294,23 @@ def test_bone_hd95_matches_brute_force_on_blobs() -> None:
     expected = brute_force_hd95((ct >= 250) & (mask > 0), (sct >= 250) & (mask > 0), (3.0, 1.0, 0.5))
     assert metrics.bone_hd95(ct, sct, mask, SPACING_XYZ) == pytest.approx(expected, rel=1e-9)
     assert expected > 0
+
+
+def test_surface_distances_kdtree_equals_edt() -> None:
+    rng = np.random.default_rng(12)
+    a = ndimage_smooth_blobs(rng, (18, 20, 22))
+    b = ndimage_smooth_blobs(rng, (18, 20, 22))
+    surfaces = [m ^ binary_erosion(m) for m in (a, b)]
+    edt = metrics.surface_distances(*surfaces, (3.0, 1.0, 0.5), method="edt")
+    tree = metrics.surface_distances(*surfaces, (3.0, 1.0, 0.5), method="kdtree")
+    for exact, fast in zip(edt, tree):
+        np.testing.assert_allclose(fast, exact, rtol=1e-12)
+    with pytest.raises(ValueError, match="method"):
+        metrics.surface_distances(*surfaces, (1.0, 1.0, 1.0), method="brute")
+
+
+def ndimage_smooth_blobs(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    return uniform_filter(rng.normal(0, 1, shape), 5) > 0.1
 
 
 def test_bone_metrics_with_empty_bone() -> None:
@@ -305,3 +360,27 @@ def test_tissue_errors_split_the_error_by_true_ct_class() -> None:
     assert errors["mae_above_1000"] == pytest.approx(500.0)
     empty = metrics.tissue_errors(ct, sct, np.zeros_like(ct))
     assert all(math.isnan(v) for v in empty.values())
+
+
+def _benchmark_reference():
+    """``benchmarks/metrics_reference.py``, the yardstick of ``bench_metrics.py``."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "metrics_reference.py"
+    spec = importlib.util.spec_from_file_location("metrics_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("implant", [False, True])
+def test_score_case_matches_the_benchmark_reference(implant: bool) -> None:
+    ct, sct, mask = body_case((24, 40, 36), seed=13, noise=120.0)
+    if implant:
+        ct[12, 20, 18] = 3071  # above the SSIM's 3000 HU ceiling: its own moments
+    reference = _benchmark_reference().score_case(ct, sct, mask, SPACING_XYZ)
+    scores = metrics.score_case(ct.astype(np.float32), sct, mask, SPACING_XYZ)
+    assert set(scores) == set(reference)
+    for key, expected in reference.items():
+        if math.isnan(expected):
+            assert math.isnan(scores[key]), key
+        else:
+            assert scores[key] == pytest.approx(expected, rel=1e-10), key

@@ -184,14 +184,18 @@ def evaluate(
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON."),
     split: str = typer.Option("test", help="Which split to score when --split-file is given."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1,
+                                          help="Processes scoring cases side by side (default: the CPU cores up to 2 for "
+                                               "SynthRAD-size cases, 1 for small ones)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
 ) -> None:
     """Score predictions with SynthRAD2025 metrics (MAE, PSNR, MS-SSIM) plus SSIM and bone Dice/HD95."""
     from latent.evaluate import evaluate_predictions, format_summary
 
     setup_logging(quiet)
     try:
-        evaluation = evaluate_predictions(pred, data, out, pids=split_pids(split_file, split), quiet=quiet)
+        evaluation = evaluate_predictions(pred, data, out, pids=split_pids(split_file, split), quiet=quiet,
+                                          workers=workers)
     except USER_ERRORS as error:
         user_error(error, ctx)
     if evaluation.summary:
