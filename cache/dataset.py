@@ -30,7 +30,11 @@ class LatentPairDataset(Dataset):
         preload: read all cases into memory once (stored dtype, float16 by default).
         crop: random crop size in latent voxels (int or (d, h, w)); the same crop is taken
             from every latent-resolution key and the matching box, ``cache.downsample``
-            (4) times larger, from pixel keys.
+            (4) times larger, from pixel keys. A case smaller than the crop along an axis (cases
+            of a fitted grid have their own shapes) is first padded to it: images and latents
+            repeat their edge (air, since a fitted box ends at the body), masks are padded with 0.
+        body_fraction: share of crops centred on a random body voxel (``mask_latent``, read for
+            this when not among ``keys``); the others are uniform over the case.
         seed: crops depend only on (seed, epoch, index), so workers and reruns agree.
         normalise: standardise ``mr_mu``/``ct_mu`` with the cache's stored per-channel
             statistics (``(z - mean) / std``); undo with :func:`destandardise`.
@@ -38,7 +42,7 @@ class LatentPairDataset(Dataset):
 
     def __init__(self, cache: LatentCache, pids: Iterable[str], keys: Sequence[str] = ("mr_mu", "ct_mu"),
                  preload: bool = False, crop: int | Sequence[int] | None = None, seed: int = 0,
-                 normalise: bool = True) -> None:
+                 normalise: bool = True, body_fraction: float = 0.0) -> None:
         self.cache = cache
         self.pids = list(pids)
         self.keys = tuple(keys)
@@ -53,6 +57,10 @@ class LatentPairDataset(Dataset):
         self.downsample = cache.downsample  # pixel keys are cropped this many times larger
         if self.crop is not None and self.downsample is None and set(self.keys) & set(PIXEL_KEYS):
             raise CacheError(f"producer {cache.key} records no pixel-to-latent factor")
+        if not 0.0 <= body_fraction <= 1.0:
+            raise ValueError(f"body_fraction must be in [0, 1], got {body_fraction}")
+        self.body_fraction = body_fraction if self.crop is not None else 0.0
+        self._read_keys = self.keys + (("mask_latent",) if self.body_fraction and "mask_latent" not in self.keys else ())
         self.seed = seed
         self.epoch = 0
         self.stats = {}
@@ -63,7 +71,7 @@ class LatentPairDataset(Dataset):
                     raise CacheError(f"no latent statistics for {key} in producer {cache.key}; "
                                      "run update_latent_stats(train_pids) or pass normalise=False")
                 self.stats[key] = stored[key]
-        self._memory = ({pid: cache.read_case(pid, self.keys, as_float32=False) for pid in self.pids}
+        self._memory = ({pid: cache.read_case(pid, self._read_keys, as_float32=False) for pid in self.pids}
                         if preload else None)
 
     @classmethod
@@ -82,7 +90,7 @@ class LatentPairDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         pid = self.pids[index]
         arrays = (self._memory[pid] if self._memory is not None
-                  else self.cache.read_case(pid, self.keys, as_float32=False))
+                  else self.cache.read_case(pid, self._read_keys, as_float32=False))
         if self.crop is not None:
             arrays = self._crop(arrays, np.random.default_rng([self.seed, self.epoch, index]))
         item = {"pid": pid}
@@ -97,20 +105,34 @@ class LatentPairDataset(Dataset):
         return item
 
     def _crop(self, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """One random box in latent voxels, scaled by the downsampling for pixel keys."""
+        """One random box in latent voxels (padded up to the crop first), scaled for pixel keys."""
         first = next(iter(arrays))
         grid = arrays[first].shape[-3:]
         if first in PIXEL_KEYS:
             grid = tuple(n // self.downsample for n in grid)
         if any(c > n for c, n in zip(self.crop, grid)):
-            raise ValueError(f"crop {self.crop} is larger than the latent grid {grid}")
+            arrays = {key: self._pad(key, data, grid) for key, data in arrays.items()}
+            grid = tuple(max(c, n) for c, n in zip(self.crop, grid))
         start = [int(rng.integers(0, n - c + 1)) for c, n in zip(self.crop, grid)]
+        if self.body_fraction and rng.random() < self.body_fraction:
+            body = np.argwhere(np.asarray(arrays["mask_latent"]).reshape(grid) > 0)
+            if len(body):
+                centre = body[int(rng.integers(len(body)))]
+                start = [int(min(max(v - c // 2, 0), n - c)) for v, c, n in zip(centre, self.crop, grid)]
         out = {}
         for key, data in arrays.items():
             scale = self.downsample if key in PIXEL_KEYS else 1
             box = tuple(slice(s * scale, (s + c) * scale) for s, c in zip(start, self.crop))
             out[key] = data[(..., *box)]
         return out
+
+    def _pad(self, key: str, data: np.ndarray, grid: Sequence[int]) -> np.ndarray:
+        """Pad a case up to the crop at its far end: edge values, or 0 for masks."""
+        scale = self.downsample if key in PIXEL_KEYS else 1
+        widths = [(0, 0)] * (data.ndim - 3) + [(0, max(c - n, 0) * scale) for c, n in zip(self.crop, grid)]
+        if key.startswith("mask"):
+            return np.pad(np.asarray(data), widths, mode="constant")
+        return np.pad(np.asarray(data), widths, mode="edge")
 
 
 def _triple(size: int | Sequence[int]) -> tuple[int, int, int]:

@@ -26,14 +26,16 @@ from latent.runner import CaseRun, run_over_cases, select_cases
 Window = Literal["full", "vae"]
 
 
-def grid_floor_sct(case: Case, grid: CanonicalGrid, window: Window = "full") -> tuple[np.ndarray, object]:
+def grid_floor_sct(case: Case, grid: CanonicalGrid, window: Window = "full",
+                   allow_truncation: bool = False) -> tuple[np.ndarray, object]:
     """Native-grid HU of the case's CT after native -> canonical -> native.
 
     Args:
         case: a case with a CT.
-        grid: the canonical grid.
+        grid: the canonical grid (fixed, or a rule fitted to each body).
         window: ``"full"`` ([-1024, 3071] HU, what pixel-space models and l2sct predict) or
             ``"vae"`` (clipped to the VAE window [-1000, 1000] HU on the canonical grid).
+        allow_truncation: score a case whose body the grid cuts (else a one-line error).
 
     Returns:
         ``(hu, native properties)``: float32 (z, y, x) on the MR's native grid, air outside the mask.
@@ -42,7 +44,7 @@ def grid_floor_sct(case: Case, grid: CanonicalGrid, window: Window = "full") -> 
         raise CaseError(f"{case.pid}: the grid floor needs the CT, and {case.folder} has none")
     if window not in ("full", "vae"):
         raise ValueError(f"grid floor window must be 'full' or 'vae', got {window!r}")
-    prepared = prepare_case(case, grid)
+    prepared = prepare_case(case, grid, allow_truncation=allow_truncation)
     canonical = full_to_ct(prepared.ct_full) if window == "full" else vae_to_ct(prepared.ct_vae)
     native = canonical_to_native_sct(canonical, prepared.mapping, prepared.native_mask)
     return native, prepared.mapping.native
@@ -55,13 +57,14 @@ def predict_grid_floor(
     window: Window = "full",
     pids: Iterable[str] | None = None,
     quiet: bool = False,
+    allow_truncation: bool = False,
 ) -> CaseRun[Path]:
     """Write ``out_dir/<pid>.mha``, the grid floor of every case with a CT (or only ``pids``)."""
     out_dir = Path(out_dir)
     selection = select_cases(data_root, pids, need_ct=True)
 
     def work(case: Case) -> Path:
-        hu, properties = grid_floor_sct(case, grid, window)
+        hu, properties = grid_floor_sct(case, grid, window, allow_truncation)
         return write_prediction(out_dir, case.pid, hu, properties)
 
     return run_over_cases(None, work, f"grid floor ({window})", quiet, selection=selection)

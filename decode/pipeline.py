@@ -127,9 +127,9 @@ def translate_input(run: TrainedRun, inputs: torch.Tensor, samples: int, seed: i
         for index in range(count):
             if model.stochastic:
                 generator = torch.Generator(device=inputs.device).manual_seed(seed + index)
-                output = model.translate(flipped, generator=generator)
+                output = model.translate_volume(flipped, generator=generator)
             else:
-                output = model.translate(flipped)
+                output = model.translate_volume(flipped)
             outputs.append(mirror(output, dims))
     return outputs
 

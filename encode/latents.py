@@ -23,7 +23,10 @@ from latent.vae_inference import encode_mu
 
 def grid_record(grid: CanonicalGrid) -> dict:
     """Canonical grid as stored in the producer record."""
-    return {**grid.to_dict(), "direction": "identity (LPS)", "placement": "centred on body mask bounding box"}
+    placement = "centred on body mask bounding box"
+    if grid.is_fit:
+        placement += f"; shape per case: the body's extent rounded up to multiples of {grid.multiple}"
+    return {**grid.to_dict(), "direction": "identity (LPS)", "placement": placement}
 
 
 def shard_cases(cases: Sequence[Case], index: int, count: int) -> list[Case]:

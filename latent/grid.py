@@ -1,9 +1,11 @@
 """Canonical grids: native -> canonical (resample + pad/crop centred on the body) and back.
 
-A canonical grid is a spacing (x, y, z) in mm and a shape (z, y, x) of multiples of 32 with
-identity direction in ITK's LPS world. Going there is one SimpleITK resampling onto a box of
-that shape centred on the body mask; going back resamples onto exactly the native MR grid
-(size, spacing, origin and direction copied), so the round trip restores the geometry exactly.
+A canonical grid is a spacing (x, y, z) in mm and identity direction in ITK's LPS world, with
+either one fixed shape (z, y, x) of multiples of 32 for every case, or the rule ``fit``: each case
+gets the smallest shape, in multiples of 4 (the VAE's factor), that covers its whole body mask.
+Going there is one SimpleITK resampling onto a box of that shape centred on the body mask; going
+back resamples onto exactly the native MR grid (size, spacing, origin and direction copied), so
+the round trip restores the geometry exactly. See docs/grids.md.
 """
 
 from __future__ import annotations
@@ -18,14 +20,24 @@ import SimpleITK as sitk
 from latent.io import VolumeProperties, array_to_image
 from latent.errors import BadGeometryError
 
-#: Canonical shapes are multiples of this, so latents (/4) fit UNets with 3 downsamplings.
+#: Fixed canonical shapes are multiples of this, so latents (/4) fit UNets with 3 downsamplings.
 SHAPE_MULTIPLE = 32
+#: Fitted shapes are multiples of the VAE's factor only; latent networks see them through
+#: sliding windows of their training crop, so they need no larger multiple.
+FIT_MULTIPLE = 4
 IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 #: Named presets: spacing (x, y, z) mm and shape (z, y, x).
 GRID_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[int, int, int]]] = {
     "synthrad-1.5mm": ((1.5, 1.5, 3.0), (96, 320, 320)),
     "synthrad-2mm": ((2.0, 2.0, 3.0), (96, 256, 256)),
     "synthrad-3mm": ((3.0, 3.0, 3.0), (96, 160, 160)),
+}
+#: Named fitted grids: spacing (x, y, z) mm; every case gets the shape that covers its body.
+FIT_PRESETS: dict[str, tuple[float, float, float]] = {
+    "synthrad-fit-1mm": (1.0, 1.0, 3.0),
+    "synthrad-fit-1.25mm": (1.25, 1.25, 3.0),
+    "synthrad-fit-1.5mm": (1.5, 1.5, 3.0),
+    "synthrad-fit-2mm": (2.0, 2.0, 3.0),
 }
 
 
@@ -35,38 +47,66 @@ class GridError(BadGeometryError, ValueError):
 
 @dataclass(frozen=True)
 class CanonicalGrid:
-    """Target spacing (x, y, z) in mm and shape (z, y, x), multiples of 32."""
+    """Target spacing (x, y, z) in mm and shape (z, y, x), multiples of ``multiple``.
+
+    ``shape=None`` is the rule ``fit``: :meth:`for_body` gives each case its own shape.
+    """
 
     spacing: tuple[float, float, float]
-    shape: tuple[int, int, int]
+    shape: tuple[int, int, int] | None
+    multiple: int = SHAPE_MULTIPLE
 
     def __post_init__(self) -> None:
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise GridError(f"grid spacing must be three positive numbers, got {self.spacing}")
-        if len(self.shape) != 3 or any(s <= 0 or s % SHAPE_MULTIPLE for s in self.shape):
-            raise GridError(f"grid shape must be three positive multiples of {SHAPE_MULTIPLE}, got {self.shape}")
+        if self.shape is not None and (len(self.shape) != 3 or any(s <= 0 or s % self.multiple for s in self.shape)):
+            raise GridError(f"grid shape must be three positive multiples of {self.multiple}, got {self.shape}")
+
+    @property
+    def is_fit(self) -> bool:
+        """True for the rule ``fit`` (a shape per case)."""
+        return self.shape is None
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        """Shape of the latent grid (4x smaller per axis)."""
+        """Shape of the latent grid (4x smaller per axis); a fitted rule has none."""
+        if self.shape is None:
+            raise GridError(f"grid {self.spec()} gives each case its own shape; ask a case's mapping")
         return tuple(s // 4 for s in self.shape)
 
+    def for_body(self, extent_mm: np.ndarray) -> "CanonicalGrid":
+        """The concrete grid of a case whose body spans ``extent_mm`` (x, y, z): itself when fixed,
+        else the smallest multiple-of-:data:`FIT_MULTIPLE` shape covering the body."""
+        if self.shape is not None:
+            return self
+        voxels = np.asarray(extent_mm, dtype=float)[::-1] / np.asarray(self.spacing[::-1])
+        return CanonicalGrid(self.spacing, round_up_shape(voxels - 1e-6, FIT_MULTIPLE), FIT_MULTIPLE)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {"spacing": list(self.spacing), "shape": list(self.shape)}
+        """JSON form (``shape`` null for the rule ``fit``; ``multiple`` only where it is not the
+        default of its kind, so records of fixed grids keep their producer keys)."""
+        data: dict[str, Any] = {"spacing": list(self.spacing), "shape": None if self.shape is None else list(self.shape)}
+        if self.multiple != (FIT_MULTIPLE if self.shape is None else SHAPE_MULTIPLE):
+            data["multiple"] = self.multiple
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CanonicalGrid":
-        """Inverse of :meth:`to_dict`."""
-        return cls(tuple(float(v) for v in data["spacing"]), tuple(int(v) for v in data["shape"]))
+        """Inverse of :meth:`to_dict` (records without ``multiple`` are fixed multiple-of-32 grids)."""
+        shape = data.get("shape")
+        multiple = int(data.get("multiple", FIT_MULTIPLE if shape is None else SHAPE_MULTIPLE))
+        return cls(tuple(float(v) for v in data["spacing"]), None if shape is None else tuple(int(v) for v in shape),
+                   multiple)
 
     def spec(self) -> str:
-        """``'1.5x1.5x3:96x320x320'`` form accepted by :func:`parse_grid_spec`."""
-        return "x".join(f"{v:g}" for v in self.spacing) + ":" + "x".join(str(v) for v in self.shape)
+        """``'1.5x1.5x3:96x320x320'`` or ``'1.5x1.5x3:fit'``, accepted by :func:`parse_grid_spec`."""
+        shape = "fit" if self.shape is None else "x".join(str(v) for v in self.shape)
+        return "x".join(f"{v:g}" for v in self.spacing) + ":" + shape
 
 
 def parse_grid_spec(spec: str) -> CanonicalGrid:
-    """Parse a preset name or ``'SX x SY x SZ : D x H x W'`` (spacing x,y,z mm; shape z,y,x).
+    """Parse a preset name, ``'SX x SY x SZ : D x H x W'`` (spacing x,y,z mm; shape z,y,x) or
+    ``'SX x SY x SZ : fit'`` (each case's shape covers its body).
 
     Raises:
         GridError: naming the spec and the expected form.
@@ -74,14 +114,20 @@ def parse_grid_spec(spec: str) -> CanonicalGrid:
     if spec in GRID_PRESETS:
         spacing, shape = GRID_PRESETS[spec]
         return CanonicalGrid(spacing, shape)
-    match = re.fullmatch(r"\s*([\d.]+)x([\d.]+)x([\d.]+)\s*:\s*(\d+)x(\d+)x(\d+)\s*", spec)
+    if spec in FIT_PRESETS:
+        return CanonicalGrid(FIT_PRESETS[spec], None, FIT_MULTIPLE)
+    number = r"(\d+(?:\.\d+)?)"
+    match = re.fullmatch(rf"\s*{number}x{number}x{number}\s*:\s*(?:(\d+)x(\d+)x(\d+)|(fit))\s*", spec)
     if match is None:
         raise GridError(
-            f"grid spec {spec!r}: expected a preset ({', '.join(GRID_PRESETS)}), 'auto', or "
-            "'SXxSYxSZ:DxHxW' (spacing x,y,z in mm : shape z,y,x), e.g. '2x2x3:64x128x128'"
+            f"grid spec {spec!r}: expected a preset ({', '.join([*GRID_PRESETS, *FIT_PRESETS])}), 'auto', "
+            "'SXxSYxSZ:DxHxW' (spacing x,y,z in mm : shape z,y,x), e.g. '2x2x3:64x128x128', or 'SXxSYxSZ:fit'"
         )
     values = match.groups()
-    return CanonicalGrid(tuple(float(v) for v in values[:3]), tuple(int(v) for v in values[3:]))
+    spacing = tuple(float(v) for v in values[:3])
+    if values[6] == "fit":
+        return CanonicalGrid(spacing, None, FIT_MULTIPLE)
+    return CanonicalGrid(spacing, tuple(int(v) for v in values[3:6]))
 
 
 def round_up_shape(extent: np.ndarray, multiple: int = SHAPE_MULTIPLE) -> tuple[int, int, int]:
@@ -159,7 +205,8 @@ def body_extent_mm(mask: np.ndarray, properties: VolumeProperties) -> np.ndarray
 
 
 def plan_mapping(mask: np.ndarray, properties: VolumeProperties, grid: CanonicalGrid) -> GridMapping:
-    """Place ``grid`` centred on the body mask of a native volume.
+    """Place ``grid`` centred on the body mask of a native volume (a fitted rule first gets the
+    shape covering this body, :meth:`CanonicalGrid.for_body`).
 
     The canonical origin is snapped to whole canonical voxels from the native origin, so that
     with equal spacing and axis-aligned directions no interpolation blur is introduced.
@@ -167,8 +214,10 @@ def plan_mapping(mask: np.ndarray, properties: VolumeProperties, grid: Canonical
     Args:
         mask: native body mask (z, y, x).
         properties: its native geometry.
-        grid: target canonical grid.
+        grid: target canonical grid or fitted rule.
     """
+    if grid.is_fit:
+        grid = _fitted(mask, properties, grid)
     spacing = np.asarray(grid.spacing)
     size_xyz = np.asarray(grid.shape[::-1], dtype=float)
     origin = body_centre(mask, properties) - (size_xyz - 1) / 2 * spacing
@@ -176,6 +225,25 @@ def plan_mapping(mask: np.ndarray, properties: VolumeProperties, grid: Canonical
     origin = native_origin + np.floor((origin - native_origin) / spacing + 0.5) * spacing
     mapping = GridMapping(properties, grid, tuple(float(v) for v in origin), 0.0)
     return GridMapping(properties, grid, mapping.canonical_origin, _fraction_outside(mask, mapping))
+
+
+def _fitted(mask: np.ndarray, properties: VolumeProperties, rule: CanonicalGrid) -> CanonicalGrid:
+    """The rule's shape for this body, one voxel larger on any axis the snapped box would clip."""
+    grid = rule.for_body(body_extent_mm(mask, properties))
+    for _ in range(3):
+        mapping = plan_mapping(mask, properties, grid)
+        if mapping.mask_fraction_outside == 0.0:
+            return grid
+        missing = np.asarray(missing_mm(mask, mapping))[::-1] > -np.asarray(grid.spacing[::-1])
+        grid = CanonicalGrid(grid.spacing, tuple(s + FIT_MULTIPLE * bool(m) for s, m in zip(grid.shape, missing)),
+                             FIT_MULTIPLE)
+    return grid
+
+
+def missing_mm(mask: np.ndarray, mapping: GridMapping) -> tuple[float, float, float]:
+    """Per axis (x, y, z), how many mm of the body's extent the canonical box lacks (<= 0: it fits)."""
+    capacity = np.asarray(mapping.canonical.shape[::-1]) * np.asarray(mapping.canonical.spacing)
+    return tuple(float(v) for v in body_extent_mm(mask, mapping.native) - capacity)
 
 
 def _fraction_outside(mask: np.ndarray, mapping: GridMapping) -> float:

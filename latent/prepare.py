@@ -6,6 +6,7 @@ the same resampling and normalisation.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,14 +14,18 @@ import numpy as np
 
 from latent.errors import BadFileError, InputError
 from latent.cases import Case, CaseError, check_case_grid
-from latent.grid import CanonicalGrid, GridMapping, auto_grid, body_extent_mm, parse_grid_spec, plan_mapping, to_canonical
+from latent.grid import (CanonicalGrid, GridMapping, auto_grid, body_extent_mm, missing_mm, parse_grid_spec, plan_mapping,
+                         to_canonical)
 from latent.intensity import CT_PAD_HU, MRScaling, ct_to_full, ct_to_vae, fit_mr_scaling, mr_to_unit
 from latent.io import VolumeError, VolumeProperties, read_volume
 
 #: Input problems a batch job records per case (anything else is a bug and propagates).
 CASE_ERRORS = (InputError, FileNotFoundError, PermissionError)
-#: Threshold: more body than this outside the canonical field of view is an error.
-MAX_MASK_FRACTION_OUTSIDE = 0.5
+logger = logging.getLogger(__name__)
+
+
+class TruncationError(CaseError):
+    """Part of the body falls outside the canonical grid (docs/grids.md: no body voxel is lost silently)."""
 
 
 @dataclass
@@ -68,20 +73,39 @@ def check_body(case: Case, mr: np.ndarray, mask: np.ndarray) -> None:
         raise CaseError(f"{case.pid}: MR {case.mr} is constant ({float(inside.min()):g}) inside the mask")
 
 
-def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True) -> PreparedCase:
-    """Resample a case onto ``grid`` centred on its body and normalise it.
+def truncation_message(pid: str, mask: np.ndarray, mapping: GridMapping) -> str:
+    """``'<pid>: 3.1 % of the body falls outside the canonical grid <spec> (45 mm missing in z)'``."""
+    lacking = [f"{value:.0f} mm missing in {axis}" for axis, value in zip("xyz", missing_mm(mask, mapping)) if value > 0]
+    where = ", ".join(lacking) or "less than one voxel at the box's edge"
+    return (f"{pid}: {mapping.mask_fraction_outside:.1%} of the body falls outside the canonical grid "
+            f"{mapping.canonical.spec()} ({where})")
+
+
+def check_truncation(pid: str, mask: np.ndarray, mapping: GridMapping, allow: bool) -> None:
+    """Refuse a mapping that loses body voxels, or with ``allow`` log it as a warning.
 
     Raises:
-        CaseError / VolumeError: unreadable or inconsistent inputs, or a body mostly outside
-            the canonical field of view (message names the case).
+        TruncationError: naming the case, the share of the body and the mm missing per axis.
+    """
+    if mapping.mask_fraction_outside == 0.0:
+        return
+    message = truncation_message(pid, mask, mapping)
+    if not allow:
+        raise TruncationError(f"{message}; use a fitted grid (e.g. --grid synthrad-fit-1mm), a larger --grid, "
+                              "or --allow-truncation to accept the loss")
+    logger.warning("%s; kept because truncation is allowed", message)
+
+
+def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True, allow_truncation: bool = False) -> PreparedCase:
+    """Resample a case onto ``grid`` (a fixed grid or a fitted rule) centred on its body and normalise it.
+
+    Raises:
+        CaseError / VolumeError: unreadable or inconsistent inputs.
+        TruncationError: body voxels outside the canonical grid, unless ``allow_truncation``.
     """
     mr, mask, ct, properties = read_native(case)
     mapping = plan_mapping(mask, properties, grid)
-    if mapping.mask_fraction_outside > MAX_MASK_FRACTION_OUTSIDE:
-        raise CaseError(
-            f"{case.pid}: {mapping.mask_fraction_outside:.0%} of the body falls outside the canonical grid "
-            f"{grid.spec()}; choose a larger --grid"
-        )
+    check_truncation(case.pid, mask, mapping, allow_truncation)
     scaling = fit_mr_scaling(mr, mask)
     prepared = PreparedCase(
         case=case, mapping=mapping, scaling=scaling,
@@ -96,10 +120,11 @@ def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True) -> Prepa
 
 
 def prepare_mr_only(mr: np.ndarray, mask: np.ndarray, properties: VolumeProperties, case: Case,
-                    grid: CanonicalGrid) -> PreparedCase:
+                    grid: CanonicalGrid, allow_truncation: bool = False) -> PreparedCase:
     """Like :func:`prepare_case` for in-memory MR and mask arrays (prediction from files)."""
     mask = (mask > 0).astype(np.uint8)
     mapping = plan_mapping(mask, properties, grid)
+    check_truncation(case.pid, mask, mapping, allow_truncation)
     scaling = fit_mr_scaling(mr, mask)
     return PreparedCase(
         case=case, mapping=mapping, scaling=scaling,

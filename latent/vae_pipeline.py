@@ -66,7 +66,8 @@ def training_volumes(data_root: str | os.PathLike, grid_spec: str, split_file: s
         cases = [case for case in cases if case.pid in train]
     grid, _ = resolve_grid(grid_spec, cases)
     out = FitVolumes(grid=grid.to_dict())
-    run = run_over_cases(cases, lambda case: prepare_case(case, grid), "prepare", quiet)
+    # A VAE learns from whatever body the grid holds: a cut body is not an error here.
+    run = run_over_cases(cases, lambda case: prepare_case(case, grid, allow_truncation=True), "prepare", quiet)
     if run.failures:
         logger.warning("vae fit: %d of %d training cases left out: %s", len(run.failures), len(cases),
                        "; ".join(run.failures.values()))
@@ -79,7 +80,7 @@ def training_volumes(data_root: str | os.PathLike, grid_spec: str, split_file: s
             out.masks.append(prepared.mask)
     if not out.volumes:
         raise BadConfigError(f"{data_root}: no usable training volume")
-    val_run = run_over_cases(val, lambda case: prepare_case(case, grid), "prepare val", quiet)
+    val_run = run_over_cases(val, lambda case: prepare_case(case, grid, allow_truncation=True), "prepare val", quiet)
     if val_run.failures:
         logger.warning("vae fit: %d of %d validation cases left out: %s", len(val_run.failures), len(val),
                        "; ".join(val_run.failures.values()))

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from latent.app.cli import app
 from latent.cases import discover_cases
 
-GRID = "8x8x6:32x32x32"
+GRID = "10x10x6:32x32x32"
 TINY_VAE = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4, "channels": [8, 8, 16],
     "num_res_blocks": 1, "norm_num_groups": 4, "attention_levels": [False, False, False],

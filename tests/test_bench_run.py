@@ -22,7 +22,7 @@ from latent.app.bench.report import COMPUTE_LABELS, METRIC_LABELS, PAIRED_HEADER
 from latent.app.cli import app
 from latent.cases import discover_cases, make_splits, save_splits
 
-GRID = "8x8x6:32x32x32"
+GRID = "10x10x6:32x32x32"
 VAE_KWARGS = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4, "channels": [8, 8, 16],
     "num_res_blocks": 1, "norm_num_groups": 4, "attention_levels": [False, False, False],

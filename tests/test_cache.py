@@ -393,8 +393,33 @@ def test_dataset_crops_are_aligned_between_latent_and_pixel_keys(filled):
     epoch0 = [data[i]["mr_mu"] for i in range(len(data))]
     data.set_epoch(1)
     assert any(not torch.equal(a, data[i]["mr_mu"]) for i, a in enumerate(epoch0))
-    with pytest.raises(ValueError, match="larger than the latent grid"):
-        LatentPairDataset(filled, filled.case_ids(), crop=9, normalise=False)[0]
+
+
+
+def test_a_case_smaller_than_the_crop_is_padded_with_its_edge_and_empty_mask(filled):
+    keys = ("mr_mu", "mask_latent", "mr_pixels", "mask_pixels")
+    item = LatentPairDataset(filled, filled.case_ids(), keys=keys, crop=(6, 8, 8), normalise=False)[0]
+    stored = filled.read_case(filled.case_ids()[0], ["mr_mu", "mr_pixels"])
+    assert item["mr_mu"].shape == (4, 6, 8, 8) and item["mr_pixels"].shape == (1, 24, 32, 32)
+    assert torch.equal(item["mr_mu"][:, :4], torch.from_numpy(stored["mr_mu"]))
+    # the two added slices repeat the last stored one; the masks there are empty
+    assert torch.equal(item["mr_mu"][:, 5], torch.from_numpy(stored["mr_mu"][:, 3]))
+    assert torch.equal(item["mr_pixels"][0, 16:], torch.from_numpy(stored["mr_pixels"][15:16]).expand(8, 32, 32))
+    assert not item["mask_latent"][:, 4:].any() and not item["mask_pixels"][:, 16:].any()
+
+
+def test_body_biased_crops_are_centred_on_the_body(store):
+    arrays = make_case(5)
+    arrays["mask_latent"] = np.zeros(LATENT[1:], np.uint8)
+    arrays["mask_latent"][3, 7, 7] = 1  # one body voxel in a corner
+    store.write_case("1ABA009", arrays, attrs())
+    store.update_latent_stats(store.case_ids())
+    biased = LatentPairDataset(store, ["1ABA009"], crop=(1, 1, 1), body_fraction=1.0, normalise=False)
+    uniform = LatentPairDataset(store, ["1ABA009"], crop=(1, 1, 1), normalise=False)
+    corner = torch.from_numpy(f16(arrays["mr_mu"][:, 3:4, 7:8, 7:8]))  # stored as float16
+    hits = [torch.equal(biased[0]["mr_mu"], corner) for biased.epoch in range(5)]
+    assert all(hits) and "mask_latent" not in biased[0]
+    assert not all(torch.equal(uniform[0]["mr_mu"], corner) for uniform.epoch in range(5))
 
 
 def test_dataset_preload_standardise_and_split(filled, tmp_path):

@@ -29,7 +29,7 @@ from latent.prepare import latent_mask, prepare_case, read_native
 from latent.vae import load_vae, save_vae_dir
 from latent.vae_inference import encode_mu
 
-GRID = "8x8x6:32x32x32"
+GRID = "10x10x6:32x32x32"
 LATENT_SHAPE = (4, 8, 8, 8)  # (C, d, h, w) of GRID with the x4 VAE
 TINY_VAE = dict(
     spatial_dims=3, in_channels=1, out_channels=1, latent_channels=4, channels=(8, 8, 16),

@@ -31,7 +31,7 @@ from latent.io import VolumeProperties, read_volume
 from translate.train import parse_config, train
 
 #: Canonical grid (spacing x, y, z : shape z, y, x): 32 x 32 x 32 voxels (multiples of 32), latents 8 x 8 x 8.
-GRID = "8x8x6:32x32x32"
+GRID = "10x10x6:32x32x32"
 #: Tiny AutoencoderKL: three levels (downsampling factor 4), one residual block per level.
 VAE_KWARGS = {
     "spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_channels": 4, "channels": [8, 8, 16],

@@ -91,7 +91,7 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
     cache = LatentCache.open(data.cache, key, mode="r")
     train_ids, val_ids = split_ids(cache, data)
     train_dataset = LatentPairDataset(cache, train_ids, keys=tuple(keys), preload=data.preload, crop=data.crop,
-                                      seed=seed)
+                                      seed=seed, body_fraction=data.crop_body_fraction)
     val_dataset = None
     if val_ids is not None:
         val_dataset = LatentPairDataset(cache, val_ids, keys=tuple(val_keys), preload=data.preload,
@@ -106,6 +106,35 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
     logger.info("data: producer %s, %d train / %d val cases", key, len(train_dataset),
                 0 if val_dataset is None else len(val_dataset))
     return train_dataset, val_dataset, producer
+
+
+def fits_each_case(producer: dict[str, Any]) -> bool:
+    """True when the producer's canonical grid is the rule ``fit`` (every case its own shape)."""
+    grid = (producer.get("record") or {}).get("grid") or {}
+    return "shape" in grid and grid["shape"] is None
+
+
+def model_config_for_grid(model_config: Any, data: Any, model_cls: type[TranslationModel],
+                          producer: dict[str, Any]) -> Any:
+    """The model config to build: on a fitted grid a latent-input model translates in sliding
+    windows of its training crop (``window`` = ``data.crop`` unless set); elsewhere unchanged.
+
+    Raises:
+        BadConfigError: a fitted grid without ``data.crop`` where whole cases cannot be batched
+            (``batch_size`` > 1) or cannot pass a latent network (their shapes are not multiples of 8).
+    """
+    if not fits_each_case(producer):
+        return model_config
+    if data.crop is None:
+        if model_cls.input_key == "mr_mu" or data.batch_size > 1:
+            raise BadConfigError(
+                "data.crop: required on a cache whose grid fits each case (every case has its own shape); give "
+                "the training crop in latent voxels, e.g. [16, 32, 32] (inference then uses sliding windows of it)")
+        return model_config
+    if model_cls.input_key != "mr_mu" or model_config.window is not None:
+        return model_config
+    crop = (data.crop,) * 3 if isinstance(data.crop, int) else tuple(data.crop)
+    return model_config.model_copy(update={"window": crop})
 
 
 class EpochSampler(Sampler[int]):

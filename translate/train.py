@@ -40,7 +40,7 @@ from torch.utils.data import Dataset
 
 from latent.accelerator import make_accelerator
 from latent.errors import InputError, one_line
-from translate.data import build_cache_datasets, model_batch_keys, train_loader, val_loader
+from translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
 from translate.models.base import build_model, model_class
 from translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer
     ConfigError,
@@ -182,7 +182,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
         validator = load_validator(section.validator, config)
 
     # -- model and one optimizer per phase
-    model = build_model(config.model)
+    model = build_model(model_config_for_grid(config.model, config.data, model_cls, producer))
     model.prepare_training()
     optimizer_class = torch.optim.AdamW if section.optimizer == "adamw" else torch.optim.Adam
     phase_params = {phase: model.phase_parameters(phase) for phase in model.phases}

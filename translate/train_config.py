@@ -40,6 +40,9 @@ class DataConfig(_Section):
     val_batch_size: int = Field(1, ge=1)
     #: Random training crop in latent voxels (int or (d, h, w)); None = whole volumes.
     crop: int | tuple[int, int, int] | None = None
+    #: Share of training crops centred on a body voxel (nnU-Net oversamples foreground a third of
+    #: the time); the rest are uniform over the case.
+    crop_body_fraction: float = Field(0.0, ge=0.0, le=1.0)
     #: Validation crop (None: whole volumes, what inference sees).
     val_crop: int | tuple[int, int, int] | None = None
     preload: bool = False

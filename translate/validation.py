@@ -38,11 +38,11 @@ class Validator(Protocol):
 def predict(model: TranslationModel, inputs: torch.Tensor, num_samples: int = 1, seed: int = 0) -> torch.Tensor:
     """``model.translate`` (mean of ``num_samples`` seeded samples for a stochastic model)."""
     if not model.stochastic:
-        return model.translate(inputs)
+        return model.translate_volume(inputs)
     samples = []
     for index in range(num_samples):
         generator = torch.Generator(device=inputs.device).manual_seed(seed + index)
-        samples.append(model.translate(inputs, generator=generator).float())
+        samples.append(model.translate_volume(inputs, generator=generator).float())
     return torch.stack(samples).mean(0)
 
 

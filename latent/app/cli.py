@@ -96,8 +96,8 @@ def predict(
     # -- baseline
     method: Optional[str] = typer.Option(None, rich_help_panel=PANEL_BASELINE, help=(
         "water, bulk, or the oracle grid_floor / grid_floor_vae (CT -> canonical -> native; needs the CT and --grid).")),
-    grid: Optional[str] = typer.Option(None, help="Canonical grid of --method grid_floor*: a preset or SXxSYxSZ:DxHxW.",
-                                       rich_help_panel=PANEL_BASELINE),
+    grid: Optional[str] = typer.Option(None, rich_help_panel=PANEL_BASELINE, help=(
+        "Canonical grid of --method grid_floor*: a preset, SXxSYxSZ:DxHxW or SXxSYxSZ:fit.")),
     # -- trained model
     model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output).",
                                          rich_help_panel=PANEL_MODEL),
@@ -117,6 +117,8 @@ def predict(
                                         "--tta flip or --ensemble)."),
                              rich_help_panel=PANEL_OUTPUT),
     fmt: str = typer.Option("mha", "--format", help="mha, nii.gz, nii, nrrd or dicom.", rich_help_panel=PANEL_OUTPUT),
+    allow_truncation: bool = typer.Option(False, "--allow-truncation", rich_help_panel=PANEL_OUTPUT, help=(
+        "Predict cases whose body a fixed canonical grid cuts (a warning; the share in timings.json).")),
     keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed.",
                                     rich_help_panel=PANEL_OUTPUT),
     quiet: bool = typer.Option(False, "--quiet", "-q", rich_help_panel=PANEL_OUTPUT),
@@ -137,7 +139,8 @@ def predict(
                 if grid is None:
                     fail(f"--method {method} needs --grid (the canonical grid whose round trip is measured)")
                 window = "vae" if method == "grid_floor_vae" else "full"
-                run = predict_grid_floor(data, out, parse_grid_spec(grid), window, pids=pids, quiet=quiet)
+                run = predict_grid_floor(data, out, parse_grid_spec(grid), window, pids=pids, quiet=quiet,
+                                         allow_truncation=allow_truncation)
             else:
                 fit_pids = split_pids(split_file, "train") if split_file and method == "bulk" else None
                 run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
@@ -152,7 +155,8 @@ def predict(
                 trained, loaded_vae = runner.load_ensemble(ensemble, vae, which, device), None
             else:
                 trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
-            options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which, tta=tta)
+            options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which, tta=tta,
+                                            allow_truncation=allow_truncation)
             if gc_io is not None:
                 run = runner.predict_grand_challenge(trained, loaded_vae, gc_io[0], gc_io[1], options, quiet)
             elif mr is not None:

@@ -50,12 +50,15 @@ def encode(
     data: Path = typer.Option(..., help="Data set root (SynthRAD layout)."),
     cache: Path = typer.Option(..., help="Zarr latent cache (created when missing)."),
     vae: str = typer.Option(..., help="maisi-ct, maisi-mr, a .pt/.safetensors file, or a VAE folder (latent vae fit)."),
-    grid: str = typer.Option("auto", help="auto, a preset (synthrad-1.5mm, ...) or 'SXxSYxSZ:DxHxW'."),
+    grid: str = typer.Option("auto", help=("auto, a preset (synthrad-fit-1mm, synthrad-1.5mm, ...), 'SXxSYxSZ:DxHxW', "
+                                           "or 'SXxSYxSZ:fit' (each case's shape covers its body).")),
     max_shape: Optional[str] = typer.Option(None, help="Cap for --grid auto, DxHxW."),
     shard: str = typer.Option("0/1", help="Encode every n-th case starting at i (cluster array jobs)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON: its train cases define latent statistics."),
     tile: Optional[str] = typer.Option(None, help="Encoder window DxHxW (sliding window, gaussian blending); default one pass."),
     bf16: bool = typer.Option(False, help="bfloat16 autocast."),
+    allow_truncation: bool = typer.Option(False, "--allow-truncation", help=(
+        "Keep cases whose body a fixed --grid cuts (a warning, and the share cut off in the manifest).")),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     keep_going: bool = typer.Option(False, help="Exit 0 even if some cases failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -68,13 +71,17 @@ def encode(
     try:
         loaded = load_vae(vae, device=device)
         report = encode_dataset(data, cache, loaded, grid, max_shape=parse_shape(max_shape), shard=parse_shard(shard),
-                                split_file=split_file, tile=parse_shape(tile), bf16=bf16, quiet=quiet)
+                                split_file=split_file, tile=parse_shape(tile), bf16=bf16,
+                                allow_truncation=allow_truncation, quiet=quiet)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"producer {report.producer_key}, grid {report.grid.spec()}"
                + ("" if report.coverage != report.coverage else f" (covers {report.coverage:.0%} of bodies)")
                + f": encoded {len(report.encoded)}, already cached {len(report.skipped)}, failed {len(report.failures)}"
                + f" in {report.seconds:.1f} s")
+    if report.truncated:
+        typer.echo(f"body cut off by the grid (kept, --allow-truncation): "
+                   + ", ".join(f"{pid} {share:.1%}" for pid, share in sorted(report.truncated.items())), err=True)
     if report.failures:
         typer.echo(f"failure manifest: {report.manifest}", err=True)
         report_failures(report.failures, exit_code=0 if keep_going else 1)

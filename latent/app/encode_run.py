@@ -37,6 +37,8 @@ class EncodeReport:
     encoded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
+    #: cases kept with ``allow_truncation`` although the grid cuts their body: share cut off.
+    truncated: dict[str, float] = field(default_factory=dict)
     coverage: float = 1.0
     seconds: float = 0.0
     manifest: Path | None = None
@@ -66,6 +68,7 @@ def encode_dataset(
     split_file: str | os.PathLike | None = None,
     tile: Sequence[int] | None = None,
     bf16: bool = False,
+    allow_truncation: bool = False,
     quiet: bool = False,
 ) -> EncodeReport:
     """Encode every case of ``data_root`` into the cache at ``cache_path``.
@@ -74,12 +77,15 @@ def encode_dataset(
         data_root: SynthRAD-layout data set.
         cache_path: zarr store (created when missing).
         vae: the frozen VAE (:func:`latent.vae.load_vae`).
-        grid_spec: ``auto``, a preset name or ``'SXxSYxSZ:DxHxW'``.
+        grid_spec: ``auto``, a preset name, ``'SXxSYxSZ:DxHxW'`` or ``'SXxSYxSZ:fit'`` (each case
+            gets the shape covering its body).
         max_shape: cap for ``auto`` (z, y, x).
         shard: ``(i, n)``: encode only every n-th case starting at i.
         split_file: split JSON; its ``train`` cases define the latent statistics.
         tile: encoder window (z, y, x) in voxels, or None for one pass.
         bf16: bfloat16 autocast.
+        allow_truncation: keep cases whose body the grid cuts (warned; recorded in the report, the
+            manifest and each case's geometry) instead of failing them.
 
     Returns:
         An :class:`EncodeReport`; failures are also written to a JSON manifest beside the cache.
@@ -99,7 +105,9 @@ def encode_dataset(
             if _is_current(cache, case, hashes):
                 report.skipped.append(case.pid)
                 continue
-            prepared = prepare_case(case, grid)
+            prepared = prepare_case(case, grid, allow_truncation=allow_truncation)
+            if prepared.mapping.mask_fraction_outside > 0:
+                report.truncated[case.pid] = prepared.mapping.mask_fraction_outside
             arrays = encode_prepared(vae, prepared, tile, bf16)
             attrs = {
                 "region": case.region, "centre": case.centre, "geometry": prepared.mapping.to_dict(),
@@ -127,7 +135,7 @@ def _write_manifest(cache_path: Path, report: EncodeReport, index: int, count: i
     temporary.write_text(json.dumps({
         "producer_key": report.producer_key, "grid": report.grid.to_dict(), "coverage": report.coverage,
         "encoded": report.encoded, "skipped": report.skipped, "failures": report.failures,
-        "seconds": round(report.seconds, 3),
+        "body_outside_fraction": report.truncated, "seconds": round(report.seconds, 3),
     }, indent=2) + "\n")
     os.replace(temporary, path)
     return path

@@ -41,6 +41,8 @@ class PredictOptions:
     which: str = "best"
     #: "none" or "flip" (mirror along the family's ``flip_axes``; decode.combine.TTA_MODES).
     tta: str = "none"
+    #: keep a case whose body the run's fixed grid cuts (warned, and its share in timings.json).
+    allow_truncation: bool = False
 
 
 #: One trained run and the VAE it predicts through (None for pixel models).
@@ -116,11 +118,20 @@ def _write(out_dir: Path, pid: str, prediction: CasePrediction, properties, opti
     return write_prediction(out_dir, pid, prediction.hu, properties, std=prediction.std, fmt=options.fmt)
 
 
-def _write_timings(out_dir: Path, run: CaseRun, timings: dict[str, dict[str, float]]) -> None:
+def _write_timings(out_dir: Path, run: CaseRun, timings: dict[str, dict[str, float]],
+                   outside: dict[str, float] | None = None) -> None:
+    """``timings.json``: seconds per stage and case, failures, and the share of each body that the
+    canonical grid cut off (``body_outside_fraction``, only cases kept with ``allow_truncation``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {stage: float(np.mean([t[stage] for t in timings.values()])) for stage in ("encode", "translate", "decode")} if timings else {}
     (out_dir / "timings.json").write_text(json.dumps(
-        {"cases": timings, "mean_seconds": summary, "failures": run.failures}, indent=2) + "\n")
+        {"cases": timings, "mean_seconds": summary, "failures": run.failures,
+         "body_outside_fraction": dict(sorted((outside or {}).items()))}, indent=2) + "\n")
+
+
+def _note_outside(outside: dict[str, float], pid: str, fraction: float) -> None:
+    if fraction > 0:
+        outside[pid] = fraction
 
 
 def predict_dataset(run: TrainedRun | Ensemble, vae, data_root: str | os.PathLike, out_dir: str | os.PathLike,
@@ -132,14 +143,18 @@ def predict_dataset(run: TrainedRun | Ensemble, vae, data_root: str | os.PathLik
     out_dir = Path(out_dir)
     selection = select_cases(data_root, pids)
     timings: dict[str, dict[str, float]] = {}
+    outside: dict[str, float] = {}
 
     def work(case: Case) -> Path:
-        prediction, prepared = _predict_members(members, lambda grid: prepare_case(case, grid, with_ct=False), options)
+        prediction, prepared = _predict_members(
+            members, lambda grid: prepare_case(case, grid, with_ct=False, allow_truncation=options.allow_truncation),
+            options)
         timings[case.pid] = prediction.seconds
+        _note_outside(outside, case.pid, prepared.mapping.mask_fraction_outside)
         return _write(out_dir, case.pid, prediction, prepared.mapping.native, options)
 
     result = run_over_cases(None, work, "predict", quiet, selection=selection)
-    _write_timings(out_dir, result, timings)
+    _write_timings(out_dir, result, timings, outside)
     return result
 
 
@@ -161,17 +176,19 @@ def predict_from_cache(run: TrainedRun | Ensemble, vae, cache_path: str | os.Pat
                   Path(cache.case_attrs(pid).get("source_paths", {}).get("mr", pid))) for pid in present]
     missing = sorted(set(wanted) - set(present))
     timings: dict[str, dict[str, float]] = {}
+    outside: dict[str, float] = {}
 
     def work(case: Case) -> Path:
         predictions = [predict_cached(member, member_vae, store, case.pid, options.samples, options.seed,
                                       options.tile, options.tta) for (member, member_vae), store in zip(members, caches)]
         prediction = combine_predictions([item[0] for item in predictions])
         timings[case.pid] = prediction.seconds
+        _note_outside(outside, case.pid, predictions[0][1].mask_fraction_outside)
         return _write(out_dir, case.pid, prediction, predictions[0][1].native, options)
 
     result = run_over_cases(cases, work, "predict (cache)", quiet)
     result.failures.update({pid: f"{pid}: not in cache {cache_path}" for pid in missing})
-    _write_timings(out_dir, result, timings)
+    _write_timings(out_dir, result, timings, outside)
     return result
 
 
@@ -191,7 +208,8 @@ def predict_files(run: TrainedRun | Ensemble, vae, mr: Path, mask: Path | None, 
     else:
         mask_array = body_mask_from_mr(mr_array, min(properties.spacing[:2]))
     prediction, _ = _predict_members(
-        _members(run, vae), lambda grid: prepare_mr_only(mr_array, mask_array, properties, case, grid), options)
+        _members(run, vae), lambda grid: prepare_mr_only(mr_array, mask_array, properties, case, grid, options.allow_truncation),
+        options)
     out_dir = Path(out_dir)
     if output_name is not None:  # Grand Challenge layout: nothing else in the output folder
         return write_volume(out_dir / output_name, prediction.hu, properties, dtype=np.int16)

@@ -4,7 +4,10 @@ A model is an ``nn.Module`` built from a typed (pydantic) config. The training l
 ``translate/train.py`` knows nothing about a model's maths: for each of the model's
 ``phases`` (``("main",)``, or e.g. ``("discriminator", "generator")`` for GANs) it zeroes that
 phase's optimizer, calls ``model(batch, phase=...)`` through the Accelerate-wrapped module,
-back-propagates ``losses["loss"]`` and steps. Inference calls :meth:`TranslationModel.translate`.
+back-propagates ``losses["loss"]`` and steps. Inference calls
+:meth:`TranslationModel.translate_volume`: :meth:`TranslationModel.translate` in one pass, or in
+gaussian-blended sliding windows of ``config.window`` (set by training on a fitted grid, where
+every case has its own shape; docs/grids.md).
 
 Batches are dicts of float32 tensors from the latent cache (``cache.dataset``):
 ``mr_mu`` / ``ct_mu`` (B, 4, d, h, w) standardised latents, ``mr_pixels`` (B, 1, D, H, W)
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -52,6 +55,11 @@ class ModelConfig(BaseModel):
     family: str
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
+    #: Sliding window (d, h, w) in input voxels for :meth:`TranslationModel.translate_volume`;
+    #: None = one pass over the whole input. Training fills it with ``data.crop`` on fitted grids.
+    window: tuple[int, int, int] | None = None
+    #: Overlap of neighbouring windows (gaussian blending, MONAI ``SlidingWindowInferer``).
+    window_overlap: float = Field(0.25, ge=0.0, lt=1.0)
 
 
 class TranslationModel(nn.Module):
@@ -91,6 +99,23 @@ class TranslationModel(nn.Module):
     def translate(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Translate a batch of inputs (``batch[input_key]``) into ``output_space``."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def translate_volume(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """:meth:`translate` over a whole case: one pass, or sliding windows of ``config.window``.
+
+        Windows are blended with gaussian weights; a case smaller than the window is padded by
+        repeating its edge (air at the border of a fitted box). An output on a finer grid (l2sct:
+        pixels, 4x the latent) is placed at the matching scale.
+        """
+        window = self.config.window
+        if window is None:
+            return self.translate(inputs, generator=generator)
+        from monai.inferers import SlidingWindowInferer
+
+        inferer = SlidingWindowInferer(roi_size=tuple(window), sw_batch_size=1, overlap=self.config.window_overlap,
+                                       mode="gaussian", padding_mode="replicate")
+        return inferer(inputs, lambda patch: self.translate(patch, generator=generator))
 
     # -- persistence ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
