@@ -252,6 +252,13 @@ def _fraction_outside(mask: np.ndarray, mapping: GridMapping) -> float:
         return 0.0
     canonical = mapping.canonical_properties
     upper = np.asarray(canonical.size) - 0.5
+    nonzero = np.nonzero(mask)
+    low = np.array([nonzero[2].min(), nonzero[1].min(), nonzero[0].min()], dtype=float)
+    high = np.array([nonzero[2].max(), nonzero[1].max(), nonzero[0].max()], dtype=float)
+    corners = np.stack(np.meshgrid(*zip(low, high), indexing="ij"), -1).reshape(-1, 3)
+    continuous = _physical_to_index(canonical, _index_to_physical(mapping.native, corners))
+    if ((continuous >= -0.5) & (continuous <= upper)).all():
+        return 0.0  # the body's box lies inside the canonical box: no voxel-by-voxel count needed
     outside = 0
     for z in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(1)):
         y, x = np.nonzero(mask[z])
