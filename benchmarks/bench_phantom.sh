@@ -5,6 +5,10 @@
 # report.html, results.json, results.csv, figures/); runs, predictions and scores go to $WORK.
 #
 #   bash benchmarks/bench_phantom.sh "note on the machine's load" [SECONDS]
+#
+# RETRAIN=regress3d (a family name) keeps $WORK and retrains only that family's runs (its
+# folds too) with the shipped recipe; every other complete run is reused as recorded (its
+# training seconds and memory are read back) and every method is predicted and scored again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NOTE=${1:-""}
@@ -14,8 +18,13 @@ LATENT=${LATENT:-.venv/bin/latent}
 OUT=benchmarks/results/bench_phantom
 METHODS=water,bulk,grid_floor,grid_floor_vae,vae_floor,l2sct,l2sct+tta,l2l_regress,l2l_regress+tta,l2l_regress+ens3,l2l_ddim,l2l_controlnet,regress3d,regress3d+tta,regress3d+ens3,pix2pix,pix2pix+tta,cyclegan,cut
 
-rm -rf "$WORK" "$OUT"
-"$LATENT" phantom --out "$WORK/data" --cases 30 --regions AB,HN,TH --seed 0
+if [ -n "${RETRAIN:-}" ]; then
+    rm -rf "$WORK/work/runs/$RETRAIN" "$WORK/work/runs/${RETRAIN}"_fold* "$OUT"
+    NOTE="$NOTE Partial rerun (RETRAIN=$RETRAIN): only $RETRAIN was retrained; the other runs are the recorded ones."
+else
+    rm -rf "$WORK" "$OUT"
+    "$LATENT" phantom --out "$WORK/data" --cases 30 --regions AB,HN,TH --seed 0
+fi
 "$LATENT" bench --data "$WORK/data" --cache "$WORK/cache.zarr" --vae standin --grid 3x3x5:32x128x128 \
     --methods "$METHODS" --seconds "$SECONDS_PER_METHOD" --ddim-steps 5,10,25 --samples 2 \
     --work "$WORK/work" --out "$OUT" \
