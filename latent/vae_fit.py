@@ -14,24 +14,25 @@ is recorded as the VAE's ``inference_tile`` and encode/decode always run with th
 The weights that are kept are an exponential moving average (EMA) of the trained ones, with a
 warmup + cosine learning-rate schedule; when validation CT volumes are given, the EMA weights
 with the lowest masked MAE in HU of decode(encode(CT)) on the canonical grid are the ones saved.
-Accelerate handles device, mixed precision (``auto`` resolved by :mod:`latent.accelerator`) and
-checkpoints.
+The steps, budgets, seeding, checkpoints, resume, logging and validation schedule are the
+project's one training loop (:mod:`latent.training`), the same as for the translation models;
+Accelerate handles device and mixed precision (``auto`` resolved by :mod:`latent.accelerator`).
 
 Output directory::
 
     out_dir/config.json, model.safetensors   the selected VAE (load_vae(out_dir))
     out_dir/fit_config.json                  resolved VAEFitConfig, steps, losses, validation,
                                              which metric and step selected the weights
-    out_dir/checkpoint/                      accelerator state (+ EMA) + trainer_state.json (resume)
+    out_dir/metrics.jsonl                    losses and validation MAE (as every training run)
+    out_dir/checkpoints/step_NNNNNNN/        accelerator state (+ EMA) + trainer_state.json (resume)
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,21 +40,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from latent.accelerator import make_accelerator
+from latent.errors import InputError
 from latent.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU
+from latent.training import LoopSettings, LoopState, resume_point, run_loop
 from latent.vae import LAYOUT_CANONICAL, LoadedVAE, build_vae, save_vae_dir
 from latent.vae_fit_config import VAE_LEVELS, VAEFitConfig, learning_rate  # noqa: F401 - re-exported
 from latent.vae_fit_data import _BatchSampler, _check_masks, _check_volumes
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIRNAME = "checkpoint"
-TRAINER_STATE_FILENAME = "trainer_state.json"
 FIT_REPORT_FILENAME = "fit_config.json"
-#: Loss smoothing for the progress display only.
-LOSS_EMA = 0.9
+#: The checkpoint folder of VAE fits written before the shared loop (not resumable).
+LEGACY_CHECKPOINT_DIRNAME = "checkpoint"
 
 
 def kl_divergence(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -80,31 +80,6 @@ def _ema_average(decay: float):
         return averaged * effective + current * (1.0 - effective)
 
     return average
-
-
-def _read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / TRAINER_STATE_FILENAME
-    if not path.is_file():
-        raise ValueError(f"{checkpoint} has no {TRAINER_STATE_FILENAME}: not a checkpoint written by fit_vae")
-    return json.loads(path.read_text())
-
-
-def _save_checkpoint(accelerator: Any, out_dir: Path, state: dict[str, Any]) -> None:
-    """accelerator.save_state + step counter, swapped in so a crash never leaves half a checkpoint."""
-    final, staging, old = (out_dir / f"{CHECKPOINT_DIRNAME}{s}" for s in ("", ".tmp", ".old"))
-    if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return
-    (staging / TRAINER_STATE_FILENAME).write_text(json.dumps(state, indent=2))
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _loaded(network: torch.nn.Module, config: VAEFitConfig) -> LoadedVAE:
@@ -152,6 +127,102 @@ def validation_mae_hu(vae: LoadedVAE, ct_volumes: list[np.ndarray], masks: list[
     return total / max(count, 1)
 
 
+class _VAEFitTask:
+    """The VAE as the shared loop sees it: it samples its own crops, seeded by (seed, step, process)."""
+
+    def __init__(self, config: VAEFitConfig, accelerator: Any, model: torch.nn.Module, optimizer: Any,
+                 ema: Any, sampler: _BatchSampler, out_dir: Path, validation: list[np.ndarray],
+                 validation_masks: list[np.ndarray], adversary: tuple[Any, Any, Any] | None) -> None:
+        self.config, self.accelerator, self.model, self.optimizer = config, accelerator, model, optimizer
+        self.ema, self.sampler, self.out_dir = ema, sampler, out_dir
+        self.validation, self.validation_masks, self.adversary = validation, validation_masks, adversary
+        self.architecture = config.architecture()
+        self.history: list[list[float]] = []
+        self.val_history: list[list[float]] = []
+
+    def kept_network(self) -> torch.nn.Module:
+        """The weights that are kept: the EMA when on, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+
+    def epoch_length(self) -> None:
+        return None
+
+    def batches(self, epoch: int, position: int) -> Any:
+        return itertools.repeat(None)  # train_micro_batch draws its own crops
+
+    def learning_rate(self, step: int) -> float:
+        return learning_rate(self.config, step)
+
+    def train_micro_batch(self, batch: Any, step: int) -> tuple[dict[str, float], bool]:
+        config, accelerator = self.config, self.accelerator
+        # Seeded by (seed, step): a resumed run draws the same batches as an uninterrupted one.
+        rng = np.random.default_rng([config.seed, step, accelerator.process_index])
+        x = torch.from_numpy(self.sampler(rng)).to(accelerator.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        use_adversarial = self.adversary is not None and step >= config.adversarial_start_step
+        with accelerator.autocast():
+            reconstruction, z_mu, z_sigma = self.model(x)
+            l1 = (reconstruction.float() - x).abs().mean()
+            loss = l1 + config.kl_weight * kl_divergence(z_mu, z_sigma)
+            if use_adversarial:
+                discriminator, _, adversarial_loss = self.adversary
+                logits_fake = discriminator(reconstruction)[-1]
+                loss = loss + config.adversarial_weight * adversarial_loss(
+                    logits_fake, target_is_real=True, for_discriminator=False
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update_parameters(accelerator.unwrap_model(self.model))
+        losses = {"loss": float(loss.detach()), "l1": float(l1.detach())}
+        if use_adversarial:
+            discriminator, optimizer_d, adversarial_loss = self.adversary
+            with accelerator.autocast():
+                loss_d = 0.5 * (
+                    adversarial_loss(discriminator(reconstruction.detach())[-1], False, for_discriminator=True)
+                    + adversarial_loss(discriminator(x)[-1], True, for_discriminator=True)
+                )
+            optimizer_d.zero_grad(set_to_none=True)
+            accelerator.backward(loss_d)
+            optimizer_d.step()
+            losses["discriminator/loss"] = float(loss_d.detach())
+        self.history.append([step + 1, round(losses["l1"], 6)])
+        return losses, True
+
+    def validate(self, step: int) -> dict[str, float] | None:
+        if not self.validation:
+            return None
+        network = self.kept_network()
+        mae = validation_mae_hu(_loaded(network, self.config), self.validation, self.validation_masks)
+        network.train()
+        self.val_history.append([step, round(mae, 3)])
+        logger.info("step %d: validation CT MAE %.1f HU", step, mae)
+        return {"mae": mae}
+
+    def save_best(self, step: int, metrics: dict[str, float]) -> None:
+        save_vae_dir(self.kept_network(), {**self.architecture, "name": f"vae-fit-{self.out_dir.resolve().name}"},
+                     self.out_dir)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, "history": self.history, "val_history": self.val_history}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.history, self.val_history = list(extra.get("history", [])), list(extra.get("val_history", []))
+
+
+def _checkpoint_to_resume(out_dir: Path, resume: bool, architecture: dict[str, Any]) -> Path | None:
+    """The shared loop's resume rule, plus the VAE's checks (architecture, pre-loop checkpoints)."""
+    checkpoint = resume_point(resume, out_dir)
+    if checkpoint is None and resume and (out_dir / LEGACY_CHECKPOINT_DIRNAME).is_dir():
+        raise InputError(f"{out_dir / LEGACY_CHECKPOINT_DIRNAME}: a checkpoint of an earlier version of fit_vae, "
+                         f"not resumable here; start a fresh fit in another folder")
+    if checkpoint is not None and LoopState.read(checkpoint).extra.get("architecture") != architecture:
+        raise ValueError(f"the checkpoint in {out_dir} is of another architecture than this config: use another dir")
+    return checkpoint
+
+
 def fit_vae(
     volumes: Sequence[np.ndarray],
     out_dir: str | os.PathLike,
@@ -172,8 +243,8 @@ def fit_vae(
         config: training settings; stops at ``max_steps`` or after ``time_budget_s`` seconds of
             training in this call, whichever comes first (model setup, the final save and the
             final evaluation are not counted).
-        resume: continue from ``out_dir/checkpoint`` (step count, weights, EMA, optimiser, RNG);
-            with no checkpoint there, start afresh.
+        resume: continue from the latest checkpoint in ``out_dir`` (step count, weights, EMA,
+            optimiser, RNG); with none there, start afresh.
         masks: body masks of ``volumes`` (crops are centred on the body); None = uniform crops.
         val_ct / val_masks: validation CT volumes in the VAE window with their body masks; the
             EMA weights with the lowest :func:`validation_mae_hu` are kept. Empty: the last.
@@ -186,10 +257,10 @@ def fit_vae(
         FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
         ValueError: bad volumes, or a checkpoint of another architecture.
     """
+    from accelerate.utils import set_seed
     from torch.optim.swa_utils import AveragedModel
 
     out_dir = Path(out_dir)
-    checkpoint = out_dir / CHECKPOINT_DIRNAME
     data = _check_volumes(volumes, config.downsample_factor)
     body = _check_masks(masks, data, "training")
     validation = _check_volumes(val_ct, config.downsample_factor, "validation CT") if len(val_ct) else []
@@ -197,7 +268,6 @@ def fit_vae(
     if len(validation) > config.val_cases:
         picks = np.unique(np.linspace(0, len(validation) - 1, num=config.val_cases).round().astype(int))
         validation, validation_masks = [validation[i] for i in picks], [validation_masks[i] for i in picks]
-    architecture = config.architecture()
     if config.crop is not None:
         too_small = [i for i, v in enumerate(data) if any(s < c for s, c in zip(v.shape, config.crop))]
         if too_small:
@@ -208,153 +278,70 @@ def fit_vae(
             f"discriminator_layers={config.discriminator_layers} needs every volume side >= "
             f"{2 ** (config.discriminator_layers + 2)}, smallest is {smallest}: use fewer layers"
         )
-    if checkpoint.exists() and not resume:
-        raise FileExistsError(f"{out_dir} already holds a training checkpoint: resume it or choose another out_dir")
-    resuming = resume and checkpoint.is_dir()
-    trainer_state = _read_trainer_state(checkpoint) if resuming else {}
-    if resuming and trainer_state.get("architecture") != architecture:
-        raise ValueError(f"the checkpoint in {out_dir} is of another architecture than this config: use another dir")
+    checkpoint = _checkpoint_to_resume(out_dir, resume, config.architecture())
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from accelerate.utils import set_seed
-
     set_seed(config.seed)
-    accelerator = make_accelerator(config.mixed_precision, cpu=config.cpu)
+    accelerator = make_accelerator(config.mixed_precision, cpu=config.cpu,
+                                   log_with="tensorboard" if config.tensorboard else None, project_dir=str(out_dir))
     model = _build_model(config)
     ema = AveragedModel(model, avg_fn=_ema_average(config.ema_decay)) if config.ema_decay else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    prepared = [model, optimizer]
+    adversary = None
     if config.adversarial:
         from monai.losses import PatchAdversarialLoss
         from monai.networks.nets import PatchDiscriminator
 
-        discriminator = PatchDiscriminator(
-            spatial_dims=3,
-            num_layers_d=config.discriminator_layers,
-            channels=config.discriminator_channels,
-            in_channels=1,
-            norm="INSTANCE",
-        )
-        prepared += [discriminator, torch.optim.Adam(discriminator.parameters(), lr=config.lr)]
-        adversarial_loss = PatchAdversarialLoss(criterion="least_squares")
-    prepared = accelerator.prepare(*prepared)
-    model, optimizer = prepared[0], prepared[1]
-    if config.adversarial:
-        discriminator, optimizer_d = prepared[2], prepared[3]
+        discriminator = PatchDiscriminator(spatial_dims=3, num_layers_d=config.discriminator_layers,
+                                           channels=config.discriminator_channels, in_channels=1, norm="INSTANCE")
+        optimizer_d = torch.optim.Adam(discriminator.parameters(), lr=config.lr)
+        model, optimizer, discriminator, optimizer_d = accelerator.prepare(model, optimizer, discriminator, optimizer_d)
+        adversary = (discriminator, optimizer_d, PatchAdversarialLoss(criterion="least_squares"))
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
-    step, history, val_history = 0, [], []
-    best_mae, best_step = math.inf, None
-    if resuming:
-        accelerator.load_state(str(checkpoint))
-        step, history = int(trainer_state["step"]), list(trainer_state.get("history", []))
-        val_history = list(trainer_state.get("val_history", []))
-        best_mae = math.inf if trainer_state.get("best_mae") is None else float(trainer_state["best_mae"])
-        best_step = trainer_state.get("best_step")
-        logger.info("resumed VAE training from step %d", step)
-
-    def kept_network() -> torch.nn.Module:
-        return ema.module if ema is not None else accelerator.unwrap_model(model)
-
-    def state() -> dict[str, Any]:
-        return {"step": step, "history": history, "architecture": architecture, "val_history": val_history,
-                "best_mae": None if math.isinf(best_mae) else best_mae, "best_step": best_step}
-
-    def validate() -> None:
-        nonlocal best_mae, best_step
-        network = kept_network()
-        mae = validation_mae_hu(_loaded(network, config), validation, validation_masks)
-        network.train()
-        val_history.append([step, round(mae, 3)])
-        logger.info("step %d: validation CT MAE %.1f HU (best %.1f)", step, mae, min(mae, best_mae))
-        if mae < best_mae and accelerator.is_main_process:
-            best_mae, best_step = mae, step
-            save_vae_dir(network, {**architecture, "name": f"vae-fit-{out_dir.resolve().name}"}, out_dir)
-
     sampler = _BatchSampler(data, config.batch_size, config.flip_augment, config.crop, body, config.body_crop_fraction)
-    max_steps = config.max_steps if config.max_steps is not None else math.inf
-    start_time = time.monotonic()
-    deadline = start_time + config.time_budget_s if config.time_budget_s is not None else math.inf
-    progress = tqdm(total=None if max_steps == math.inf else max_steps, initial=step, disable=quiet, desc="vae fit")
-    smoothed = None
+    task = _VAEFitTask(config, accelerator, model, optimizer, ema, sampler, out_dir, validation, validation_masks,
+                       adversary)
+    settings = LoopSettings(run_dir=out_dir, seed=config.seed, max_steps=config.max_steps,
+                            max_seconds=config.time_budget_s, log_every=config.log_every,
+                            checkpoint_every=config.checkpoint_every, keep_checkpoints=1, val_every=config.val_every,
+                            selection_metric="mae", tensorboard=config.tensorboard)
     model.train()
-    while step < max_steps and time.monotonic() < deadline:
-        # Seeded by (seed, step): a resumed run draws the same batches as an uninterrupted one.
-        rng = np.random.default_rng([config.seed, step, accelerator.process_index])
-        x = torch.from_numpy(sampler(rng)).to(accelerator.device)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        use_adversarial = config.adversarial and step >= config.adversarial_start_step
-        with accelerator.autocast():
-            reconstruction, z_mu, z_sigma = model(x)
-            l1 = (reconstruction.float() - x).abs().mean()
-            loss = l1 + config.kl_weight * kl_divergence(z_mu, z_sigma)
-            if use_adversarial:
-                logits_fake = discriminator(reconstruction)[-1]
-                loss = loss + config.adversarial_weight * adversarial_loss(
-                    logits_fake, target_is_real=True, for_discriminator=False
-                )
-        optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        optimizer.step()
-        if ema is not None:
-            ema.update_parameters(accelerator.unwrap_model(model))
-        if use_adversarial:
-            with accelerator.autocast():
-                loss_d = 0.5 * (
-                    adversarial_loss(discriminator(reconstruction.detach())[-1], False, for_discriminator=True)
-                    + adversarial_loss(discriminator(x)[-1], True, for_discriminator=True)
-                )
-            optimizer_d.zero_grad(set_to_none=True)
-            accelerator.backward(loss_d)
-            optimizer_d.step()
-        step += 1
-        value = float(l1.detach())
-        smoothed = value if smoothed is None else LOSS_EMA * smoothed + (1 - LOSS_EMA) * value
-        history.append([step, round(value, 6)])
-        progress.update(1)
-        progress.set_postfix(l1=f"{smoothed:.4f}")
-        if validation and step % config.val_every == 0:
-            validate()
-        if step % config.checkpoint_every == 0:
-            _save_checkpoint(accelerator, out_dir, state())
-            logger.info("step %d: l1 %.4f (checkpoint saved)", step, smoothed)
-    progress.close()
+    start_time = time.monotonic()
+    state = run_loop(accelerator, task, settings, checkpoint, quiet=quiet, desc="vae fit")
     train_seconds = time.monotonic() - start_time
-    if validation and (not val_history or val_history[-1][0] != step):
-        validate()
-    _save_checkpoint(accelerator, out_dir, state())
+    accelerator.end_training()
 
     if not accelerator.is_main_process:
         return out_dir
     if not validation:
-        save_vae_dir(kept_network(), {**architecture, "name": f"vae-fit-{out_dir.resolve().name}"}, out_dir)
+        task.save_best(state.step, {})
     from latent.vae import load_vae
 
     selected = load_vae(str(out_dir), device=accelerator.device)
     final_l1 = _reconstruction_l1(selected, data, config.final_eval_volumes)
     report = {
         "config": config.model_dump(mode="json"),
-        "architecture": architecture,
+        "architecture": task.architecture,
         "mixed_precision": accelerator.mixed_precision,
-        "steps": step,
+        "steps": state.step,
         "selected_by": "validation CT MAE in HU (canonical grid, VAE window)" if validation else "last step (no validation CT)",
-        "selected_step": best_step if validation else step,
-        "selected_val_mae_hu": None if math.isinf(best_mae) else round(best_mae, 3),
-        "val_history": val_history,
+        "selected_step": state.best_step if validation else state.step,
+        "selected_val_mae_hu": None if state.best_metric is None else round(state.best_metric, 3),
+        "val_history": task.val_history,
         "train_seconds_this_call": round(train_seconds, 2),
         "device": str(accelerator.device),
         "num_volumes": len(data),
         "num_val_volumes": len(validation),
         "final_l1_mean": float(np.mean(final_l1)) if final_l1 else None,
         "final_l1_evaluated": [round(v, 6) for v in final_l1],
-        "loss_history": history,
+        "loss_history": task.history,
     }
     (out_dir / FIT_REPORT_FILENAME).write_text(json.dumps(report, indent=2) + "\n")
-    logger.info(
-        "VAE fit done: %d steps in %.0f s, selected step %s (%s)", step, train_seconds, report["selected_step"],
-        report["selected_by"],
-    )
+    logger.info("VAE fit done: %d steps in %.0f s, selected step %s (%s)", state.step, train_seconds,
+                report["selected_step"], report["selected_by"])
     return out_dir

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from latent.training import scheduled_lr
 from latent.vae_network import LAYOUT_CANONICAL
 
 
@@ -38,6 +38,8 @@ class VAEFitConfig(BaseModel):
     log_sigma_bias_init: float = Field(-6.0, description="start with small posterior variance (docs/vae.md)")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between loss records in metrics.jsonl")
+    tensorboard: bool = Field(False, description="also log to TensorBoard (out_dir/tensorboard)")
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
     cpu: bool = Field(False, description="train on CPU even if CUDA is available")
     flip_augment: bool = Field(True, description="random left-right (x) flips")
@@ -100,11 +102,6 @@ class VAEFitConfig(BaseModel):
 
 
 def learning_rate(config: VAEFitConfig, step: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then constant or cosine."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "none" or config.max_steps is None:
-        return config.lr
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+    """Learning rate of optimiser step ``step`` (0-based): the shared loop's warmup + constant or cosine."""
+    return scheduled_lr(config.lr, step, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
+                        max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)

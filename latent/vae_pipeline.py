@@ -1,4 +1,5 @@
-"""`latent vae fit` on a data set: canonical, normalised MR and CT volumes -> :func:`fit_vae`."""
+"""`latent vae fit` and `latent train` on a VAE recipe: a data set's canonical, normalised MR and CT
+volumes -> :func:`fit_vae` (the project's one training loop)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latent.errors import BadConfigError
 from latent.cases import discover_cases, load_splits
+from latent.recipes import ConfigError, format_validation_errors, read_recipe
 from latent.prepare import prepare_case, resolve_grid
 from latent.runner import run_over_cases
 from latent.vae_fit import VAEFitConfig, fit_vae
@@ -21,18 +24,66 @@ from latent.vae_fit import VAEFitConfig, fit_vae
 logger = logging.getLogger(__name__)
 
 
+class VAEData(BaseModel):
+    """Where ``latent train`` finds the volumes of a VAE recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(..., description="data set root (SynthRAD2025 layout)")
+    grid: str = Field("auto", description="canonical grid the VAE is trained at (use the same for encode)")
+    split_file: str | None = Field(None, description="train on its train cases, select weights on its val CTs")
+
+
+class VAERecipe(BaseModel):
+    """A VAE recipe for ``latent train``: ``family: vae``, ``data``, ``run_dir`` and the ``fit`` settings.
+
+    ``latent vae fit --config`` reads the ``fit`` section only (its options name the data).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: Literal["vae"]
+    data: VAEData
+    run_dir: str
+    fit: VAEFitConfig = VAEFitConfig()
+
+
+def is_vae_recipe(raw: dict) -> bool:
+    """True for a recipe of the VAE (``family: vae`` at the top) rather than a translation model."""
+    return raw.get("family") == "vae"
+
+
+def parse_vae_recipe(raw: dict) -> VAERecipe:
+    """Validate a VAE recipe mapping; errors name the field (``fit.lr: ...``).
+
+    Raises:
+        ConfigError: a missing or invalid field.
+    """
+    try:
+        return VAERecipe.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_errors(error, "VAE recipe")) from None
+
+
 def load_fit_config(path: str | os.PathLike | None, **overrides) -> VAEFitConfig:
-    """A :class:`VAEFitConfig` from a YAML/JSON file (or defaults) plus non-None overrides."""
-    values = {}
+    """A :class:`VAEFitConfig` from a recipe (its ``fit`` section) or a flat file of its fields
+    (YAML/JSON, a path or a shipped recipe's name), plus non-None overrides."""
+    values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: VAE config not found")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise BadConfigError(f"{path}: expected a mapping of VAEFitConfig fields")
+        values = read_recipe(path)
+        if is_vae_recipe(values):
+            values = dict(values.get("fit") or {})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return VAEFitConfig.model_validate(values)
+    try:
+        return VAEFitConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(format_validation_errors(error, f"VAE fit config {path}")) from None
+
+
+def train_vae_recipe(recipe: VAERecipe, resume: bool = False, quiet: bool = False) -> Path:
+    """Fit the VAE a recipe describes (``latent train --config vae_standin ...``); return its folder."""
+    return fit_vae_on_dataset(recipe.data.root, recipe.run_dir, recipe.data.grid, split_file=recipe.data.split_file,
+                              config=recipe.fit, resume=resume, quiet=quiet)
 
 
 @dataclass
@@ -97,6 +148,7 @@ def fit_vae_on_dataset(
     *,
     split_file: str | os.PathLike | None = None,
     config_path: str | os.PathLike | None = None,
+    config: VAEFitConfig | None = None,
     seconds: float | None = None,
     max_steps: int | None = None,
     resume: bool = False,
@@ -104,9 +156,15 @@ def fit_vae_on_dataset(
 ) -> Path:
     """Fit the small VAE on the training cases' MR and CT at the canonical grid; return its folder.
 
-    With a split file, the ``val`` cases' CTs select the kept weights (masked MAE in HU).
+    With a split file, the ``val`` cases' CTs select the kept weights (masked MAE in HU). The
+    settings are ``config``, else read from ``config_path``, with ``seconds`` and ``max_steps``
+    (when given) replacing the budget.
     """
-    config = load_fit_config(config_path, time_budget_s=seconds, max_steps=max_steps)
+    if config is None:
+        config = load_fit_config(config_path, time_budget_s=seconds, max_steps=max_steps)
+    else:
+        budget = {k: v for k, v in {"time_budget_s": seconds, "max_steps": max_steps}.items() if v is not None}
+        config = config.model_copy(update=budget)
     fit = training_volumes(data_root, grid_spec, split_file, quiet, modalities=config.modalities)
     logger.info("vae fit: %d volumes of shape %s, %d validation CTs", len(fit.volumes), tuple(fit.grid["shape"]),
                 len(fit.val_ct))

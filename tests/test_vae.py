@@ -29,6 +29,7 @@ from latent.vae import (
     load_vae,
     save_vae_dir,
 )
+from latent.training import latest_checkpoint
 from latent.vae_fit import VAEFitConfig, fit_vae
 from latent.vae_inference import decode, encode_mu, from_network_layout, to_network_layout
 
@@ -351,8 +352,11 @@ def test_fit_resume_matches_an_uninterrupted_run_and_loads(tmp_path: Path) -> No
     _assert_same_weights(b.network, a.network.state_dict())
     report = json.loads((split / "fit_config.json").read_text())
     assert report["steps"] == 4 and len(report["loss_history"]) == 4 and report["final_l1_mean"] > 0
-    state = json.loads((split / "checkpoint" / "trainer_state.json").read_text())
-    assert state["step"] == 4
+    state = json.loads((latest_checkpoint(split) / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["extra"]["history"] == report["loss_history"]
+    # the shared loop's log: a loss record every log_every (10) steps and at the end of each call
+    records = [json.loads(line) for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "l1" in r] == [2, 4]
     # quant_conv_log_sigma starts near -6 (small posterior variance) and four steps barely move it
     assert float(a.network.quant_conv_log_sigma.conv.bias.max()) < -5.9
     z_mu = encode_mu(a, torch.from_numpy(volumes[2])[None, None])
@@ -423,8 +427,11 @@ def test_fit_keeps_the_ema_weights_with_the_lowest_validation_hu_error(tmp_path:
 
     kept = load_vae(str(out))
     assert validation_mae_hu(kept, volumes[:1], [m > 0 for m in masks[:1]]) == pytest.approx(history[best_step], abs=1e-2)
-    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    state = json.loads((latest_checkpoint(out) / "trainer_state.json").read_text())
     assert state["best_step"] == best_step
+    logged = [(r["step"], r["val/mae"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+              if "val/mae" in r]
+    assert [step for step, _ in logged] == [2, 4]
 
 
 def test_hub_weights_come_from_the_local_cache_without_any_request(tmp_path: Path, monkeypatch) -> None:

@@ -11,12 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
 from latent.cases import parse_fold
-from latent.errors import BadConfigError
-from latent.recipes import find_recipe
+from latent.recipes import ConfigError, apply_overrides, format_validation_errors, read_recipe
 from translate.models.base import ModelConfig, model_class
 
 
@@ -122,40 +120,6 @@ class TrainConfig(_Section):
         return value
 
 
-class ConfigError(BadConfigError, ValueError):
-    """A config that cannot be loaded; the message names every bad field (dotted path)."""
-
-
-def _format_errors(error: ValidationError) -> str:
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "config"
-        message = item["msg"].removeprefix("Value error, ")
-        # Our validators start their messages with the field they judge ("channels: ...").
-        field, sep, rest = message.partition(": ")
-        if sep and field.isidentifier():
-            where, message = f"{where}.{field}", rest
-        lines.append(f"{where}: {message}" + (f" (got {item['input']!r})" if item["type"] == "extra_forbidden" else ""))
-    return "invalid training config:\n  " + "\n  ".join(lines)
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (values parsed with ``yaml.safe_load``) to a config dict."""
-    for override in overrides:
-        path, sep, text = override.partition("=")
-        if not sep or not path:
-            raise ConfigError(f"override {override!r}: expected dotted.key=value")
-        node = raw
-        parts = path.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text)
-    return raw
-
-
 def parse_config(raw: dict[str, Any]) -> TrainConfig:
     """Validate a config dict.
 
@@ -165,15 +129,10 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_errors(error)) from None
+        raise ConfigError(format_validation_errors(error, "training config")) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML recipe (optional; a file, or a shipped recipe's name), apply dotted overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = find_recipe(path)
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    raw = read_recipe(path) if path is not None else {}
     return parse_config(apply_overrides(raw, overrides))

@@ -241,12 +241,26 @@ def dose(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def train(
     ctx: typer.Context,
-    config: str = typer.Option(..., help="Recipe: a YAML file or a shipped recipe's name (e.g. l2sct_demo)."),
+    config: str = typer.Option(..., help="Recipe: a YAML file or a shipped recipe's name (e.g. l2sct_demo, vae_standin)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train a translation model (the loop of `accelerate launch translate/train.py`); extra
-    arguments are dotted overrides, e.g. `train.max_steps=20 model.lr=1e-4`."""
+    """Train any model with the project's one training loop: a translation recipe (the loop of
+    `accelerate launch translate/train.py`) or a VAE recipe (`family: vae`, as `latent vae fit`).
+    Extra arguments are dotted overrides, e.g. `train.max_steps=20 model.lr=1e-4` or
+    `data.root=/data run_dir=runs/vae fit.max_steps=100`."""
+    from latent.recipes import apply_overrides, read_recipe
+    from latent.vae_pipeline import is_vae_recipe, parse_vae_recipe, train_vae_recipe
+
+    try:
+        raw = read_recipe(config)
+        if is_vae_recipe(raw):
+            setup_logging(quiet)
+            recipe = parse_vae_recipe(apply_overrides(raw, ctx.args))
+            typer.echo(train_vae_recipe(recipe, resume=resume, quiet=quiet))
+            return
+    except USER_ERRORS as error:
+        user_error(error, ctx)
     from translate.train import main as train_main
 
     arguments = ["--config", config, *(["--resume"] if resume else []), *(["--quiet"] if quiet else []), *ctx.args]

@@ -1,0 +1,164 @@
+"""The shared training loop (latent.training) on a toy task: budgets, exact resume, best selection,
+checkpoint rotation; and that the VAE fit and a translation run leave the same run layout."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from latent.accelerator import make_accelerator
+from latent.training import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    LoopSettings,
+    LoopState,
+    latest_checkpoint,
+    resume_point,
+    run_loop,
+    scheduled_lr,
+)
+
+
+class ToyTask:
+    """Fit y = 3 x with one weight; batches are a function of (epoch, position) only."""
+
+    def __init__(self, accelerator: Any, validation: list[float] | None = None) -> None:
+        self.accelerator = accelerator
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.optimizer = accelerator.prepare(torch.optim.SGD([self.weight], lr=0.05))
+        self.scores = list(validation or [])
+        self.saved: list[int] = []
+        self.seen: list[int] = []
+
+    def epoch_length(self) -> int:
+        return 4
+
+    def batches(self, epoch: int, position: int):
+        return (epoch * 10 + index for index in range(position, 4))
+
+    def learning_rate(self, step: int) -> float:
+        return 0.05
+
+    def train_micro_batch(self, batch: int, step: int) -> tuple[dict[str, float], bool]:
+        self.seen.append(batch)
+        x = torch.randn(8)  # drawn after the loop's per-micro-step reseed
+        loss = ((self.weight * x - 3 * x) ** 2).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": float(loss.detach())}, True
+
+    def validate(self, step: int) -> dict[str, float] | None:
+        return {"mae": self.scores.pop(0)} if self.scores else None
+
+    def save_best(self, step: int, metrics: dict[str, float]) -> None:
+        self.saved.append(step)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"seen": self.seen}
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.seen = list(extra["seen"])
+
+
+def run(run_dir: Path, max_steps: int, checkpoint: Path | None = None, **settings: Any) -> tuple[ToyTask, LoopState]:
+    accelerator = make_accelerator("no", cpu=True)
+    task = ToyTask(accelerator, settings.pop("validation", None))
+    accelerator.register_for_checkpointing(_Weight(task.weight))
+    loop = LoopSettings(run_dir=run_dir, seed=1, max_steps=max_steps, log_every=1, checkpoint_every=3, **settings)
+    return task, run_loop(accelerator, task, loop, checkpoint, quiet=True)
+
+
+class _Weight:
+    """Checkpointable holder of the toy parameter (accelerate needs state_dict / load_state_dict)."""
+
+    def __init__(self, weight: torch.nn.Parameter) -> None:
+        self.weight = weight
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.detach().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.weight.copy_(state["weight"])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_resume_continues_exactly_and_rotates_checkpoints(tmp_path: Path) -> None:
+    full, _ = run(tmp_path / "full", 7, keep_checkpoints=5)
+    first, state = run(tmp_path / "cut", 5, keep_checkpoints=5)  # checkpoints at 3 and 5 (the end)
+    assert (state.step, state.epoch, state.position) == (5, 1, 1)
+    with pytest.raises(FileExistsError, match="resume"):
+        resume_point(False, tmp_path / "cut")
+    checkpoint = resume_point(True, tmp_path / "cut")
+    assert checkpoint == latest_checkpoint(tmp_path / "cut") and checkpoint.name == "step_0000005"
+    resumed, state = run(tmp_path / "cut", 7, checkpoint, keep_checkpoints=5)
+    assert state.step == 7 and resumed.seen == full.seen == [0, 1, 2, 3, 10, 11, 12]
+    assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"))
+    assert float(resumed.weight) == pytest.approx(float(full.weight))
+    # keep_checkpoints=1: only the newest complete folder stays
+    run(tmp_path / "one", 7, keep_checkpoints=1)
+    assert [f.name for f in (tmp_path / "one" / CHECKPOINT_DIR).iterdir()] == ["step_0000007"]
+
+
+def test_an_incomplete_checkpoint_is_never_resumed(tmp_path: Path) -> None:
+    run(tmp_path / "run", 3)
+    (tmp_path / "run" / CHECKPOINT_DIR / "step_0000009").mkdir()  # save_state died before trainer_state.json
+    assert latest_checkpoint(tmp_path / "run").name == "step_0000003"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resume_point(str(tmp_path / "run" / CHECKPOINT_DIR / "step_0000009"), tmp_path / "run")
+
+
+def test_validation_keeps_the_lowest_metric_and_time_budget_stops(tmp_path: Path) -> None:
+    task, state = run(tmp_path / "val", 6, val_every=2, validation=[5.0, 2.0, 4.0])
+    assert task.saved == [2, 4] and (state.best_step, state.best_metric) == (4, 2.0)
+    with pytest.raises(ValueError, match="both unset"):
+        LoopSettings(run_dir=tmp_path, max_steps=None, max_seconds=None)
+    _, state = run(tmp_path / "time", None, max_seconds=1e-6)
+    assert state.step == 1 and latest_checkpoint(tmp_path / "time").name == "step_0000001"
+
+
+def test_schedule_warms_up_then_follows_the_cosine() -> None:
+    common = {"warmup_steps": 2, "schedule": "cosine", "max_steps": 12, "min_lr_ratio": 0.1}
+    assert scheduled_lr(1.0, 0, **common) == pytest.approx(0.5)
+    assert scheduled_lr(1.0, 2, **common) == pytest.approx(1.0)
+    assert scheduled_lr(1.0, 12, **common) == pytest.approx(0.1)
+    assert scheduled_lr(1.0, 7, **common) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert scheduled_lr(1.0, 7, **{**common, "max_steps": None}) == 1.0  # a time budget only: constant
+
+
+def test_vae_fit_and_translation_runs_share_one_layout(tmp_path: Path) -> None:
+    import numpy as np
+
+    from latent.vae_fit import VAEFitConfig, fit_vae
+    from translate.train import parse_config, train
+
+    volumes = [np.random.default_rng(i).random((8, 16, 16), dtype=np.float32) for i in range(2)]
+    tiny = {"channels": (8, 8, 16), "crop": None, "final_eval_volumes": 0, "checkpoint_every": 2, "log_every": 1}
+    vae_dir = fit_vae(volumes, tmp_path / "vae", VAEFitConfig(max_steps=2, **tiny), quiet=True)
+
+    class Latents(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int) -> dict:
+            mr = torch.randn(4, 8, 8, 8, generator=torch.Generator().manual_seed(index))
+            return {"pid": f"p{index}", "mr_mu": mr, "ct_mu": mr}
+
+    config = parse_config({"model": {"family": "l2l_regress", "channels": [8, 8], "norm_num_groups": 4},
+                           "data": {"batch_size": 2}, "run_dir": str(tmp_path / "l2l"),
+                           "train": {"max_steps": 2, "log_every": 1, "checkpoint_every": 2, "tensorboard": False}})
+    translation_dir = train(config, train_dataset=Latents(), quiet=True)
+    for run_dir in (vae_dir, translation_dir):
+        state = LoopState.read(latest_checkpoint(run_dir))
+        assert state.step == 2 and latest_checkpoint(run_dir).name == "step_0000002"
+        assert sorted(losses(run_dir)) == [1, 2]
