@@ -25,6 +25,7 @@ from decode.sct import output_to_canonical_hu
 from latent.cases import Case
 from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid, GridMapping
+from latent.model_folder import resolve_folder
 from latent.prepare import PreparedCase
 from latent.standardise import standardise
 from translate.models.base import TranslationModel, load_pretrained
@@ -69,8 +70,11 @@ class TrainedRun:
 
 
 def load_run(run_dir: str | os.PathLike, which: str = "best") -> TrainedRun:
-    """Load ``run_dir/<which>`` and ``run_dir/producer.json``; a missing ``best/`` falls back to ``final/`` with a warning."""
-    run_dir = Path(run_dir)
+    """Load ``run_dir/<which>`` and ``run_dir/producer.json``; a missing ``best/`` falls back to ``final/`` with a warning.
+
+    ``run_dir`` is a folder or a run pushed to the hub (``hf://owner/name[@revision]``, ``latent push``).
+    """
+    run_dir = resolve_folder(run_dir)
     producer_path = run_dir / "producer.json"
     if not producer_path.is_file():
         raise FileNotFoundError(f"{producer_path}: missing; is {run_dir} a training run folder?")

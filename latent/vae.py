@@ -7,18 +7,19 @@ One entry point, :func:`load_vae`, turns a spec into a :class:`LoadedVAE` (froze
   ``HF_HUB_OFFLINE`` and ``cache_dir``) and checked by SHA-256 *before* ``torch.load``.
 - a local ``.pt`` / ``.safetensors`` file of the MAISI architecture (its SHA-256 is recorded; a
   file whose hash matches a registry entry is named after that entry).
-- a directory written by :func:`save_vae_dir` (``config.json`` + ``model.safetensors``), e.g.
-  the small VAE that ``latent vae fit`` trains when no MAISI weights are available offline.
+- a directory written by :func:`save_vae_dir` (``config.json`` + ``model.safetensors``, the
+  project's one model format, :mod:`latent.model_folder`), e.g. the small VAE that
+  ``latent vae fit`` trains when no MAISI weights are available offline, or such a folder
+  pushed to the hub, as ``hf://owner/name[@revision]``.
 
 Every failure a user can fix is a one-line :class:`VAEError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from latent.hashing import sha256_file
+from latent.model_folder import is_hub_spec, resolve_folder, write_model_folder
 from latent.vae_network import (
     CONFIG_FILENAME, LAYOUT_CANONICAL, LAYOUT_MAISI, LAYOUTS, MAISI_CONFIG, MAISI_RUNTIME, MAISI_RUNTIME_KEYS, NORMS,
     STATE_DICT_WRAPPER_KEY, SUPPORTED_CLASSES, WEIGHTS_FILENAME, VAEError, _channels_of, _freeze, _load_weights,
@@ -239,7 +241,7 @@ def load_vae(
     """
     registry = HUB_VAES if registry is None else registry
     shipped = SHIPPED_VAES if shipped is None else shipped
-    path = Path(spec).expanduser()
+    path = resolve_folder(spec, cache_dir) if is_hub_spec(spec) else Path(spec).expanduser()
     if spec in shipped:
         if config is not None:
             raise VAEError(f"the shipped VAE {spec!r} carries its own {CONFIG_FILENAME}; do not pass a config with it")
@@ -252,7 +254,10 @@ def load_vae(
     elif path.is_dir():
         if config is not None:
             raise VAEError(f"{path} carries its own {CONFIG_FILENAME}; do not pass a config with it")
-        return _load_directory(path, device)
+        loaded = _load_directory(path, device)
+        if is_hub_spec(spec):  # runs record the hub spec, which works on any machine, not the cache path
+            loaded = dataclasses.replace(loaded, source=str(spec))
+        return loaded
     elif path.is_file() and (path.suffix == ".pt" or path.name.endswith(".safetensors")):
         weights_path, digest = path, sha256_file(path)
         known = [key for key, entry in registry.items() if entry.sha256 == digest]
@@ -290,8 +295,6 @@ def save_vae_dir(model: nn.Module, config: Mapping[str, Any], out_dir: str | os.
     Returns:
         ``out_dir`` as a Path.
     """
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     class_name = config.get("class_name")
     if class_name != type(model).__name__:
@@ -314,30 +317,5 @@ def save_vae_dir(model: nn.Module, config: Mapping[str, Any], out_dir: str | os.
         raise VAEError(f"norm {norm!r} is not one of {NORMS}")
     if norm != "group":
         payload["norm"] = norm
-    text = json.dumps(payload, indent=2, sort_keys=True) + "\n"
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    if not out_dir.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            save_file(state, str(staging / WEIGHTS_FILENAME))
-            (staging / CONFIG_FILENAME).write_text(text)
-            os.replace(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return out_dir
-    for filename, write in (
-        (WEIGHTS_FILENAME, lambda p: save_file(state, str(p))),
-        (CONFIG_FILENAME, lambda p: p.write_text(text)),
-    ):
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{filename}.", dir=out_dir)
-        os.close(handle)
-        try:
-            write(Path(tmp_name))
-            os.replace(tmp_name, out_dir / filename)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-    return out_dir
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    return write_model_folder(out_dir, payload, state)

@@ -268,6 +268,24 @@ def train(
 
 
 @app.command()
+def push(
+    ctx: typer.Context,
+    folder: Path = typer.Argument(..., help="A training run (runs/l2sct) or a model folder (a VAE from `latent vae fit`)."),
+    repo: str = typer.Option(..., help="Hub repository owner/name (created when missing)."),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    token: Optional[str] = typer.Option(None, help="Hub token (default: the logged-in one, HF_TOKEN)."),
+) -> None:
+    """Push a run's models and records (or a model folder) to the Hugging Face hub with a model card;
+    use it anywhere a folder is accepted as hf://owner/name[@revision]."""
+    from latent.app.push import push as push_to_hub
+
+    try:
+        typer.echo(push_to_hub(folder, repo, private=private, token=token))
+    except USER_ERRORS as error:
+        user_error(error, ctx)
+
+
+@app.command()
 def demo(
     ctx: typer.Context,
     out: Path = typer.Option(Path("demo_run"), help="Output folder."),

@@ -18,19 +18,24 @@ normalised MR, ``ct_pixels`` (B, 1, D, H, W) CT on the full range mapped to [-1,
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latent.errors import BadConfigError, WeightsError, one_line
+from latent.errors import BadConfigError
+from latent.model_folder import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_state_fits,
+    read_model_config,
+    read_model_weights,
+    resolve_folder,
+    write_model_folder,
+)
 
 #: family name -> "module:Class" (imported lazily so a family's heavy deps load only when used).
 MODEL_FAMILIES: dict[str, str] = {
@@ -43,8 +48,6 @@ MODEL_FAMILIES: dict[str, str] = {
     "cut": "translate.models.cut:CUT",
     "regress3d": "translate.models.regress3d:Regress3D",
 }
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 OutputSpace = Literal["ct_latent", "ct_full"]
 
 
@@ -119,25 +122,8 @@ class TranslationModel(nn.Module):
 
     # -- persistence ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` atomically (temp folder, then rename)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            (staging / CONFIG_NAME).write_text(json.dumps(self.config.model_dump(mode="json"), indent=2) + "\n")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-            save_file(state, str(staging / WEIGHTS_NAME))
-            if directory.exists():
-                retired = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(retired, ignore_errors=True)
-                os.replace(directory, retired)
-                os.replace(staging, directory)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staging, directory)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return directory
+        """Write ``config.json`` + ``model.safetensors`` atomically (the project's one model format)."""
+        return write_model_folder(directory, self.config.model_dump(mode="json"), self.state_dict())
 
 
 def model_class(family: str) -> type[TranslationModel]:
@@ -164,30 +150,11 @@ def build_model(config: dict[str, Any] | ModelConfig) -> TranslationModel:
 
 
 def load_pretrained(directory: str | os.PathLike, map_location: str = "cpu") -> TranslationModel:
-    """Load a model saved by :meth:`TranslationModel.save_pretrained`."""
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightsError(f"{config_path}: not valid JSON ({error.msg} at line {error.lineno})") from None
-    model = build_model(config)
-    try:
-        state = load_file(str(weights_path), device=map_location)
-    except Exception as error:  # safetensors raises its own error types for truncated or foreign files
-        raise WeightsError(f"{weights_path}: cannot be read as safetensors ({one_line(error)})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{name} {tuple(state[name].shape)} (model: {tuple(expected[name].shape)})"
-             for name in expected if name in state and state[name].shape != expected[name].shape]
-    if missing or unexpected or wrong:
-        problems = ([f"{len(wrong)} tensor(s) of another shape, e.g. {wrong[0]}"] if wrong else []) + \
-                   ([f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []) + \
-                   ([f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else [])
-        raise WeightsError(f"{weights_path}: does not fit the model of {config_path}: {'; '.join(problems)}")
+    """Load a model saved by :meth:`TranslationModel.save_pretrained` (a folder or ``hf://owner/name``)."""
+    directory = resolve_folder(directory)
+    model = build_model(read_model_config(directory))
+    state = read_model_weights(directory, map_location)
+    check_state_fits(state, model.state_dict(),
+                     f"{directory / WEIGHTS_NAME}: does not fit the model of {directory / CONFIG_NAME}")
     model.load_state_dict(state)
     return model.eval()
