@@ -99,7 +99,7 @@ def predict(
     grid: Optional[str] = typer.Option(None, rich_help_panel=PANEL_BASELINE, help=(
         "Canonical grid of --method grid_floor*: a preset, SXxSYxSZ:DxHxW or SXxSYxSZ:fit.")),
     # -- trained model
-    model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output).",
+    model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output), or hf://owner/name[@rev] (latent push).",
                                          rich_help_panel=PANEL_MODEL),
     ensemble: Optional[str] = typer.Option(None, rich_help_panel=PANEL_MODEL, help=(
         "RUN1,RUN2,...: average these runs in HU on the native grid (each with its own VAE); std map written.")),
