@@ -89,7 +89,7 @@ def reencode_epoch(cases, grid, vae, stats: dict) -> tuple[float, list[dict]]:
     """The same samples produced from the source files: read, prepare, encode, standardise."""
     import torch
 
-    from cache import standardise
+    from latent.cache import standardise
     from latent.prepare import latent_mask, prepare_case
     from latent.vae_inference import encode_mu
 
@@ -138,7 +138,7 @@ def read_throughput(cache, pids: list[str], keys: tuple[str, ...], rounds: int) 
     import zarr
     from numcodecs import Blosc
 
-    from cache.store import CODECS
+    from latent.cache.store import CODECS
 
     blosc_config = CODECS[0].to_dict()["configuration"]
     codec = Blosc(cname=blosc_config["cname"], clevel=blosc_config["clevel"], shuffle=Blosc.SHUFFLE)
@@ -211,7 +211,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from cache import LatentCache, LatentPairDataset
+    from latent.cache import LatentCache, LatentPairDataset
     from latent.grid import parse_grid_spec
 
     result: dict = {

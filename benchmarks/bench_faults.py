@@ -69,7 +69,7 @@ def _kill_after(arguments: list[str], delay: float) -> tuple[bool, int]:
 
 
 def _case_arrays(cache_path: Path) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
-    from cache import LatentCache, list_producers
+    from latent.cache import LatentCache, list_producers
 
     producers = list_producers(cache_path)
     assert len(producers) == 1, f"{cache_path}: {len(producers)} producers"

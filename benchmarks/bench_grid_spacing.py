@@ -3,7 +3,7 @@
 On SynthRAD-size phantoms (1 x 1 x 3 mm, every region; the default seed gives abdomens longer
 than the 288 mm a 96-slice grid holds) it tabulates, per grid and per case:
 
-- the grid floor (``decode.grid_floor.grid_floor_sct``: the true CT to the canonical grid and
+- the grid floor (``latent.decode.grid_floor.grid_floor_sct``: the true CT to the canonical grid and
   straight back, no model), full HU window: MAE, PSNR, MS-SSIM, bone Dice; and the MAE of the
   VAE-window floor (CT clipped to [-1000, 1000] HU on the way);
 - the cost: canonical voxels, canonical / body-bounding-box voxels at that spacing (target
@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from decode.grid_floor import grid_floor_sct  # noqa: E402
+from latent.decode.grid_floor import grid_floor_sct  # noqa: E402
 from latent.cases import Case, discover_cases  # noqa: E402
 from latent.grid import FIT_PRESETS, CanonicalGrid, body_extent_mm, parse_grid_spec, plan_mapping  # noqa: E402
 from latent.metrics import bone_dice, image_metrics  # noqa: E402

@@ -1,6 +1,6 @@
 """The training data path of ``bench_cache.py``: loader stall and cold start of an experiment.
 
-- **stall**: a real ``translate.train.train`` run of a small latent recipe on the cache, with
+- **stall**: a real ``latent.translate.train.train`` run of a small latent recipe on the cache, with
   timers around every ``next()`` of the (Accelerate-wrapped) training loader. The stall share
   is the time spent waiting for batches over the whole step time (wait + forward, backward,
   optimiser step, logging). Target <= 5 %.
@@ -71,7 +71,7 @@ def measure_stall(cache: Path, split_file: Path, work: Path, steps: int, preload
     """Train ``steps`` steps of the recipe in this process and time the loader waits."""
     import torch
 
-    from translate.train import load_config, train
+    from latent.translate.train import load_config, train
 
     run_dir = work / f"stall_run_preload_{preload}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a kept work folder: start afresh
@@ -148,7 +148,7 @@ def measure_cold_start(cache: Path, split_file: Path, work: Path, run: int, thre
 
 #: Imported one after the other in a fresh interpreter: what a cold start pays before any work.
 #: ``torch._dynamo`` is imported by the first optimiser's construction (torch's own lazy import).
-IMPORT_STEPS = ("torch", "monai", "torch._dynamo", "accelerate", "translate.train", "translate.models.l2l_regress",
+IMPORT_STEPS = ("torch", "monai", "torch._dynamo", "accelerate", "latent.translate.train", "latent.translate.models.l2l_regress",
                 "latent.app.validation")
 _IMPORT_SCRIPT = """
 import importlib, json, sys, time
@@ -230,7 +230,7 @@ def training_markdown(result: dict, note: str = "") -> list[str]:
         "",
         *training_table(result),
         "",
-        f"- Stall: `translate.train.train` of `configs/{RECIPE.name}` on this cache (no validation), with timers "
+        f"- Stall: `latent.translate.train.train` of `configs/{RECIPE.name}` on this cache (no validation), with timers "
         "around every `next()` of the Accelerate-wrapped training loader (`benchmarks/cache_training.py`); "
         "share = waits / step spans after the first batch.",
         f"- Cold start: `python translate/train.py --config configs/{RECIPE.name}` as a new process on the "

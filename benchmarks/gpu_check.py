@@ -96,7 +96,7 @@ def recipe_model_config(recipe: str, work: Path) -> dict:
     """The recipe's model section; a ControlNet gets a freshly saved random prior of the same recipe."""
     import yaml
 
-    from translate.models.base import build_model
+    from latent.translate.models.base import build_model
 
     recipe_data = yaml.safe_load((ROOT / "configs" / recipe).read_text())
     config = recipe_data["model"]
@@ -110,12 +110,12 @@ def recipe_model_config(recipe: str, work: Path) -> dict:
 
 
 def e2e_row(family: str) -> dict:
-    from decode.pipeline import TrainedRun
-    from encode.latents import grid_record
+    from latent.decode.pipeline import TrainedRun
+    from latent.encode.latents import grid_record
     from latent.app.predict_run import PredictOptions, predict_files
     from latent.grid import parse_grid_spec
     from latent.phantom import generate_phantom_dataset
-    from translate.models.base import build_model
+    from latent.translate.models.base import build_model
 
     work = Path(tempfile.mkdtemp(prefix="gpu_e2e_"))
     case = generate_phantom_dataset(work / "data", 1, ["AB"], seed=0, size="synthrad")[0]
@@ -157,7 +157,7 @@ def synthetic_batch(recipe: str) -> dict:
 def train_row(recipe: str) -> dict:
     import torch
 
-    from translate.models.base import build_model
+    from latent.translate.models.base import build_model
 
     model = build_model(recipe_model_config(recipe, Path(tempfile.mkdtemp(prefix="gpu_train_")))).cuda().train()
     batch = synthetic_batch(recipe)

@@ -6,14 +6,14 @@ dataset that reads it. The dataset names load torch on first use only, so tools 
 read or write the store (and writer subprocesses) start quickly.
 """
 
-from cache.producer import (
+from latent.cache.producer import (
     CACHE_SCHEMA_VERSION,
     canonical_json,
     producer_key,
     producer_record,
     sha256_file,
 )
-from cache.store import (
+from latent.cache.store import (
     ARRAY_KEYS,
     CacheError,
     CaseExistsError,
@@ -48,7 +48,7 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _DATASET_NAMES:
-        from cache import dataset
+        from latent.cache import dataset
 
         return getattr(dataset, name)
     raise AttributeError(f"module 'cache' has no attribute {name!r}")

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
-from cache.layout import LATENT_KEYS, MASK_KEYS, PIXEL_KEYS
+from latent.cache.layout import LATENT_KEYS, MASK_KEYS, PIXEL_KEYS
 
 
 def latent_statistics(blocks: Iterable[np.ndarray]) -> dict:

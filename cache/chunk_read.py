@@ -1,7 +1,7 @@
 """Fast read of the cache's own single-chunk zarr v3 arrays, straight from the chunk file.
 
 Every array the cache writes is one chunk (``chunks == shape``) encoded as
-``bytes(little) -> blosc -> crc32c`` (:data:`cache.store.CODECS`). For that exact layout a read
+``bytes(little) -> blosc -> crc32c`` (:data:`latent.cache.store.CODECS`). For that exact layout a read
 is: parse ``zarr.json``, read ``c/0/.../0``, check the CRC32C, Blosc-decode. Going through
 ``zarr.open_array(...)[...]`` costs several times more per array (async machinery, store
 abstraction), which dominated reading the small latent arrays. Anything else (another codec

@@ -16,11 +16,11 @@ from torch.utils.data import Dataset
 
 from latent.cases import read_split  # noqa: F401 - one split reader, re-exported
 from latent.standardise import destandardise, standardise  # noqa: F401 - the one standardisation, re-exported
-from cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
+from latent.cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
 
 
 class LatentPairDataset(Dataset):
-    """Cases of one split from a :class:`~cache.store.LatentCache`.
+    """Cases of one split from a :class:`~latent.cache.store.LatentCache`.
 
     Args:
         cache: the producer group to read.

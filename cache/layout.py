@@ -1,7 +1,7 @@
 """Layout of the latent cache on disk: array keys and codecs, errors, producer groups, node
 metadata, case ids and attributes, staging names and the atomic directory exchange.
 
-The layout itself is described in :mod:`cache.store` and docs/cache.md.
+The layout itself is described in :mod:`latent.cache.store` and docs/cache.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from cache.producer import canonical_value, is_sha256
+from latent.cache.producer import canonical_value, is_sha256
 from latent.errors import InputError
 
 

@@ -1,5 +1,5 @@
 """What a latent cache can say about itself: latent statistics, sizes, a summary and a full
-verification. A mixin of :class:`cache.store.LatentCache` (it uses the store's own readers)."""
+verification. A mixin of :class:`latent.cache.store.LatentCache` (it uses the store's own readers)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from cache.checks import _cross_case_problems, case_problems, latent_statistics, shape_problems
-from cache.layout import ARRAY_KEYS, LATENT_KEYS, CaseNotFoundError, _dir_bytes, _entries, _fingerprint, _node_attrs, _node_meta, _now
-from cache.producer import is_sha256, key_of_record, sha256_file
+from latent.cache.checks import _cross_case_problems, case_problems, latent_statistics, shape_problems
+from latent.cache.layout import ARRAY_KEYS, LATENT_KEYS, CaseNotFoundError, _dir_bytes, _entries, _fingerprint, _node_attrs, _node_meta, _now
+from latent.cache.producer import is_sha256, key_of_record, sha256_file
 
 
 class CacheReports:
-    """Statistics, size and verification methods of :class:`cache.store.LatentCache`."""
+    """Statistics, size and verification methods of :class:`latent.cache.store.LatentCache`."""
 
     # ------------------------------------------------------------------ statistics
 

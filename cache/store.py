@@ -35,18 +35,18 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
-from cache.checks import _pixel_factor, case_problems, latent_statistics, shape_problems
-from cache.chunk_read import array_layout, read_chunk
-from cache.layout import (  # noqa: F401 - _HOST: the staging names' host part (tests read it here)
+from latent.cache.checks import _pixel_factor, case_problems, latent_statistics, shape_problems
+from latent.cache.chunk_read import array_layout, read_chunk
+from latent.cache.layout import (  # noqa: F401 - _HOST: the staging names' host part (tests read it here)
     _HOST, _MAX_LAYOUTS, _PID_RE, _READ_ATTEMPTS, _STORE_TAG, ARRAY_KEYS, CODECS, LATENT_KEYS,
     MASK_KEYS, PIXEL_KEYS, REQUIRED_KEYS, STALE_FOREIGN_S, CacheError, CaseExistsError, CaseNotFoundError,
     ProducerNotFoundError, _check_pid, _entries, _exchange_dirs, _is_stale, _leftover_name,
     _node_attrs, _prepare_attrs, list_producers, pick_producer,
 )
-from cache.producer import canonical_value, key_of_record
-from cache.reports import CacheReports
+from latent.cache.producer import canonical_value, key_of_record
+from latent.cache.reports import CacheReports
 
-#: Re-exported: what callers import from ``cache.store`` (the class and the layout's names).
+#: Re-exported: what callers import from ``latent.cache.store`` (the class and the layout's names).
 __all__ = [
     "ARRAY_KEYS", "CODECS", "LATENT_KEYS", "MASK_KEYS", "PIXEL_KEYS", "REQUIRED_KEYS", "STALE_FOREIGN_S", "CacheError",
     "CaseExistsError", "CaseNotFoundError", "LatentCache", "ProducerNotFoundError", "case_problems",
@@ -72,7 +72,7 @@ class LatentCache(CacheReports):
 
     Args:
         path: store directory (local file system; created in mode ``"a"``).
-        producer: a producer record (from :func:`cache.producer.producer_record`) or a
+        producer: a producer record (from :func:`latent.cache.producer.producer_record`) or a
             producer key. A record creates its group in mode ``"a"``; a key must exist.
         mode: ``"a"`` read/write, ``"r"`` read only.
         float_dtype: storage dtype of latents and pixel volumes, ``"float16"`` or

@@ -2,7 +2,7 @@
 
 One code path gives the mean and the per-voxel standard deviation of every set of outputs that
 ``latent predict`` averages: the K samples of a diffusion model, the mirrored copies of flip
-TTA (on the canonical grid, :func:`decode.pipeline.predict_canonical`) and the members of an
+TTA (on the canonical grid, :func:`latent.decode.pipeline.predict_canonical`) and the members of an
 ensemble (on the native grid, :func:`combine_predictions`).
 """
 

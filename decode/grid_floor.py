@@ -15,8 +15,8 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from decode.native import canonical_to_native_sct
-from decode.writers import write_prediction
+from latent.decode.native import canonical_to_native_sct
+from latent.decode.writers import write_prediction
 from latent.cases import Case, CaseError
 from latent.grid import CanonicalGrid
 from latent.intensity import full_to_ct, vae_to_ct

@@ -19,16 +19,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from decode.combine import Moments, combine_volumes, flip_variants, mirror
-from decode.native import canonical_to_native_sct, std_to_native
-from decode.sct import output_to_canonical_hu
+from latent.decode.combine import Moments, combine_volumes, flip_variants, mirror
+from latent.decode.native import canonical_to_native_sct, std_to_native
+from latent.decode.sct import output_to_canonical_hu
 from latent.cases import Case
 from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid, GridMapping
 from latent.model_folder import resolve_folder
 from latent.prepare import PreparedCase
 from latent.standardise import standardise
-from translate.models.base import TranslationModel, load_pretrained
+from latent.translate.models.base import TranslationModel, load_pretrained
 
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class CasePrediction:
 
 def translate_input(run: TrainedRun, inputs: torch.Tensor, samples: int, seed: int = 0,
                     tta: str = "none") -> list[torch.Tensor]:
-    """Outputs of the model: per flip variant of ``tta`` (:func:`decode.combine.flip_variants` of the
+    """Outputs of the model: per flip variant of ``tta`` (:func:`latent.decode.combine.flip_variants` of the
     family's ``flip_axes``), ``samples`` outputs (one for deterministic models) seeded ``seed + k``.
 
     A flipped pass mirrors the input (latent or pixels) and mirrors the output back, so every

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from decode.dicom import write_dicom_series
+from latent.decode.dicom import write_dicom_series
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.io import WRITE_SUFFIXES, VolumeError, VolumeProperties, write_volume
 
@@ -45,7 +45,7 @@ def write_sct(
     - ``.mha`` / ``.nii.gz`` / ``.nii`` / ``.nrrd``: one compressed file, int16 HU (rounded,
       clipped to [-1024, 3071]), via :func:`latent.io.write_volume`.
     - an existing folder, a path ending in a separator, or ``format="dicom"``: a DICOM CT series
-      via :func:`decode.dicom.write_dicom_series` (``patient_id`` defaults to the folder name;
+      via :func:`latent.decode.dicom.write_dicom_series` (``patient_id`` defaults to the folder name;
       other keyword arguments are passed on).
 
     Args:

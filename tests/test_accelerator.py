@@ -11,7 +11,7 @@ import torch
 
 import latent.accelerator as acc
 from latent.vae_fit import VAEFitConfig, fit_vae
-from translate.train import train
+from latent.translate.train import train
 
 from test_train import ToyLatents, tiny_config
 

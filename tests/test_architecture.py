@@ -1,5 +1,6 @@
 """The one-way flow (docs/architecture.md): the import-linter contracts cover the whole core,
-catch a back-edge, and no module inside translate/ shadows a top-level package."""
+catch a back-edge, the stages are imported only under the one name ``latent``, and no module inside
+translate/ shadows a top-level package."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import os
 import shutil
 import subprocess
 import sys
+import ast
 import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("latent", "encode", "cache", "translate", "decode")
+#: The stage folders at the top of the checkout, linked into latent/ (latent/encode -> ../encode, ...).
+STAGES = ("encode", "cache", "translate", "decode")
+#: Every folder of package code.
+PACKAGES = ("latent", *STAGES)
 LINT_IMPORTS = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or shutil.which("lint-imports")
 
 
@@ -26,7 +31,7 @@ def core_modules() -> set[str]:
     """Every top-level module and subpackage of latent/ except the application layer."""
     names = set()
     for path in (ROOT / "latent").iterdir():
-        if path.name.startswith(("_", ".")) or path.name in ("app", "weights"):
+        if path.name.startswith(("_", ".")) or path.name in ("app", "weights") or path.is_symlink():
             continue
         if path.suffix == ".py":
             names.add(f"latent.{path.stem}")
@@ -38,9 +43,9 @@ def core_modules() -> set[str]:
 def test_the_core_contract_lists_every_core_module() -> None:
     forbidden = next(c for c in contracts() if c["type"] == "forbidden")
     assert set(forbidden["source_modules"]) == core_modules()
-    assert set(forbidden["forbidden_modules"]) == {"latent.app", "encode", "cache", "translate", "decode"}
+    assert set(forbidden["forbidden_modules"]) == {"latent.app", *(f"latent.{stage}" for stage in STAGES)}
     layers = next(c for c in contracts() if c["type"] == "layers")
-    assert layers["layers"] == ["latent.app", "decode", "translate", "cache", "encode"]
+    assert layers["layers"] == ["latent.app", "latent.decode", "latent.translate", "latent.cache", "latent.encode"]
 
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
@@ -52,8 +57,9 @@ def _lint(root: Path) -> subprocess.CompletedProcess:
 
 
 def _copy_packages(destination: Path) -> None:
-    for package in STAGES:
-        shutil.copytree(ROOT / package, destination / package, ignore=shutil.ignore_patterns("weights", "__pycache__"))
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, destination / package, symlinks=True,
+                        ignore=shutil.ignore_patterns("weights", "__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", destination / "pyproject.toml")
 
 
@@ -66,8 +72,8 @@ def test_the_repository_keeps_its_contracts() -> None:
 @pytest.mark.parametrize(
     ("module", "back_edge", "contract"),
     [
-        ("latent/grid.py", "import decode.native", "the core"),  # core -> stage
-        ("cache/store.py", "import translate.data", "stages import only earlier stages"),  # stage -> later stage
+        ("latent/grid.py", "import latent.decode.native", "the core"),  # core -> stage
+        ("cache/store.py", "import latent.translate.data", "stages import only earlier stages"),  # stage -> later stage
         ("decode/native.py", "import latent.app.cli", "stages import only earlier stages"),  # stage -> app layer
     ],
 )
@@ -80,12 +86,13 @@ def test_a_deliberate_back_edge_breaks_a_contract(tmp_path: Path, module: str, b
     broken = [line for line in result.stdout.splitlines() if line.rstrip().endswith("BROKEN")]
     assert broken, result.stdout[-3000:]
     assert contract in result.stdout.split("Broken contracts")[-1] or any(contract in line for line in broken)
-    assert module.removesuffix(".py").replace("/", ".") in result.stdout
+    dotted = module.removesuffix(".py").replace("/", ".")
+    assert (dotted if dotted.startswith("latent.") else f"latent.{dotted}") in result.stdout
 
 
 def test_no_module_inside_translate_shadows_a_top_level_package() -> None:
     """`accelerate launch translate/train.py` puts translate/ first on sys.path."""
-    top_level = set(STAGES) | set(sys.stdlib_module_names)
+    top_level = set(PACKAGES) | set(sys.stdlib_module_names)
     top_level |= {name for name in importlib.metadata.packages_distributions()}
     inside = {path.stem if path.suffix == ".py" else path.name
               for path in (ROOT / "translate").iterdir()
@@ -100,6 +107,31 @@ MAX_MODULE_LINES = 400
 
 def test_no_package_module_is_longer_than_the_limit() -> None:
     long = {str(path.relative_to(ROOT)): count
-            for package in STAGES for path in (ROOT / package).rglob("*.py")
+            for package in PACKAGES for path in (ROOT / package).rglob("*.py")
             if (count := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
     assert not long, f"split these by job: {long}"
+
+
+def test_the_stage_folders_are_linked_into_the_one_import_name() -> None:
+    for stage in STAGES:
+        link = ROOT / "latent" / stage
+        assert link.is_symlink() and link.resolve() == (ROOT / stage).resolve(), f"latent/{stage} must link to ../{stage}"
+
+
+def _bare_stage_imports(path: Path) -> list[str]:
+    """``import translate...`` / ``from cache... import`` lines of one file (they bypass ``latent.``)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}: {name}" for name in names
+                  if name.split(".")[0] in STAGES]
+    return found
+
+
+def test_no_code_imports_a_stage_by_its_bare_folder_name() -> None:
+    """Only ``latent.<stage>`` exists once installed; a bare ``import cache`` would find another package."""
+    files = [path for folder in (*PACKAGES, "tests", "benchmarks") for path in (ROOT / folder).rglob("*.py")]
+    assert len(files) > 50
+    bare = [line for path in files for line in _bare_stage_imports(path)]
+    assert not bare, "import these as latent.<stage>:\n" + "\n".join(bare)

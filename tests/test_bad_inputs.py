@@ -62,7 +62,7 @@ class World:
 def world(phantom_root: Path, tmp_path_factory) -> World:
     from latent.vae import load_vae, save_vae_dir
     from monai.networks.nets import AutoencoderKL
-    from translate.models.base import build_model
+    from latent.translate.models.base import build_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -81,7 +81,7 @@ def world(phantom_root: Path, tmp_path_factory) -> World:
     (written / "pred" / "predict_manifest.json").unlink()
     (written / "splits.json").write_text(json.dumps({"train": [case.pid], "val": [], "test": []}))
     build_model(TINY_L2SCT).save_pretrained(written / "run" / "best")
-    from cache import list_producers
+    from latent.cache import list_producers
 
     producer = next(iter(list_producers(written / "cache.zarr").values()))
     (written / "run" / "producer.json").write_text(json.dumps(producer, default=str))
@@ -349,7 +349,7 @@ CORPUS: dict[str, Bad] = {
 
 def run_command(arguments: list[str], capsys) -> tuple[int, str]:
     if arguments[0] == "TRAIN":
-        from translate.train import main
+        from latent.translate.train import main
 
         code = main(arguments[1:])
         captured = capsys.readouterr()

@@ -16,9 +16,9 @@ import pytest
 import torch
 import zarr
 
-import cache.store as store_module
+import latent.cache.store as store_module
 from latent.cases import CaseError
-from cache import (
+from latent.cache import (
     CacheError,
     CaseExistsError,
     CaseNotFoundError,
@@ -235,7 +235,7 @@ CHILD = textwrap.dedent("""
     import json, sys, time
     import numpy as np
     sys.path.insert(0, sys.argv[1])
-    from cache.store import LatentCache
+    from latent.cache.store import LatentCache
 
     class StallsAfterFirstArray(LatentCache):
         def _write_array(self, group, name, data):
@@ -528,7 +528,7 @@ def test_verify_rehashes_sources(store, tmp_path):
 
 
 def test_fast_chunk_read_equals_zarr_and_falls_back_for_other_layouts(filled, tmp_path):
-    from cache.chunk_read import read_single_chunk
+    from latent.cache.chunk_read import read_single_chunk
 
     case_dir = filled.group_dir / "cases" / "1ABA001"
     for key in filled.array_keys("1ABA001"):
@@ -553,7 +553,7 @@ def test_fast_chunk_read_equals_zarr_and_falls_back_for_other_layouts(filled, tm
 
 
 def test_fast_chunk_read_refuses_damaged_chunks_naming_the_file(filled):
-    from cache.chunk_read import ChunkError
+    from latent.cache.chunk_read import ChunkError
 
     chunk = filled.group_dir / "cases" / "1ABA001" / "mr_mu" / "c" / "0" / "0" / "0" / "0"
     raw = bytearray(chunk.read_bytes())
@@ -568,7 +568,7 @@ def test_fast_chunk_read_refuses_damaged_chunks_naming_the_file(filled):
 
 
 def test_one_producer_pick_for_every_caller(tmp_path: Path) -> None:
-    from cache import ProducerNotFoundError, pick_producer
+    from latent.cache import ProducerNotFoundError, pick_producer
 
     with pytest.raises(ProducerNotFoundError, match="cache not found"):
         pick_producer(tmp_path / "none.zarr", None)

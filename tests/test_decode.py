@@ -11,12 +11,12 @@ import SimpleITK as sitk
 import torch
 from monai.networks.nets import AutoencoderKL
 
-import decode.dicom as dicom_module
-from decode.dicom import DicomWriteError, write_dicom_series
-from decode.gc_io import GCInputError, gc_output_path, parse_region, read_gc_inputs
-from decode.native import canonical_to_native_sct, std_to_native
-from decode.sct import output_to_canonical_hu
-from decode.writers import prediction_paths, write_prediction, write_sct
+import latent.decode.dicom as dicom_module
+from latent.decode.dicom import DicomWriteError, write_dicom_series
+from latent.decode.gc_io import GCInputError, gc_output_path, parse_region, read_gc_inputs
+from latent.decode.native import canonical_to_native_sct, std_to_native
+from latent.decode.sct import output_to_canonical_hu
+from latent.decode.writers import prediction_paths, write_prediction, write_sct
 from latent.grid import CanonicalGrid, plan_mapping
 from latent.intensity import full_to_ct, vae_to_ct
 from latent.io import VolumeError, VolumeProperties, read_volume, write_volume

@@ -19,7 +19,7 @@ import torch
 from monai.networks.nets import AutoencoderKL
 from typer.testing import CliRunner
 
-from cache import CacheError, LatentCache, LatentPairDataset, latent_statistics, list_producers, sha256_file
+from latent.cache import CacheError, LatentCache, LatentPairDataset, latent_statistics, list_producers, sha256_file
 from latent.app.encode_run import encode_dataset
 from latent.cases import discover_cases, save_splits
 from latent.app.cli import app

@@ -17,15 +17,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from decode.combine import Moments, flip_variants, mirror
-from decode.pipeline import TrainedRun, combine_predictions, predict_canonical, translate_input
+from latent.decode.combine import Moments, flip_variants, mirror
+from latent.decode.pipeline import TrainedRun, combine_predictions, predict_canonical, translate_input
 from latent.app.cli import app
 from latent.app.predict_run import Ensemble, PredictOptions, predict_dataset
 from latent.cases import fold_of_splits, make_folds, parse_fold, read_split
 from latent.evaluate import evaluate_predictions, std_error_spearman
 from latent.io import read_volume
-from translate.models.base import build_model
-from translate.train import main as train_main, parse_config, train
+from latent.translate.models.base import build_model
+from latent.translate.train import main as train_main, parse_config, train
 
 from test_predict_run import FAMILIES, LATENT_UNET, _mask_of, runs  # noqa: F401 - runs is a fixture
 
@@ -165,7 +165,7 @@ def test_ensemble_is_the_mean_of_its_members_and_writes_the_std(runs, tmp_path: 
 
 
 def test_combine_predictions_averages_exactly() -> None:
-    from decode.pipeline import CasePrediction
+    from latent.decode.pipeline import CasePrediction
 
     rng = np.random.default_rng(1)
     a, b = (rng.normal(0, 300, (4, 5, 6)).astype(np.float32) for _ in range(2))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from decode.grid_floor import grid_floor_sct
+from latent.decode.grid_floor import grid_floor_sct
 from latent.cases import discover_cases, make_splits, save_splits
 from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid, body_extent_mm, parse_grid_spec, plan_mapping
@@ -24,8 +24,8 @@ from latent.intensity import AIR_HU
 from latent.io import VolumeProperties, read_volume, write_volume
 from latent.prepare import TruncationError, prepare_case
 from test_predict_run import LATENT_UNET, _save_tiny_vae
-from translate.models.base import ModelConfig, TranslationModel, build_model
-from translate.train import parse_config, train
+from latent.translate.models.base import ModelConfig, TranslationModel, build_model
+from latent.translate.train import parse_config, train
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 #: A body 110 slices x 5 mm = 550 mm long: longer than any preset's field of view (<= 288 mm).
@@ -49,7 +49,7 @@ def _write_long_case(root: Path, pid: str = "1ABA001") -> Path:
 def test_a_body_longer_than_every_preset_is_encoded_whole_and_restored_whole(tmp_path: Path) -> None:
     from latent.app.encode_run import encode_dataset
     from latent.vae import load_vae
-    from cache import LatentCache, pick_producer
+    from latent.cache import LatentCache, pick_producer
 
     data = _write_long_case(tmp_path / "data")
     case = discover_cases(data)[0]
@@ -219,7 +219,7 @@ def test_training_on_a_fitted_cache_needs_a_crop_then_predicts_whole_cases(phant
 
 
 def _cached_shapes(store: Path) -> list[list[int]]:
-    from cache import LatentCache, pick_producer
+    from latent.cache import LatentCache, pick_producer
 
     key, _ = pick_producer(store, "auto", option="--producer")
     cache = LatentCache.open(store, key)

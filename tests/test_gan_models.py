@@ -8,8 +8,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from translate.models.base import build_model, load_pretrained
-from translate.models.gan_common import (
+from latent.translate.models.base import build_model, load_pretrained
+from latent.translate.models.gan_common import (
     WATER_SIGNED,
     gather_stacks,
     make_inferer,
@@ -253,7 +253,7 @@ def test_bad_configs_fail_naming_the_field():
 
 @pytest.mark.parametrize("family", ["pix2pix", "cyclegan", "cut"])
 def test_recipes_load_and_demo_models_build(family):
-    from translate.train import load_config  # here: the rest of this module needs no training stack
+    from latent.translate.train import load_config  # here: the rest of this module needs no training stack
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     for size in ("demo", "full"):

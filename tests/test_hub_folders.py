@@ -49,7 +49,7 @@ def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def tiny_run(run_dir: Path) -> Path:
-    from translate.train import parse_config, train
+    from latent.translate.train import parse_config, train
 
     class Latents(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -66,7 +66,7 @@ def tiny_run(run_dir: Path) -> Path:
 
 
 def test_a_run_pushed_to_the_hub_loads_back_as_hf_spec(tmp_path: Path, hub: dict) -> None:
-    from decode.pipeline import load_run
+    from latent.decode.pipeline import load_run
     from latent.app.cli import app
 
     run_dir = tiny_run(tmp_path / "run")

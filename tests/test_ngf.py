@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from translate.models.gan_losses import ngf_loss, robust_range, spatial_gradients
+from latent.translate.models.gan_losses import ngf_loss, robust_range, spatial_gradients
 
 
 def _squares(shape: tuple[int, ...], shift: int = 0) -> torch.Tensor:

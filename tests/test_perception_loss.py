@@ -14,10 +14,10 @@ from monai.networks.nets import DynUNet
 from safetensors.torch import save_file
 
 from latent.errors import BadConfigError, BadFileError, WeightsError
-from translate.models.base import load_pretrained
-from translate.models.perception import IntensityMap, load_perception_network
-from translate.models.regress3d_parts import register_once
-from translate.train import ConfigError, parse_config, train
+from latent.translate.models.base import load_pretrained
+from latent.translate.models.perception import IntensityMap, load_perception_network
+from latent.translate.models.regress3d_parts import register_once
+from latent.translate.train import ConfigError, parse_config, train
 
 from test_regress3d import PATCH, TINY, ToyVolumes, make, one_thread, toy_volumes  # noqa: F401 (fixture)
 
@@ -100,7 +100,7 @@ def test_saved_model_holds_no_segmenter_tensors_and_predicts_without_them(weight
 
 
 def test_off_without_weights_says_so(caplog):
-    with caplog.at_level(logging.INFO, logger="translate.models.regress3d"):
+    with caplog.at_level(logging.INFO, logger="latent.translate.models.regress3d"):
         model = make()
     assert model.config.perception == "off" and model.perception_network() is None
     assert "perception loss off" in caplog.text

@@ -21,14 +21,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from decode.pipeline import RunMismatchError, predict_canonical
+from latent.decode.pipeline import RunMismatchError, predict_canonical
 from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset, predict_from_cache
 from latent.cases import discover_cases, make_splits, save_splits
 from latent.app.cli import app
 from latent.evaluate import evaluate_predictions
 from latent.intensity import AIR_HU
 from latent.io import VolumeProperties, read_volume
-from translate.train import parse_config, train
+from latent.translate.train import parse_config, train
 
 #: Canonical grid (spacing x, y, z : shape z, y, x): 32 x 32 x 32 voxels (multiples of 32), latents 8 x 8 x 8.
 GRID = "10x10x6:32x32x32"

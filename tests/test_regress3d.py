@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from translate.models.base import build_model, load_pretrained
-from translate.models.l2sct import AIR_VALUE
-from translate.models.regress3d import (
+from latent.translate.models.base import build_model, load_pretrained
+from latent.translate.models.l2sct import AIR_VALUE
+from latent.translate.models.regress3d import (
     CT_PAD,
     Regress3D,
     plan_topology,
@@ -18,7 +18,7 @@ from translate.models.regress3d import (
     split_heads,
     training_patches,
 )
-from translate.train import ConfigError, parse_config, train
+from latent.translate.train import ConfigError, parse_config, train
 
 PATCH = (16, 16, 16)
 #: Four levels on a 16-voxel patch (16 -> 8 -> 4 -> 2), so two deep-supervision heads fit.

@@ -55,7 +55,7 @@ def test_an_altered_shipped_file_is_refused_with_one_line(tmp_path: Path, filena
 
 
 def test_demo_encodes_with_the_shipped_vae_without_fitting(tmp_path: Path) -> None:
-    from cache import LatentCache, list_producers
+    from latent.cache import LatentCache, list_producers
     from latent.app.demo import DemoConfig, prepare_data, vae_and_encode
 
     config = DemoConfig(cases=9, dose=False)

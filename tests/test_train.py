@@ -15,8 +15,8 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from translate.models.base import load_pretrained
-from translate.train import ConfigError, load_config, parse_config, train
+from latent.translate.models.base import load_pretrained
+from latent.translate.train import ConfigError, load_config, parse_config, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LATENT = 8
@@ -177,7 +177,7 @@ def test_recipes_are_valid(recipe):
 # ----------------------------------------------------------------------------- on-disk cache
 def write_tiny_cache(root: Path) -> tuple[Path, Path]:
     """A latent cache of 6 random cases (4 train, 2 val) written through the cache's public API."""
-    from cache import LatentCache, producer_record
+    from latent.cache import LatentCache, producer_record
 
     record = producer_record({"weights_sha256": "0" * 64, "config": {"latent_channels": 4}},
                              {"spacing": [1, 1, 3], "shape": [4 * LATENT] * 3}, {"ct": "test", "mr": "test"})

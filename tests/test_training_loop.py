@@ -104,7 +104,7 @@ def test_resume_continues_exactly_and_rotates_checkpoints(tmp_path: Path) -> Non
     resumed, state = run(tmp_path / "cut", 7, checkpoint, keep_checkpoints=5)
     assert state.step == 7 and resumed.seen == full.seen == [0, 1, 2, 3, 10, 11, 12]
     assert losses(tmp_path / "cut") == pytest.approx(losses(tmp_path / "full"))
-    assert float(resumed.weight) == pytest.approx(float(full.weight))
+    assert float(resumed.weight.detach()) == pytest.approx(float(full.weight.detach()))
     # keep_checkpoints=1: only the newest complete folder stays
     run(tmp_path / "one", 7, keep_checkpoints=1)
     assert [f.name for f in (tmp_path / "one" / CHECKPOINT_DIR).iterdir()] == ["step_0000007"]
@@ -140,7 +140,7 @@ def test_vae_fit_and_translation_runs_share_one_layout(tmp_path: Path) -> None:
     import numpy as np
 
     from latent.vae_fit import VAEFitConfig, fit_vae
-    from translate.train import parse_config, train
+    from latent.translate.train import parse_config, train
 
     volumes = [np.random.default_rng(i).random((8, 16, 16), dtype=np.float32) for i in range(2)]
     tiny = {"channels": (8, 8, 16), "crop": None, "final_eval_volumes": 0, "checkpoint_every": 2, "log_every": 1}

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
-from translate.models.base import build_model, load_pretrained
-from translate.models.l2sct import AIR_VALUE, START_VALUE, LatentToSCT
-from translate.validation import predict
+from latent.translate.models.base import build_model, load_pretrained
+from latent.translate.models.l2sct import AIR_VALUE, START_VALUE, LatentToSCT
+from latent.translate.validation import predict
 
 LATENT = 8  # latent edge: divisible by 2 for two-level UNets
 BATCH = 2

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from latent.errors import BadConfigError
-from translate.models.base import TranslationModel
+from latent.translate.models.base import TranslationModel
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def model_batch_keys(model_cls: type[TranslationModel]) -> tuple[str, ...]:
 def resolve_producer(cache_path: str | Path, producer: str) -> tuple[str, dict]:
     """``(key, record)`` of the producer to train on; ``"auto"`` picks the store's only one
     (:func:`cache.pick_producer`, the one producer pick)."""
-    from cache import pick_producer
+    from latent.cache import pick_producer
 
     return pick_producer(cache_path, producer, option="data.producer")
 
@@ -82,7 +82,7 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
         ``(train_dataset, val_dataset or None, producer)`` where ``producer`` holds the key, the
         record and the latent statistics used to standardise (``producer.json`` of the run).
     """
-    from cache import LatentCache, LatentPairDataset
+    from latent.cache import LatentCache, LatentPairDataset
 
     if data.cache is None or data.split_file is None:
         missing = "data.cache" if data.cache is None else "data.split_file"

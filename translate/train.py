@@ -40,9 +40,9 @@ from torch.utils.data import Dataset
 from latent.accelerator import make_accelerator
 from latent.errors import InputError, one_line
 from latent.training import LoopSettings, resume_point, run_loop, scheduled_lr
-from translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
-from translate.models.base import build_model, model_class
-from translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer
+from latent.translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
+from latent.translate.models.base import build_model, model_class
+from latent.translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer
     ConfigError,
     DataConfig,
     TrainConfig,
@@ -51,9 +51,9 @@ from translate.train_config import (  # noqa: F401 - re-exported: the config API
     load_config,
     parse_config,
 )
-from translate.validation import Validator, describe_validator, load_validator
+from latent.translate.validation import Validator, describe_validator, load_validator
 
-logger = logging.getLogger("translate.train")
+logger = logging.getLogger("latent.translate.train")
 
 #: Other processes wait at a barrier while the main process validates; NCCL's default 10 minutes
 #: is shorter than a diffusion validation with K samples per case.

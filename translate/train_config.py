@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationErr
 
 from latent.cases import parse_fold
 from latent.recipes import ConfigError, apply_overrides, format_validation_errors, read_recipe
-from translate.models.base import ModelConfig, model_class
+from latent.translate.models.base import ModelConfig, model_class
 
 
 class _Section(BaseModel):

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 import torch
 
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
-from translate.models.base import TranslationModel
+from latent.translate.models.base import TranslationModel
 
 if TYPE_CHECKING:
-    from translate.train_config import TrainConfig
+    from latent.translate.train_config import TrainConfig
 
 #: [-1, 1] full-range units -> HU differences.
 HU_PER_UNIT = (FULL_CT_MAX_HU - FULL_CT_MIN_HU) / 2.0
@@ -66,9 +66,9 @@ class CanonicalValidator:
     def describe(model: TranslationModel) -> str:
         """What ``mae`` means for ``model`` (recorded beside ``best/``)."""
         if model.output_space == "ct_full":
-            return "val/mae: masked MAE in HU on the canonical grid (translate.validation.CanonicalValidator)"
+            return "val/mae: masked MAE in HU on the canonical grid (latent.translate.validation.CanonicalValidator)"
         return ("val/mae: mean absolute error of the standardised CT latent, a latent-space proxy, not HU "
-                "(translate.validation.CanonicalValidator)")
+                "(latent.translate.validation.CanonicalValidator)")
 
     @torch.no_grad()
     def __call__(self, model: TranslationModel, val_batches: Iterable[dict[str, Any]]) -> dict[str, float]:

@@ -133,7 +133,7 @@ def predict(
             if data is None:
                 fail("--method needs --data ROOT")
             if method in ("grid_floor", "grid_floor_vae"):
-                from decode.grid_floor import predict_grid_floor
+                from latent.decode.grid_floor import predict_grid_floor
                 from latent.grid import parse_grid_spec
 
                 if grid is None:
@@ -145,7 +145,7 @@ def predict(
                 fit_pids = split_pids(split_file, "train") if split_file and method == "bulk" else None
                 run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
         elif model is not None or ensemble is not None:
-            from decode.combine import check_tta
+            from latent.decode.combine import check_tta
             from latent.app import predict_run as runner
 
             if model is not None and ensemble is not None:
@@ -261,7 +261,7 @@ def train(
             return
     except USER_ERRORS as error:
         user_error(error, ctx)
-    from translate.train import main as train_main
+    from latent.translate.train import main as train_main
 
     arguments = ["--config", config, *(["--resume"] if resume else []), *(["--quiet"] if quiet else []), *ctx.args]
     raise typer.Exit(train_main(arguments))

@@ -39,7 +39,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def open_cache(cache: Path, producer: Optional[str]):
     """Open a cache read-only; with one producer group it is chosen automatically."""
-    from cache import LatentCache, pick_producer
+    from latent.cache import LatentCache, pick_producer
 
     key, _ = pick_producer(cache, producer, option="--producer")
     return LatentCache.open(cache, key)

@@ -17,8 +17,8 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from cache import LatentCache, producer_record
-from encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
+from latent.cache import LatentCache, producer_record
+from latent.encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
 from latent.cases import Case, discover_cases, load_splits, make_splits
 from latent.grid import CanonicalGrid
 from latent.intensity import normalisation_record

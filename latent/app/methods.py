@@ -59,7 +59,7 @@ def baseline_result(method: str, data: Path, out: Path, splits: dict[str, list[s
 
 def grid_floor_result(name: str, data: Path, out: Path, grid: str, test: list[str]) -> MethodResult:
     """``grid_floor`` or ``grid_floor_vae`` (:data:`GRID_FLOORS`) on the canonical grid ``grid``."""
-    from decode.grid_floor import predict_grid_floor
+    from latent.decode.grid_floor import predict_grid_floor
     from latent.grid import parse_grid_spec
 
     started = time.perf_counter()
@@ -72,7 +72,7 @@ def grid_floor_result(name: str, data: Path, out: Path, grid: str, test: list[st
 def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, test: list[str],
                      vae_seconds: float) -> MethodResult:
     """decode(encode(CT)) on the native grid: the floor of latent-to-latent methods."""
-    from cache import LatentCache, pick_producer
+    from latent.cache import LatentCache, pick_producer
     from latent.app.vae_check import vae_check
     from latent.vae import load_vae
 
@@ -93,7 +93,7 @@ def train_recipe(recipe: str | Path, run_dir: Path, cache: Path, split_file: Pat
     ``seconds`` sets ``train.max_seconds`` (None keeps the recipe's budget); ``overrides`` are
     dotted ``key=value`` changes applied after the data paths and the budget.
     """
-    from translate.train import load_config, train
+    from latent.translate.train import load_config, train
 
     if run_dir.exists():
         shutil.rmtree(run_dir)

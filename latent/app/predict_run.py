@@ -17,11 +17,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from decode.pipeline import (
+from latent.decode.pipeline import (
     CasePrediction, TrainedRun, case_from_files, check_vae_matches, combine_predictions, load_run, predict_cached,
     predict_prepared,
 )
-from decode.writers import write_prediction
+from latent.decode.writers import write_prediction
 from latent.cases import Case, CaseError
 from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid
@@ -39,7 +39,7 @@ class PredictOptions:
     fmt: str = "mha"
     tile: Sequence[int] | None = None
     which: str = "best"
-    #: "none" or "flip" (mirror along the family's ``flip_axes``; decode.combine.TTA_MODES).
+    #: "none" or "flip" (mirror along the family's ``flip_axes``; latent.decode.combine.TTA_MODES).
     tta: str = "none"
     #: keep a case whose body the run's fixed grid cuts (warned, and its share in timings.json).
     allow_truncation: bool = False
@@ -163,7 +163,7 @@ def predict_from_cache(run: TrainedRun | Ensemble, vae, cache_path: str | os.Pat
                        quiet: bool = False) -> CaseRun[Path]:
     """Predict from the MR latents / pixels stored in the cache, in each member's own producer group
     (no re-encoding)."""
-    from cache import LatentCache
+    from latent.cache import LatentCache
 
     options = options or PredictOptions()
     members = _members(run, vae)
@@ -222,7 +222,7 @@ def predict_grand_challenge(run: TrainedRun | Ensemble, vae, input_dir: str | os
                             output_dir: str | os.PathLike, options: PredictOptions | None = None,
                             quiet: bool = False) -> CaseRun[Path]:
     """Grand Challenge algorithm layout: images/mri + images/body (+ region.json) -> images/synthetic-ct."""
-    from decode.gc_io import gc_output_path, read_gc_inputs
+    from latent.decode.gc_io import gc_output_path, read_gc_inputs
 
     inputs = read_gc_inputs(input_dir)
     cases = [Case(item.mri_path.name, item.region, "?", item.mri_path, mask=item.mask_path) for item in inputs]

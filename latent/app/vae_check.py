@@ -14,10 +14,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from cache import LatentCache
-from decode.native import canonical_to_native_sct
-from decode.sct import output_to_canonical_hu
-from decode.writers import write_prediction
+from latent.cache import LatentCache
+from latent.decode.native import canonical_to_native_sct
+from latent.decode.sct import output_to_canonical_hu
+from latent.decode.writers import write_prediction
 from latent.cases import CaseError
 from latent.evaluate import Evaluation, cases_with_ct, evaluate_predictions
 from latent.grid import GridMapping

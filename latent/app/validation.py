@@ -12,8 +12,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from decode.pipeline import predict_canonical
-from decode.native import canonical_to_native_sct
+from latent.decode.pipeline import predict_canonical
+from latent.decode.native import canonical_to_native_sct
 from latent.grid import GridMapping
 from latent.io import read_volume
 from latent.metrics import image_metrics
@@ -46,7 +46,7 @@ class NativeValidator:
 
     @torch.no_grad()
     def __call__(self, model, val_batches: Iterable[dict[str, Any]]) -> dict[str, float]:
-        from decode.pipeline import TrainedRun
+        from latent.decode.pipeline import TrainedRun
 
         run = TrainedRun(run_dir=None, model=model, producer=self.producer)
         device = next(model.parameters()).device
@@ -66,13 +66,13 @@ class NativeValidator:
 
 def native_validator(config) -> NativeValidator:
     """Factory for ``train.validator``: opens the run's cache and its VAE."""
-    from cache import LatentCache
-    from translate.data import resolve_producer
+    from latent.cache import LatentCache
+    from latent.translate.data import resolve_producer
 
     key, record = resolve_producer(config.data.cache, config.data.producer)
     cache = LatentCache.open(config.data.cache, key)
     vae = None
-    from translate.models.base import model_class
+    from latent.translate.models.base import model_class
 
     family = model_class(config.model.family)
     if family.output_space == "ct_latent":

@@ -1,1 +1,1 @@
-"""Translation model families, one per file; :func:`translate.models.base.model_class` finds them."""
+"""Translation model families, one per file; :func:`latent.translate.models.base.model_class` finds them."""

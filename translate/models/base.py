@@ -9,7 +9,7 @@ back-propagates ``losses["loss"]`` and steps. Inference calls
 gaussian-blended sliding windows of ``config.window`` (set by training on a fitted grid, where
 every case has its own shape; docs/grids.md).
 
-Batches are dicts of float32 tensors from the latent cache (``cache.dataset``):
+Batches are dicts of float32 tensors from the latent cache (``latent.cache.dataset``):
 ``mr_mu`` / ``ct_mu`` (B, 4, d, h, w) standardised latents, ``mr_pixels`` (B, 1, D, H, W)
 normalised MR, ``ct_pixels`` (B, 1, D, H, W) CT on the full range mapped to [-1, 1],
 ``mask_pixels`` (B, 1, D, H, W) and ``mask_latent`` (B, 1, d, h, w) in {0, 1}.
@@ -39,14 +39,14 @@ from latent.model_folder import (
 
 #: family name -> "module:Class" (imported lazily so a family's heavy deps load only when used).
 MODEL_FAMILIES: dict[str, str] = {
-    "l2l_ddim": "translate.models.l2l_ddim:LatentDiffusion",
-    "l2l_controlnet": "translate.models.l2l_controlnet:LatentControlNet",
-    "l2l_regress": "translate.models.l2l_regress:LatentRegression",
-    "l2sct": "translate.models.l2sct:LatentToSCT",
-    "pix2pix": "translate.models.pix2pix:Pix2Pix",
-    "cyclegan": "translate.models.cyclegan:CycleGAN",
-    "cut": "translate.models.cut:CUT",
-    "regress3d": "translate.models.regress3d:Regress3D",
+    "l2l_ddim": "latent.translate.models.l2l_ddim:LatentDiffusion",
+    "l2l_controlnet": "latent.translate.models.l2l_controlnet:LatentControlNet",
+    "l2l_regress": "latent.translate.models.l2l_regress:LatentRegression",
+    "l2sct": "latent.translate.models.l2sct:LatentToSCT",
+    "pix2pix": "latent.translate.models.pix2pix:Pix2Pix",
+    "cyclegan": "latent.translate.models.cyclegan:CycleGAN",
+    "cut": "latent.translate.models.cut:CUT",
+    "regress3d": "latent.translate.models.regress3d:Regress3D",
 }
 OutputSpace = Literal["ct_latent", "ct_full"]
 

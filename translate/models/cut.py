@@ -20,14 +20,14 @@ from typing import Literal
 import torch
 from pydantic import model_validator
 
-from translate.models.gan_common import (
+from latent.translate.models.gan_common import (
     AIR_SIGNED,
     WATER_SIGNED,
     PixelGAN,
     PixelGANConfig,
     TanhUNet,
 )
-from translate.models.gan_losses import (
+from latent.translate.models.gan_losses import (
     NCE_TEMPERATURE,
     AdversarialLoss,
     PatchProjector,

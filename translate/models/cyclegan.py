@@ -22,14 +22,14 @@ from typing import Literal
 
 import torch
 
-from translate.models.gan_common import (
+from latent.translate.models.gan_common import (
     AIR_SIGNED,
     WATER_SIGNED,
     PixelGAN,
     PixelGANConfig,
     TanhUNet,
 )
-from translate.models.gan_losses import AdversarialLoss, background_l1, discriminator_logits, frozen
+from latent.translate.models.gan_losses import AdversarialLoss, background_l1, discriminator_logits, frozen
 
 
 class CycleGANConfig(PixelGANConfig):

@@ -19,9 +19,9 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from latent.intensity import AIR_HU, ct_to_full
-from translate.models.base import ModelConfig, TranslationModel
-from translate.models.gan_losses import build_discriminator, check_discriminator_input
-from translate.models.gan_views import (  # noqa: F401 - re-exported: the GAN families import them from here
+from latent.translate.models.base import ModelConfig, TranslationModel
+from latent.translate.models.gan_losses import build_discriminator, check_discriminator_input
+from latent.translate.models.gan_views import (  # noqa: F401 - re-exported: the GAN families import them from here
     SIGNED_BACKGROUND, avoid_same, body_slices, centre_channel, gather_patches, gather_stacks, make_inferer, pad_to_multiple,
     pad_volume_to, sample_patch_starts, sample_slices, sliding_window_translate, slicewise_translate,
     unpaired_partner,

@@ -1,6 +1,6 @@
 """Training views and whole-volume inference of the pixel-space GANs: slice stacks and patches
 drawn inside the body, unpaired partners, padding, and slice-wise or sliding-window translation
-(MONAI ``SlidingWindowInferer``). Layouts as in :mod:`translate.models.gan_common`."""
+(MONAI ``SlidingWindowInferer``). Layouts as in :mod:`latent.translate.models.gan_common`."""
 
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ from monai.networks.nets import ControlNet
 from monai.networks.utils import copy_model_state
 from pydantic import model_validator
 
-from translate.models.base import load_pretrained
-from translate.models.base import TranslationModel
-from translate.models.l2l_ddim import DiffusionConfig, NoiseProcess, check_latent_size, diffusion_unet
+from latent.translate.models.base import load_pretrained
+from latent.translate.models.base import TranslationModel
+from latent.translate.models.l2l_ddim import DiffusionConfig, NoiseProcess, check_latent_size, diffusion_unet
 
 #: Fields that must equal the prior's: they define the prior network and its noise process.
 PRIOR_FIELDS = ("latent_channels", "channels", "num_res_blocks", "attention_levels", "norm_num_groups",

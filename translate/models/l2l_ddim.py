@@ -20,7 +20,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 from pydantic import model_validator
 
-from translate.models.base import ModelConfig, TranslationModel
+from latent.translate.models.base import ModelConfig, TranslationModel
 
 #: docs/models.md: epsilon prediction gave pure noise on short budgets; v or x0 ("sample") work.
 DEFAULT_PREDICTION_TYPE = "v_prediction"

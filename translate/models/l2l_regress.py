@@ -11,8 +11,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from translate.models.base import TranslationModel
-from translate.models.l2l_ddim import LatentUNetConfig, check_latent_size, diffusion_unet
+from latent.translate.models.base import TranslationModel
+from latent.translate.models.l2l_ddim import LatentUNetConfig, check_latent_size, diffusion_unet
 
 
 class LatentRegressionConfig(LatentUNetConfig):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latent.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU, VAE_CT_MAX_HU, VAE_CT_MIN_HU
-from translate.models.base import ModelConfig, TranslationModel
+from latent.translate.models.base import ModelConfig, TranslationModel
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from torch import nn
 from latent.errors import BadConfigError, BadFileError, WeightsError, one_line
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.network_weights import freeze, load_strict, read_state_dict
-from translate.models.regress3d_parts import masked_mean, register_once
+from latent.translate.models.regress3d_parts import masked_mean, register_once
 
 #: MONAI segmentation networks a weights folder may name.
 SEGMENTATION_CLASSES = ("DynUNet", "SegResNet", "UNet", "BasicUNet")

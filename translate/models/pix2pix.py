@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from translate.models.gan_common import (
+from latent.translate.models.gan_common import (
     AIR_SIGNED,
     WATER_SIGNED,
     PixelGAN,
@@ -31,7 +31,7 @@ from translate.models.gan_common import (
     TanhUNet,
     centre_channel,
 )
-from translate.models.gan_losses import (
+from latent.translate.models.gan_losses import (
     NGF_EPS,
     AdversarialLoss,
     background_l1,

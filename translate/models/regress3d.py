@@ -32,11 +32,11 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
-from translate.models.base import ModelConfig, TranslationModel
-from translate.models.gan_common import pad_volume_to
-from translate.models.l2sct import AIR_VALUE, START_VALUE
-from translate.models.perception import PerceptionNetwork, load_perception_network
-from translate.models.regress3d_parts import (
+from latent.translate.models.base import ModelConfig, TranslationModel
+from latent.translate.models.gan_common import pad_volume_to
+from latent.translate.models.l2sct import AIR_VALUE, START_VALUE
+from latent.translate.models.perception import PerceptionNetwork, load_perception_network
+from latent.translate.models.regress3d_parts import (
     downsample_target,
     gradient_l1,
     masked_mean,

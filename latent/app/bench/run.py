@@ -99,7 +99,7 @@ def _recorded_build_seconds(cache_path: Path, producer_key: str) -> float:
 
 def prepare_cache(config: BenchConfig, split_file: Path) -> CacheFacts:
     """Open the cache (building it with ``config.vae`` and ``config.grid`` when missing) and time one full read."""
-    from cache import LatentCache, pick_producer
+    from latent.cache import LatentCache, pick_producer
     from latent.app.encode_run import encode_dataset
     from latent.grid import CanonicalGrid
     from latent.vae import load_vae
