@@ -291,7 +291,7 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
                           "mixed_precision": accelerator.mixed_precision, "elapsed_s": round(elapsed, 3),
                           **dict(zip(names, means.tolist()))}
                 log(record)
-                progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}")
+                progress.set_postfix({name: f"{record[name]:.4g}" for name in names if name.split("/")[-1] == "loss"})
                 window, window_micro, window_steps = {}, 0, 0
             if done or (settings.val_every and state.step % settings.val_every == 0):
                 validate()

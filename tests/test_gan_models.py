@@ -244,6 +244,8 @@ def test_bad_configs_fail_naming_the_field():
         build_model(tiny("cut", nce_layers=[0, 5]))
     with pytest.raises(ValidationError, match="num_res_units"):
         build_model(tiny("cyclegan", num_res_units=0))
+    with pytest.raises(ValidationError, match="disc_norm"):
+        build_model(tiny("cut", disc_norm="LAYERNORM"))
     with pytest.raises(ValidationError, match="lambda_typo"):
         build_model(tiny("pix2pix", lambda_typo=1.0))
     model = build_model(tiny("pix2pix", mode="2d", disc_layers=3, disc_num_d=2))
@@ -262,3 +264,45 @@ def test_recipes_load_and_demo_models_build(family):
         assert not Path(config.run_dir).is_absolute()
     demo = build_model(load_config(configs / f"{family}_demo.yaml").model)
     assert demo.phases == ("generator", "discriminator") and demo.input_key == "mr_pixels"
+
+
+def test_instance_normalised_discriminator_cannot_see_the_intensity_scale_an_unnormalised_one_can():
+    """Why the unpaired recipes use disc_norm "none" (docs/models.md, "Unpaired baselines"): with
+    instance norm, a view and the same view at 30 % contrast get nearly the same logits."""
+    from latent.translate.models.gan_losses import build_discriminator, discriminator_logits
+
+    torch.manual_seed(0)
+    views = torch.rand(2, 3, 64, 64) * 2 - 1
+    changes = {}
+    for norm in ("INSTANCE", "none"):
+        discriminator = build_discriminator(2, 3, channels=8, layers=2, num_d=2, norm=norm)
+        with torch.no_grad():
+            full, faint = (discriminator_logits(discriminator(x)) for x in (views, 0.3 * views))
+        changes[norm] = max(float((a - b).abs().mean() / a.abs().mean()) for a, b in zip(full, faint))
+    # A fresh unnormalised PatchGAN is positively homogeneous here: its logits change by 1 - 0.3 = 0.7.
+    assert changes["INSTANCE"] < 0.1 < 0.5 < changes["none"]
+
+
+def test_intensity_drift_reports_body_means_in_hu_and_the_copy_of_the_mr():
+    from latent.translate.models.gan_losses import intensity_drift
+
+    batch = phantom_batch(1, (4, 16, 16))
+    mr, ct, mask = (batch[key][:, 0] for key in ("mr_pixels", "ct_pixels", "mask_pixels"))
+    copy = intensity_drift(2 * mr - 1, 2 * mr - 1, mask, ct, mask)
+    assert copy["fake_mr_corr"] == pytest.approx(1.0, abs=1e-5)
+    real_hu = (ct[mask > 0] + 1) / 2 * 4095 - 1024
+    assert copy["real_body_hu"] == pytest.approx(float(real_hu.mean()), rel=1e-5)
+    water = intensity_drift(torch.full_like(ct, WATER_SIGNED), 2 * mr - 1, mask, ct, mask)
+    assert water["fake_body_hu"] == pytest.approx(0.0, abs=0.5)
+    assert float(water["fake_mr_corr"]) == 0.0  # a constant sCT: no linear relation
+    truth = intensity_drift(ct, 2 * mr - 1, mask, ct, mask)
+    assert -0.9 < float(truth["fake_mr_corr"]) < 0.9
+
+
+@pytest.mark.parametrize("family", ["cyclegan", "cut"])
+def test_unpaired_generators_log_their_intensity_drift(family):
+    model = build_model(tiny(family, mode="2d", disc_norm="none"))
+    logs = train_steps(model, phantom_batch(2, (4, 32, 32)), steps=1)
+    generator_logs = logs[0]
+    assert {"generator/fake_body_hu", "generator/real_body_hu", "generator/fake_mr_corr"} <= set(generator_logs)
+    assert abs(generator_logs["generator/fake_body_hu"]) < 5.0  # a fresh generator outputs water

@@ -34,6 +34,7 @@ from latent.translate.models.gan_losses import (
     background_l1,
     discriminator_logits,
     frozen,
+    intensity_drift,
     patch_nce_loss,
 )
 
@@ -122,7 +123,8 @@ class CUT(PixelGAN):
         with frozen(self.discriminator):
             gan = self.adversarial.generator(discriminator_logits(self.discriminator(fake)))
         nce = self.nce(mr, fake)
-        logs = {"gan": gan.detach(), "nce": nce.detach()}
+        logs = {"gan": gan.detach(), "nce": nce.detach(),
+                **intensity_drift(fake, mr, views["mask"], ct, views["ct_mask"])}
         if config.nce_identity:
             nce_identity = self.nce(ct, self.generator(ct))
             logs["nce_identity"] = nce_identity.detach()

@@ -29,7 +29,13 @@ from latent.translate.models.gan_common import (
     PixelGANConfig,
     TanhUNet,
 )
-from latent.translate.models.gan_losses import AdversarialLoss, background_l1, discriminator_logits, frozen
+from latent.translate.models.gan_losses import (
+    AdversarialLoss,
+    background_l1,
+    discriminator_logits,
+    frozen,
+    intensity_drift,
+)
 
 
 class CycleGANConfig(PixelGANConfig):
@@ -95,7 +101,8 @@ class CycleGAN(PixelGAN):
         cycle = ((self.generator_ct_to_mr(fake_ct) - mr_target).abs().mean()
                  + (self.generator(fake_mr) - ct).abs().mean())
         loss = config.lambda_gan * gan + config.lambda_cycle * cycle
-        logs = {"gan": gan.detach(), "cycle": cycle.detach()}
+        logs = {"gan": gan.detach(), "cycle": cycle.detach(),
+                **intensity_drift(fake_ct, mr, views["mask"], ct, views["ct_mask"])}
         if config.lambda_identity > 0:
             identity = ((self.generator(ct) - ct).abs().mean()
                         + (self.generator_ct_to_mr(mr) - mr_target).abs().mean())

@@ -53,7 +53,8 @@ class PixelGANConfig(ModelConfig):
             level; downsampling = product of strides; in-plane sizes are padded to a multiple).
         disc_channels, disc_layers, disc_num_d, disc_norm: MONAI ``MultiScalePatchDiscriminator``
             (discriminator i has ``disc_layers * (i + 1)`` layers; inputs need
-            ``min size >= 2 ** (disc_layers * disc_num_d + 1)``).
+            ``min size >= 2 ** (disc_layers * disc_num_d + 1)``; ``disc_norm="none"``: unnormalised
+            hidden layers, see :func:`build_discriminator`).
         gan_criterion: adversarial criterion (LSGAN by default).
         inference_batch_size: slices per generator call in slice-wise inference.
         sw_overlap, sw_batch_size, sw_sigma_scale: 3D sliding-window inference (gaussian blending).
@@ -73,7 +74,7 @@ class PixelGANConfig(ModelConfig):
     disc_channels: int = 64
     disc_layers: int = 2
     disc_num_d: int = 2
-    disc_norm: str = "INSTANCE"
+    disc_norm: Literal["INSTANCE", "BATCH", "none"] = "INSTANCE"
     gan_criterion: Literal["least_squares", "bce", "hinge"] = "least_squares"
     inference_batch_size: int = 16
     sw_overlap: float = 0.5

@@ -15,6 +15,8 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import MultiScalePatchDiscriminator
 from torch import nn
 
+from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+
 #: Default NGF edge parameter, in units of each image's own robust intensity range (see ngf_loss).
 NGF_EPS = 0.08
 #: Percentiles whose difference is an image's intensity range for the NGF edge parameter:
@@ -157,6 +159,37 @@ def background_l1(prediction: torch.Tensor, mask: torch.Tensor, value: float) ->
     return ((prediction - value).abs() * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+def signed_to_hu(signed: torch.Tensor) -> torch.Tensor:
+    """Detached HU of values on the [-1, 1] full-range CT scale."""
+    return FULL_CT_MIN_HU + (signed.detach().float() + 1.0) * (FULL_CT_MAX_HU - FULL_CT_MIN_HU) / 2.0
+
+
+def intensity_drift(fake: torch.Tensor, mr: torch.Tensor, mask: torch.Tensor, ct: torch.Tensor,
+                    ct_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Training-curve diagnostics of an unpaired generator's intensities (docs/models.md, "Unpaired baselines").
+
+    Args:
+        fake: sCT views ``(N, k, ...)`` on the [-1, 1] full-range scale; ``mr`` the MR views they
+            were made from, ``mask`` their body mask; ``ct`` / ``ct_mask`` the real CT views.
+
+    Returns:
+        Detached ``fake_body_hu`` and ``real_body_hu`` (mean HU inside the body of the sCT and of
+        the real CT views) and ``fake_mr_corr`` (Pearson correlation of sCT and MR inside the
+        body; 0 where either is constant): an sCT that only copies the MR's contrast has a
+        correlation near 1 (the CT's own correlation with the MR is about 0.4-0.6 on the phantoms).
+    """
+    body, ct_body = mask.expand_as(fake) > 0, ct_mask.expand_as(ct) > 0
+    fake_values, mr_values = fake.detach().float()[body], mr.detach().float().expand_as(fake)[body]
+    nothing, correlation = fake.new_tensor(float("nan")), fake.new_zeros(())
+    if fake_values.numel() > 1:
+        stacked = torch.stack([fake_values, mr_values])
+        if bool((stacked.std(dim=1) > 0).all()):
+            correlation = torch.corrcoef(stacked)[0, 1]
+    return {"fake_body_hu": signed_to_hu(fake)[body].mean() if body.any() else nothing,
+            "real_body_hu": signed_to_hu(ct)[ct_body].mean() if ct_body.any() else nothing,
+            "fake_mr_corr": correlation}
+
+
 def discriminator_min_size(layers: int, num_d: int) -> int:
     """Smallest view side a MONAI multi-scale PatchGAN accepts: its deepest member halves the
     input ``layers * num_d`` times and its last 4-wide convolution needs 2 voxels left."""
@@ -167,11 +200,15 @@ def build_discriminator(spatial_dims: int, in_channels: int, channels: int = 64,
                         norm: str = "INSTANCE") -> MultiScalePatchDiscriminator:
     """MONAI multi-scale PatchGAN (raw logits): member i has ``layers * (i + 1)`` layers.
 
+    ``norm="none"`` leaves the hidden layers unnormalised. Instance normalisation makes a PatchGAN
+    nearly blind to the intensity scale of its input (docs/models.md, "Unpaired baselines"), so
+    the unpaired recipes, which have no L1 term to anchor the HU, use ``"none"``.
+
     MONAI doubles the channels at every layer without a cap, so deep members get large: with
     64 channels, ``layers=2, num_d=2`` is about 12 M parameters in 2D, ``layers=3`` about 190 M.
     """
     return MultiScalePatchDiscriminator(num_d=num_d, num_layers_d=layers, spatial_dims=spatial_dims, channels=channels,
-                                        in_channels=in_channels, norm=norm,
+                                        in_channels=in_channels, norm=None if norm.lower() == "none" else norm,
                                         minimum_size_im=discriminator_min_size(layers, num_d))
 
 
