@@ -12,8 +12,9 @@ Rows (``--list`` prints them):
   region) from its MR file to the written sCT file on its native grid through
   ``latent.app.predict_run.predict_files`` (read, canonical grid, encode, translate, decode,
   native grid, write), with the full recipe's network;
-- ``train <recipe>``: one optimiser step of every ``configs/*_full.yaml`` (bf16 autocast, AdamW)
-  on a synthetic batch of the recipe's shapes.
+- ``train <recipe> [field=value]``: one optimiser step of every ``configs/*_full.yaml`` (bf16
+  autocast, AdamW) on a synthetic batch of the recipe's shapes; ``regress3d_full.yaml`` also with
+  ``channels_last=false``, to compare the two memory layouts (docs/models.md).
 Each figure is the median of a few timed runs after a warm-up (``torch.cuda.synchronize``); peak
 memory is ``torch.cuda.max_memory_allocated``. Rows run in a child process; a row that passes
 ``--row-limit`` seconds is killed, recorded as timed out, and the next rows go on in a new child.
@@ -37,6 +38,8 @@ E2E_FAMILIES = {"l2sct": "l2sct_full.yaml", "l2l_ddim": "l2l_ddim_full.yaml"}
 E2E_DDIM_STEPS = 25
 TRAIN_RECIPES = ("l2l_ddim_full.yaml", "l2l_controlnet_full.yaml", "l2l_regress_full.yaml", "l2sct_full.yaml",
                  "regress3d_full.yaml", "pix2pix_full.yaml", "cyclegan_full.yaml", "cut_full.yaml")
+#: Extra train rows: a recipe with one model field changed (YAML value).
+TRAIN_VARIANTS = (("regress3d_full.yaml", "channels_last=false"),)
 #: The canonical grid of the full recipes (each case its own shape; bench_grid_spacing chose it).
 FULL_GRID = "synthrad-fit-1mm"
 POLL_SECONDS = 0.2
@@ -47,7 +50,8 @@ def all_rows() -> list[str]:
     rows = [f"vae {what} {'x'.join(map(str, shape))} {precision}" for shape in VAE_SHAPES
             for precision in ("fp32", "bf16") for what in ("encode", "decode")]
     rows += [f"e2e {family}" for family in E2E_FAMILIES]
-    return rows + [f"train {recipe}" for recipe in TRAIN_RECIPES]
+    rows += [f"train {recipe}" for recipe in TRAIN_RECIPES]
+    return rows + [f"train {recipe} {change}" for recipe, change in TRAIN_VARIANTS]
 
 
 # ----------------------------------------------------------------------------- the rows (child process)
@@ -154,12 +158,17 @@ def synthetic_batch(recipe: str) -> dict:
             "mask_pixels": torch.ones((batch, 1, *pixels), device="cuda")}
 
 
-def train_row(recipe: str) -> dict:
+def train_row(recipe: str, *changes: str) -> dict:
     import torch
+    import yaml
 
     from latent.translate.models.base import build_model
 
-    model = build_model(recipe_model_config(recipe, Path(tempfile.mkdtemp(prefix="gpu_train_")))).cuda().train()
+    config = recipe_model_config(recipe, Path(tempfile.mkdtemp(prefix="gpu_train_")))
+    for change in changes:
+        field, value = change.split("=", 1)
+        config[field] = yaml.safe_load(value)
+    model = build_model(config).cuda().train()
     batch = synthetic_batch(recipe)
     optimizers = {phase: torch.optim.AdamW(model.phase_parameters(phase), lr=1e-4) for phase in model.phases}
 
@@ -173,7 +182,8 @@ def train_row(recipe: str) -> dict:
 
     row = timed(step, repeats=5, warmup=2)
     row.update(parameters_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-               batch_shapes={k: list(v.shape) for k, v in batch.items()}, mixed_precision="bf16")
+               batch_shapes={k: list(v.shape) for k, v in batch.items()}, mixed_precision="bf16",
+               model_changes=list(changes))
     return row
 
 
@@ -191,7 +201,7 @@ def run_row(name: str) -> dict:
     if kind == "e2e":
         return e2e_row(rest[0])
     if kind == "train":
-        return train_row(rest[0])
+        return train_row(*rest)
     raise ValueError(f"unknown row {name!r}")
 
 

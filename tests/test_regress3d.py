@@ -153,6 +153,22 @@ def test_sliding_window_translate_covers_a_larger_volume(tmp_path):
     assert torch.equal(loaded.translate(inputs), output)
 
 
+def test_channels_last_weights_and_batched_windows_change_speed_not_the_output():
+    inputs = toy_volumes((24, 40, 20))["mr_pixels"]
+    reference = make(channels_last=False, sw_batch_size=1)
+    reference.network.output_block.conv.conv.weight.data.normal_(0, 1.0)
+    fast = make(channels_last=True, sw_batch_size=4)
+    fast.load_state_dict(reference.state_dict())
+    assert any(not p.is_contiguous() for p in fast.parameters())  # channels-last 3D weights
+    assert all(v.is_contiguous() for v in fast.state_dict().values())  # what safetensors accepts
+    torch.testing.assert_close(fast.translate(inputs), reference.translate(inputs), atol=1e-5, rtol=0)
+    batch = toy_volumes(PATCH, batch=2)
+    torch.manual_seed(3)
+    slow_loss = reference(batch)["loss"]
+    torch.manual_seed(3)
+    torch.testing.assert_close(fast(batch)["loss"], slow_loss, atol=1e-5, rtol=1e-5)
+
+
 def test_fresh_model_starts_at_water():
     output = make().translate(toy_volumes(PATCH)["mr_pixels"])
     assert torch.allclose(output, torch.full_like(output, -1 + 2 * 1024 / 4095), atol=1e-6)
@@ -165,6 +181,7 @@ def test_fresh_model_starts_at_water():
     ({"body_patch_fraction": 1.5}, "body_patch_fraction"),
     ({"overlap": 1.0}, "overlap"),
     ({"max_channels": 2}, "max_channels"),
+    ({"sw_batch_size": 0}, "sw_batch_size"),
     ({"patch_sise": [16, 16, 16]}, "patch_sise"),
 ])
 def test_config_errors_name_the_field(changes, field):

@@ -26,7 +26,6 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import DynUNet
 from pydantic import field_validator, model_validator
 from torch import nn
@@ -34,6 +33,7 @@ from torch import nn
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.translate.models.base import ModelConfig, TranslationModel
 from latent.translate.models.gan_common import pad_volume_to
+from latent.translate.models.gan_views import make_inferer, sliding_window_translate
 from latent.translate.models.l2sct import AIR_VALUE, START_VALUE
 from latent.translate.models.perception import PerceptionNetwork, load_perception_network
 from latent.translate.models.regress3d_parts import (
@@ -42,6 +42,7 @@ from latent.translate.models.regress3d_parts import (
     masked_mean,
     register_once,
     supervision_weights,
+    use_channels_last,
 )
 
 #: nnU-Net treats axes within this factor of the finest spacing as isotropic (3x3x3 kernels, pooling).
@@ -114,6 +115,10 @@ class Regress3DConfig(ModelConfig):
         background_weight: weight of the L1 to air (-1000 HU) outside the mask.
         gradient_weight: weight of the L1 between finite-difference gradients of sCT and CT in the mask.
         overlap: sliding-window overlap at inference (gaussian blending).
+        sw_batch_size: windows per network call at inference. At least 2 on a CPU: PyTorch runs a
+            batch of one small 3D tensor through a slow fallback convolution (docs/models.md).
+        channels_last: keep the network in the channels-last 3D memory layout (faster convolutions
+            on a CPU, docs/models.md); saved weights are contiguous either way.
         perception_weights: folder of a frozen segmentation network (translate/models/perception.py);
             ``None``: no perception loss.
         perception_weight: weight of the perception loss (0: off).
@@ -139,6 +144,8 @@ class Regress3DConfig(ModelConfig):
     background_weight: float = 0.1
     gradient_weight: float = 0.0
     overlap: float = 0.5
+    sw_batch_size: int = 4
+    channels_last: bool = True
     perception_weights: str | None = None
     perception_weight: float = 0.1
     perception_layers: tuple[str, ...] = ()
@@ -152,7 +159,8 @@ class Regress3DConfig(ModelConfig):
 
     @model_validator(mode="after")
     def _check(self) -> "Regress3DConfig":
-        positive = ("max_levels", "min_feature_size", "base_channels", "max_channels", "patches_per_volume")
+        positive = ("max_levels", "min_feature_size", "base_channels", "max_channels", "patches_per_volume",
+                    "sw_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -283,6 +291,8 @@ class Regress3D(TranslationModel):
             upsample_kernel_size=strides[1:], filters=config.filters, res_block=True,
             deep_supervision=config.deep_supr_num > 0, deep_supr_num=max(1, config.deep_supr_num),
         ))
+        if config.channels_last:
+            use_channels_last(self.network)
         self.supervision_scales = head_scales(strides, config.deep_supr_num)
         self.supervision_weights = supervision_weights(config.deep_supr_num)
         self._init_heads()
@@ -377,13 +387,12 @@ class Regress3D(TranslationModel):
         the MR background, 0, and cropped back). The network runs in eval mode, so no deep
         supervision output; deterministic (``generator`` is unused).
         """
-        inferer = SlidingWindowInferer(roi_size=self.config.patch_size, overlap=self.config.overlap,
-                                       mode="gaussian", sw_batch_size=1, padding_mode="constant", cval=MR_PAD)
+        config: Regress3DConfig = self.config
+        inferer = make_inferer(config.patch_size, config.overlap, config.sw_batch_size, pad_value=MR_PAD)
         was_training = self.network.training
         self.network.eval()
         try:
-            output = inferer(inputs.float(), lambda x: self.network(x).float())
+            output = sliding_window_translate(inputs.float(), lambda x: self.network(x).float(), inferer)
         finally:
             self.network.train(was_training)
-        output = output.as_tensor() if hasattr(output, "as_tensor") else output
         return output.clamp(-1.0, 1.0)

@@ -1,5 +1,6 @@
 """Parts of the ``regress3d`` family shared with its perception loss: deep-supervision weights,
-targets on a head's grid, masked means, the gradient-matching term, and DynUNet registered once."""
+targets on a head's grid, masked means, the gradient-matching term, DynUNet registered once and
+kept channels-last."""
 
 from __future__ import annotations
 
@@ -45,4 +46,22 @@ def register_once(network: DynUNet) -> DynUNet:
     block it holds is still registered once, so ``.to()``, ``train()`` and the optimizer reach it.
     """
     object.__setattr__(network, "skip_layers", network._modules.pop("skip_layers"))
+    return network
+
+
+def use_channels_last(network: torch.nn.Module) -> torch.nn.Module:
+    """Move ``network``'s weights to the channels-last 3D layout; its state dict stays contiguous.
+
+    Convolutions with channels-last weights run in that layout, about 1.3x faster per training
+    step on a CPU (docs/models.md). Safetensors refuses non-contiguous tensors, so a hook hands
+    out contiguous copies in ``state_dict`` (saving); loading copies into the channels-last weights.
+    """
+    network.to(memory_format=torch.channels_last_3d)
+
+    def contiguous_state(module: torch.nn.Module, state: dict, prefix: str, metadata: dict) -> None:
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                state[key] = value.contiguous()
+
+    network.register_state_dict_post_hook(contiguous_state)
     return network
