@@ -298,7 +298,8 @@ def test_native_validator_scores_hu_on_the_native_grid(runs: _Runs, tmp_path: Pa
     run_dir = runs.run(NATIVE_VALIDATED)
     assert json.loads((run_dir / "config.json").read_text())["train"]["validator"] == NATIVE_VALIDATOR
     validation = json.loads((run_dir / "best" / "validation.json").read_text())
-    assert validation["step"] == 2 and set(validation) == {"step", "selected_by", "mae", "psnr", "ms_ssim"}
+    assert validation["step"] == 2 and set(validation) == {"step", "selected_by", "mae", "psnr", "ms_ssim",
+                                                                 "bone_dice"}
     assert validation["selected_by"].startswith("val/mae: masked MAE in HU on the native grid")
     assert math.isfinite(validation["mae"]) and validation["mae"] > 1  # HU, not normalised units
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -308,3 +309,4 @@ def test_native_validator_scores_hu_on_the_native_grid(runs: _Runs, tmp_path: Pa
     predict_from_cache(run, vae, runs.cache, tmp_path, pids=runs.splits["val"], quiet=True)
     scored = evaluate_predictions(tmp_path, runs.data, pids=runs.splits["val"], quiet=True)
     assert scored.run.results[runs.splits["val"][0]]["mae"] == pytest.approx(validation["mae"], abs=0.1)
+    assert scored.run.results[runs.splits["val"][0]]["bone_dice"] == pytest.approx(validation["bone_dice"], abs=0.01)

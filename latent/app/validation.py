@@ -1,5 +1,9 @@
 """Validation during training on what users are scored on: native-grid sCT, SynthRAD metrics.
 
+Logged per validation: ``val/mae`` (which picks ``best/``), ``val/psnr``, ``val/ms_ssim`` and
+``val/bone_dice`` (bone at >= 250 HU in the CT and in the sCT, docs/metrics.md), the curve that
+shows when a model starts to put bone where the CT has it.
+
 Plug into ``translate/train.py`` with ``train.validator: "latent.app.validation:native_validator"``.
 Each validation case's model output is decoded (the run's VAE for latent outputs), mapped back
 onto the case's native grid and scored against its native CT inside its mask.
@@ -16,11 +20,11 @@ from latent.decode.pipeline import predict_canonical
 from latent.decode.native import canonical_to_native_sct
 from latent.grid import GridMapping
 from latent.io import read_volume
-from latent.metrics import image_metrics
+from latent.metrics import bone_dice, image_metrics
 
 
 class NativeValidator:
-    """Mean MAE / PSNR / MS-SSIM over the validation cases on their native grids."""
+    """Mean MAE / PSNR / MS-SSIM / bone Dice over the validation cases on their native grids."""
 
     def __init__(self, cache, producer: dict[str, Any], vae, samples: int = 1, seed: int = 0) -> None:
         self.cache = cache
@@ -58,10 +62,10 @@ class NativeValidator:
                 mapping = GridMapping.from_dict(self.cache.case_attrs(pid)["geometry"])
                 ct, mask = self._native(pid)
                 sct = canonical_to_native_sct(hu, mapping, mask)
-                scores.append(image_metrics(ct, sct, mask))
+                scores.append({**image_metrics(ct, sct, mask), "bone_dice": bone_dice(ct, sct, mask)})
         if not scores:
             raise ValueError("validation saw no case")
-        return {key: float(np.mean([s[key] for s in scores])) for key in ("mae", "psnr", "ms_ssim")}
+        return {key: float(np.mean([s[key] for s in scores])) for key in ("mae", "psnr", "ms_ssim", "bone_dice")}
 
 
 def native_validator(config) -> NativeValidator:
