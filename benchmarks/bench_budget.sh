@@ -4,7 +4,7 @@
 # benchmarks/results/<NAME>/ through `latent bench` (runs and predictions under $WORK/<NAME>/).
 #
 #   bash benchmarks/bench_budget.sh NAME METHODS [SECONDS] ["note"]   (after benchmarks/bench_phantom.sh)
-#   bash benchmarks/bench_budget.sh bench_regress3d water,bulk,regress3d,pix2pix 480
+#   bash benchmarks/bench_budget.sh bench_regress3d water,bulk,regress3d,pix2pix 600
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
