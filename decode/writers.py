@@ -59,10 +59,16 @@ def write_sct(
         The written file or series folder.
 
     Raises:
-        VolumeError: a suffix-less path without ``format="dicom"``, or an unknown suffix.
+        VolumeError: a suffix-less path without ``format="dicom"``, an unknown suffix, or an
+            sCT with NaN or infinite voxels (nothing is written).
     """
     is_folder = str(path).endswith(("/", os.sep))
     path = Path(path)
+    bad = int(np.size(hu) - np.count_nonzero(np.isfinite(hu)))
+    if bad:
+        # A cast to int16 would turn them silently into 0 HU (docs/models.md, "bf16 on a CPU").
+        raise VolumeError(f"{path}: the sCT has {bad} of {np.size(hu)} voxels NaN or infinite; nothing written "
+                          "(the model's output is broken: check its training log)")
     if format not in (None, "dicom"):
         raise VolumeError(f"{path}: unknown format {format!r}; use 'dicom' or leave it out to use the suffix")
     if format == "dicom" or is_folder or path.is_dir():

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Protocol
 
 import torch
 
-from latent.errors import BadFileError
+from latent.errors import BadConfigError, BadFileError
 
 CHECKPOINT_DIR = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
@@ -44,6 +44,10 @@ STEP_DIGITS = 7
 
 class RunExistsError(BadFileError, FileExistsError):
     """A fresh run would overwrite a run folder that has checkpoints."""
+
+
+class NonFiniteLossError(BadConfigError, ArithmeticError):
+    """A training loss became NaN or infinite; the run stops before saving that step."""
 
 
 class NoCheckpointError(BadFileError, FileNotFoundError):
@@ -261,6 +265,7 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
     progress = tqdm(total=settings.max_steps, initial=state.step, disable=quiet or not is_main, desc=desc)
     window: dict[str, float] = {}
     window_micro = window_steps = 0
+    diverged: str | None = None  # the first non-finite loss of this process
     last_checkpoint, done = state.step, state.step >= max_steps
     while not done:
         length = task.epoch_length()
@@ -272,6 +277,8 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
             losses, stepped = task.train_micro_batch(batch, state.step)
             for name, value in losses.items():
                 window[name] = window.get(name, 0.0) + float(value)
+                if name.split("/")[-1] == "loss" and not math.isfinite(value) and diverged is None:
+                    diverged = f"{name} = {value}"
             window_micro += 1
             if not stepped:
                 continue
@@ -280,8 +287,16 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
             progress.update(1)
             elapsed = time.monotonic() - start
             time_up = settings.max_seconds is not None and elapsed >= settings.max_seconds
-            # Every process must stop at the same step: take the decision collectively.
-            time_up = bool(accelerator.reduce(torch.tensor([float(time_up)], device=accelerator.device), "max").item())
+            # Every process must stop at the same step: take the decisions collectively.
+            flags = accelerator.reduce(torch.tensor([float(time_up), float(diverged is not None)],
+                                                    device=accelerator.device), "max").tolist()
+            if flags[1]:
+                kept = latest_checkpoint(run_dir)
+                raise NonFiniteLossError(
+                    f"{run_dir}: training loss is not finite at step {state.step} ({diverged or 'on another process'}); "
+                    f"{f'{kept.name} is the last checkpoint' if kept else 'no checkpoint was written'} "
+                    "(try train.mixed_precision: no, or a lower model.lr)")
+            time_up = bool(flags[0])
             done = state.step >= max_steps or time_up
             if state.step % settings.log_every == 0 or done:
                 names = sorted(window)

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from latent.accelerator import MixedPrecision
 from latent.training import scheduled_lr
 from latent.vae_network import LAYOUT_CANONICAL
 
@@ -40,7 +41,7 @@ class VAEFitConfig(BaseModel):
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
     log_every: int = Field(10, ge=1, description="steps between loss records in metrics.jsonl")
     tensorboard: bool = Field(False, description="also log to TensorBoard (out_dir/tensorboard)")
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "auto"
+    mixed_precision: MixedPrecision = "auto"
     cpu: bool = Field(False, description="train on CPU even if CUDA is available")
     flip_augment: bool = Field(True, description="random left-right (x) flips")
     adversarial: bool = False

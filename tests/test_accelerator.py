@@ -55,3 +55,64 @@ def test_vae_fit_then_translation_training_in_one_process(tmp_path: Path, monkey
     again = fit_vae(volumes, tmp_path / "vae2", fit.model_copy(update={"mixed_precision": "auto"}), quiet=True)
     assert json.loads((again / "fit_config.json").read_text())["mixed_precision"] == expected
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_explicit_bf16_on_a_cpu_that_fails_the_self_test_is_a_config_error() -> None:
+    from latent.errors import BadConfigError
+
+    with pytest.raises(BadConfigError, match=r"mixed_precision: bf16 3D convolutions on this CPU differ .* by 0\.9"):
+        acc.resolve_precision("bf16", on_gpu=False, cpu_probe=lambda: True, cpu_bf16_error=lambda: 0.9)
+    assert acc.resolve_precision("bf16", on_gpu=False, cpu_probe=lambda: True, cpu_bf16_error=lambda: 0.004) == "bf16"
+    # "no" never runs the self-test
+    assert acc.resolve_precision("no", on_gpu=False, cpu_bf16_error=lambda: pytest.fail("self-test ran")) == "no"
+
+
+@pytest.mark.parametrize("native, error, expected", [(True, 0.004, True), (True, 0.9, False), (True, float("inf"), False),
+                                                     (False, 0.004, False)])
+def test_native_bf16_counts_only_when_the_self_test_passes(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                                          native: bool, error: float, expected: bool) -> None:
+    """Both answers of the instruction-set check, and a CPU whose bf16 kernels compute wrong gradients."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(acc, "bf16_conv3d_error", lambda: error)
+    assert acc.cpu_has_fast_bf16() is expected
+    assert ("bf16 self-test failed" in caplog.text) == (native and not expected)
+
+
+class _WrongWeightGradient(torch.autograd.Function):
+    """Identity on the weight whose gradient comes back doubled: a broken bf16 kernel, simulated."""
+
+    @staticmethod
+    def forward(ctx, weight):  # type: ignore[override]
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return 2 * grad
+
+
+def test_the_self_test_measures_a_wrong_bf16_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = ((8, 4, 4, 4),)  # a shape every CPU kernel computes correctly
+    assert acc.bf16_conv3d_error(shapes) < acc.BF16_SELF_TEST_TOLERANCE
+    conv3d = torch.nn.functional.conv3d
+
+    def broken_in_bf16(inputs, weight, *args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            weight = _WrongWeightGradient.apply(weight)
+        return conv3d(inputs, weight, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.modules.conv.F, "conv3d", broken_in_bf16)
+    assert acc.bf16_conv3d_error(shapes) == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_bare_yaml_no_is_the_precision_no() -> None:
+    """`train.mixed_precision=no` (or `mixed_precision: no` in a recipe) reaches pydantic as False."""
+    import yaml
+    from pydantic import ValidationError
+
+    from latent.translate.train_config import TrainSection
+
+    assert TrainSection(mixed_precision=yaml.safe_load("no")).mixed_precision == "no"
+    assert VAEFitConfig(mixed_precision=yaml.safe_load("no")).mixed_precision == "no"
+    with pytest.raises(ValidationError, match="mixed_precision"):
+        TrainSection(mixed_precision=True)

@@ -228,6 +228,17 @@ def test_write_sct_dispatches_on_suffix_and_folder(tmp_path: Path) -> None:
         write_sct(tmp_path / "b.mha", hu, properties, patient_id="x")
 
 
+def test_an_sct_with_nan_voxels_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    """A cast to int16 would have written NaN as 0 HU, which scores like the water baseline."""
+    properties = _properties()
+    hu = _random_hu(properties).astype(np.float32)
+    hu[0, 0, :3] = np.nan
+    for target in (tmp_path / "a.mha", str(tmp_path / "series") + "/"):
+        with pytest.raises(VolumeError, match=r"a\.mha: the sCT has 3 of \d+ voxels NaN|series: the sCT has 3 of"):
+            write_sct(target, hu, properties)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_prediction_follows_the_folder_convention(tmp_path: Path) -> None:
     properties = _properties()
     hu = _random_hu(properties).astype(np.float32)

@@ -162,3 +162,31 @@ def test_vae_fit_and_translation_runs_share_one_layout(tmp_path: Path) -> None:
         state = LoopState.read(latest_checkpoint(run_dir))
         assert state.step == 2 and latest_checkpoint(run_dir).name == "step_0000002"
         assert sorted(losses(run_dir)) == [1, 2]
+
+
+class DivergingTask(ToyTask):
+    """The toy task whose loss turns NaN from optimiser step ``nan_from`` (1-based) on."""
+
+    def __init__(self, accelerator: Any, nan_from: int) -> None:
+        super().__init__(accelerator)
+        self.nan_from = nan_from
+
+    def train_micro_batch(self, batch: int, step: int) -> tuple[dict[str, float], bool]:
+        losses, stepped = super().train_micro_batch(batch, step)
+        if step + 1 >= self.nan_from:
+            losses["loss"] = math.nan
+        return losses, stepped
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_earlier_checkpoint(tmp_path: Path) -> None:
+    from latent.training import NonFiniteLossError
+
+    accelerator = make_accelerator("no", cpu=True)
+    task = DivergingTask(accelerator, nan_from=5)
+    accelerator.register_for_checkpointing(_Weight(task.weight))
+    loop = LoopSettings(run_dir=tmp_path, seed=1, max_steps=10, log_every=1, checkpoint_every=3)
+    with pytest.raises(NonFiniteLossError, match=r"not finite at step 5 \(loss = nan\).*step_0000003 is the last checkpoint"):
+        run_loop(accelerator, task, loop, None, quiet=True)
+    assert latest_checkpoint(tmp_path).name == "step_0000003"
+    logged = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]  # the NaN step is not logged as a result

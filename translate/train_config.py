@@ -13,6 +13,7 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
+from latent.accelerator import MixedPrecision
 from latent.cases import parse_fold
 from latent.recipes import ConfigError, apply_overrides, format_validation_errors, read_recipe
 from latent.translate.models.base import ModelConfig, model_class
@@ -78,7 +79,7 @@ class TrainSection(_Section):
     #: Gradient-norm clip per phase; None = off.
     grad_clip: float | None = Field(1.0, gt=0)
     #: "auto": bf16 where the hardware runs it fast (CUDA with bf16; CPU with AVX512-BF16 or AMX), else "no".
-    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = "no"
+    mixed_precision: MixedPrecision = "no"
     grad_accum: int = Field(1, ge=1)
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
