@@ -105,6 +105,50 @@ def test_the_self_test_measures_a_wrong_bf16_weight_gradient(monkeypatch: pytest
     assert acc.bf16_conv3d_error(shapes) == pytest.approx(1.0, abs=0.05)
 
 
+def _nan_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every bf16-autocast 3D convolution return NaN: a CPU whose bf16 kernels fail the self-test."""
+    conv3d = torch.nn.functional.conv3d
+
+    def nan_in_bf16(inputs, weight, *args, **kwargs):
+        output = conv3d(inputs, weight, *args, **kwargs)
+        return output * float("nan") if torch.is_autocast_enabled("cpu") else output
+
+    monkeypatch.setattr(torch.nn.modules.conv.F, "conv3d", nan_in_bf16)
+
+
+def test_the_self_test_leaves_the_random_stream_as_it_found_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes = ((8, 4, 4, 4), (8, 2, 4, 4))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first = acc.bf16_conv3d_error(shapes)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert acc.bf16_conv3d_error(shapes) == first  # deterministic
+    _nan_in_bf16(monkeypatch)  # the test now stops at its first shape
+    assert acc.bf16_conv3d_error(shapes) == float("inf")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_vae_fit_starts_from_the_same_weights_whether_or_not_the_self_test_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The self-test runs between ``set_seed`` and the model's initialisation: on a CPU with native
+    bf16 it used to shift the initial weights, and a resumed fit no longer matched an uninterrupted one."""
+    from latent.vae import load_vae
+
+    volumes = [np.random.default_rng(i).random((8, 16, 16), dtype=np.float32) for i in range(2)]
+    fit = VAEFitConfig(channels=(4, 4, 8), norm_num_groups=4, max_steps=1, crop=None, final_eval_volumes=0,
+                       mixed_precision="auto")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    plain = load_vae(str(fit_vae(volumes, tmp_path / "plain", fit, quiet=True)))
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    _nan_in_bf16(monkeypatch)  # the self-test fails and the fit runs float32, as without native bf16
+    tested_dir = fit_vae(volumes, tmp_path / "tested", fit, quiet=True)
+    assert json.loads((tested_dir / "fit_config.json").read_text())["mixed_precision"] == "no"
+    tested = load_vae(str(tested_dir)).network.state_dict()
+    for key, value in plain.network.state_dict().items():
+        torch.testing.assert_close(tested[key], value, rtol=0, atol=0)
+
+
 def test_a_bare_yaml_no_is_the_precision_no() -> None:
     """`train.mixed_precision=no` (or `mixed_precision: no` in a recipe) reaches pydantic as False."""
     import yaml
