@@ -102,10 +102,12 @@ def _activation_probe(network: nn.Module) -> Callable[[Sequence[int], Part], dic
 
     for name, module in _convolutions(twin):
         module.register_forward_hook(record(name))
-    channels = {part: _input_channels(twin, part) for part in ("encode", "decode")}
+    channels: dict[str, int] = {}  # per part, on first use: a decode-only network has no encoder
 
     def probe(spatial: Sequence[int], part: Part) -> dict[str, int]:
         sizes.clear()
+        if part not in channels:
+            channels[part] = _input_channels(twin, part)
         x = torch.empty(1, channels[part], *(int(s) for s in spatial), device="meta")
         with torch.no_grad():
             if part == "encode":

@@ -116,13 +116,15 @@ def fits_each_case(producer: dict[str, Any]) -> bool:
 
 def model_config_for_grid(model_config: Any, data: Any, model_cls: type[TranslationModel],
                           producer: dict[str, Any]) -> Any:
-    """The model config to build: on a fitted grid a latent-input model translates in sliding
+    """The model config to build: what the family takes from the producer
+    (:meth:`TranslationModel.for_producer`, e.g. l2sct's VAE and latent statistics); on a fitted grid a latent-input model translates in sliding
     windows of its training crop (``window`` = ``data.crop`` unless set); elsewhere unchanged.
 
     Raises:
         BadConfigError: a fitted grid without ``data.crop`` where whole cases cannot be batched
             (``batch_size`` > 1) or cannot pass a latent network (their shapes are not multiples of 8).
     """
+    model_config = model_cls.for_producer(model_config, producer)
     if not fits_each_case(producer):
         return model_config
     if data.crop is None:

@@ -66,6 +66,11 @@ def learning_rate(base_lr: float, step: int, section: TrainSection) -> float:
                         max_steps=section.max_steps, min_lr_ratio=section.min_lr_ratio)
 
 
+def group_learning_rate(lr: float, group: dict[str, Any], step: int) -> float:
+    """A parameter group's lr: 0 before its ``frozen_steps``, then ``lr_scale`` x the scheduled lr."""
+    return 0.0 if step < group.get("frozen_steps", 0) else lr * group.get("lr_scale", 1.0)
+
+
 def write_run_records(run_dir: Path, config: TrainConfig, producer: dict[str, Any], precision: str) -> None:
     """``config.yaml`` / ``config.json`` (resolved; ``train.mixed_precision`` as run) and ``producer.json``."""
     resolved = config.model_dump(mode="json")
@@ -113,7 +118,7 @@ class TranslationTask:
         with self.accelerator.accumulate(self.model):
             for phase, optimizer in self.optimizers.items():
                 for group in optimizer.param_groups:
-                    group["lr"] = self.learning_rate(step)
+                    group["lr"] = group_learning_rate(self.learning_rate(step), group, step)
                 optimizer.zero_grad(set_to_none=True)
                 losses = self.model(batch, phase=phase)
                 self.accelerator.backward(losses["loss"])
@@ -198,8 +203,9 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     model.prepare_training()
     optimizer_class = torch.optim.AdamW if section.optimizer == "adamw" else torch.optim.Adam
     phase_params = {phase: model.phase_parameters(phase) for phase in model.phases}
-    optimizers = [optimizer_class(phase_params[phase], lr=config.model.lr, betas=config.model.betas,
-                                  weight_decay=section.weight_decay) for phase in model.phases]
+    optimizers = [optimizer_class([group for group in model.optimizer_groups(phase) if group["params"]],
+                                  lr=config.model.lr, betas=config.model.betas, weight_decay=section.weight_decay)
+                  for phase in model.phases]
     model, loader, *optimizers = accelerator.prepare(model, loader, *optimizers)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

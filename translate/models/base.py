@@ -81,6 +81,9 @@ class TranslationModel(nn.Module):
     #: The canonical grid has the identity direction in LPS, so ``x`` is left-right, the one
     #: mirror under which anatomy stays plausible; head-feet and front-back are not symmetric.
     flip_axes: ClassVar[tuple[str, ...]] = ("x",)
+    #: ``(family, config field)``: the demo and the bench train that family first and pass its run
+    #: folder in that field (l2sct's translator starts from an l2l_regress run); None: no start.
+    starts_from: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -89,6 +92,17 @@ class TranslationModel(nn.Module):
     def phase_parameters(self, phase: str) -> list[nn.Parameter]:
         """Parameters optimised in ``phase`` (default: all trainable ones)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def optimizer_groups(self, phase: str) -> list[dict[str, Any]]:
+        """Parameter groups of ``phase``'s optimizer. A group may carry ``lr_scale`` (times the
+        scheduled lr) and ``frozen_steps`` (lr 0 before that optimizer step). Default: one group."""
+        return [{"params": self.phase_parameters(phase)}]
+
+    @classmethod
+    def for_producer(cls, config: ModelConfig, producer: dict[str, Any]) -> ModelConfig:
+        """The config to build on a cache's producer (its record and latent statistics, as in a
+        run's ``producer.json``); default: unchanged."""
+        return config
 
     def prepare_training(self) -> None:
         """Load what only training needs (e.g. a frozen network of a loss term) before the first

@@ -1,39 +1,55 @@
 """Direct latent-to-sCT: MR latent -> synthetic CT on the full HU range, no diffusion, no CT encode.
 
-A small residual trunk at latent resolution maps the (standardised) MR latent to a latent-like
-code, and a MONAI ``AutoencoderKL`` decoder upsamples it x4 to pixels. Output: CT in [-1, 1] over
-[-1024, 3071] HU (``latent.intensity.ct_to_full``), so bone and metal above the VAE's 1000 HU
-window are representable. The decoder can start from our VAE's decoder
-(``init_decoder_from: <VAE folder>``); its output, in VAE units ([0, 1] over [-1000, 1000] HU),
-is then mapped to the full range by a fixed affine head so the initialised model means something.
+A translator at latent resolution maps the (standardised) MR latent to a CT latent, and a decoder
+upsamples it x4 to pixels. Output: CT in [-1, 1] over [-1024, 3071] HU
+(``latent.intensity.ct_to_full``).
 
-Training: L1 against ``ct_pixels`` inside ``mask_pixels`` plus ``background_weight`` x L1 against
-air outside it.
+- ``decoder: from_vae`` (the default): the decoder is the exact decode path of the VAE that
+  produced the cache (``post_quant_conv`` + ``decoder``, same class, configuration,
+  normalisation and layout, weights copied; :mod:`latent.translate.models.vae_decoder`). The
+  translator's output is a standardised CT latent, destandardised with the cache's statistics
+  and decoded; the VAE's window ([0, 1] over [-1000, 1000] HU) is mapped to the full range by a
+  fixed affine head on the unclipped output, so a fine-tuned decoder can return bone above
+  1000 HU, which the frozen VAE cannot. At initialisation, fed the true CT latent, the model
+  returns the VAE's decode.
+- ``decoder: scratch``: a MONAI ``Decoder`` of its own sizes (the ablation, and the model of
+  runs written before ``decoder`` existed; ``init_decoder_from`` copies a VAE folder's
+  ``decoder.*`` weights into it).
+
+The translator is a latent UNet (``trunk: unet``, the ``l2l_regress`` network, optionally started
+from a trained ``l2l_regress`` run with ``init_trunk_from``) or residual blocks (``resblocks``).
+Training is end to end in pixel space: masked L1 against the full-range CT, a background term,
+and optionally the L1 of finite-difference gradients. The decoder can be frozen for the first
+``decoder_freeze_steps`` and then learn at ``decoder_lr_scale`` x the model's lr.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from monai.networks.blocks import Convolution
 from monai.networks.nets.autoencoderkl import AEKLResBlock, Decoder
-from pydantic import model_validator
-from safetensors.torch import load_file
+from pydantic import Field, model_validator
 from torch import nn
 
+from latent.errors import BadConfigError
 from latent.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU, VAE_CT_MAX_HU, VAE_CT_MIN_HU
-from latent.translate.models.base import ModelConfig, TranslationModel
+from latent.translate.models.base import TranslationModel
+from latent.translate.models.l2l_ddim import LatentUNetConfig, check_latent_size, diffusion_unet
+from latent.translate.models.l2sct_init import init_decoder_from_vae, init_trunk_from_run
+from latent.translate.models.regress3d_parts import gradient_l1, masked_mean
+from latent.translate.models.vae_decoder import DecoderRecord, ExactDecoder, load_decoder_source, record_of
 
 logger = logging.getLogger(__name__)
 
 #: Pixel grid / latent grid per axis: the decoder has three levels (two x2 upsamplings).
 UPSAMPLING_LEVELS = 3
 _FULL_RANGE = FULL_CT_MAX_HU - FULL_CT_MIN_HU
+#: Keys of a saved config written before ``decoder`` existed (the scratch model).
+_LEGACY_KEYS = ("decoder_channels", "trunk_blocks", "trunk_channels", "decoder_initialised_from", "init_decoder_from")
 
 
 def hu_to_unit(hu: float) -> float:
@@ -50,28 +66,53 @@ VAE_TO_FULL_SCALE = (VAE_CT_MAX_HU - VAE_CT_MIN_HU) / _FULL_RANGE * 2.0
 VAE_TO_FULL_OFFSET = hu_to_unit(VAE_CT_MIN_HU)
 
 
-class LatentToSCTConfig(ModelConfig):
-    """Config of :class:`LatentToSCT`."""
+class LatentToSCTConfig(LatentUNetConfig):
+    """Config of :class:`LatentToSCT` (``channels`` ... ``resblock_updown``: the UNet trunk)."""
 
     family: Literal["l2sct"] = "l2sct"
-    latent_channels: int = 4
+    #: "from_vae": the exact decode path of the cache's VAE; "scratch": a decoder of its own sizes.
+    decoder: Literal["from_vae", "scratch"] = "from_vae"
+    #: VAE whose decode path to copy (any --vae spec); None = the cache producer's VAE.
+    vae: str | None = None
+    #: Weights SHA-256 the VAE must have (the cache producer's; set by training).
+    vae_sha256: str | None = None
+    #: The copied VAE's architecture and provenance (set when built; the weights are in the state dict).
+    vae_decoder: DecoderRecord | None = None
+    #: Per-channel statistics the cache standardised ``ct_mu`` with (set by training from the cache).
+    ct_latent_mean: tuple[float, ...] | None = None
+    ct_latent_std: tuple[float, ...] | None = None
+    #: Translator: the l2l_regress latent UNet, or residual blocks at latent resolution.
+    trunk: Literal["unet", "resblocks"] = "unet"
+    #: An l2l_regress run (or model folder) whose UNet starts the trunk (same UNet sizes).
+    init_trunk_from: str | None = None
+    trunk_initialised_from: str | None = None
+    #: Optimizer steps with the decoder frozen (lr 0), then it learns at ``decoder_lr_scale`` x lr.
+    decoder_freeze_steps: int = Field(0, ge=0)
+    decoder_lr_scale: float = Field(1.0, ge=0.0)
+    background_weight: float = Field(0.1, ge=0.0)
+    #: Weight of the L1 between finite-difference gradients of sCT and CT inside the mask.
+    gradient_weight: float = Field(0.0, ge=0.0)
+    # -- scratch decoder and residual-block trunk
     trunk_channels: int = 32
-    #: Residual blocks at latent resolution before the decoder.
     trunk_blocks: int = 2
-    #: Decoder input channels (a VAE decoder takes ``latent_channels``).
     decoder_in_channels: int = 4
     #: AutoencoderKL order: finest level first; three levels = x4 upsampling.
     decoder_channels: tuple[int, ...] = (16, 32, 32)
     decoder_res_blocks: int | tuple[int, ...] = 1
-    norm_num_groups: int = 8
     norm_eps: float = 1e-6
-    #: "linear" (clipped to [-1, 1] by translate) or "tanh".
+    #: Scratch decoder's output: "linear" (clipped to [-1, 1] by translate) or "tanh".
     output_activation: Literal["linear", "tanh"] = "linear"
-    background_weight: float = 0.1
-    #: Our VAE folder (config.json + model.safetensors): copy its decoder weights (matching shapes).
+    #: Scratch decoder: a VAE folder whose ``decoder.*`` weights to copy (matching shapes).
     init_decoder_from: str | None = None
-    #: Provenance inside a saved model (set automatically; the weights are already inside).
     decoder_initialised_from: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_scratch(cls, data: Any) -> Any:
+        """A config without ``decoder`` that sets the scratch fields is the model runs had before."""
+        if isinstance(data, dict) and "decoder" not in data and any(k in data for k in _LEGACY_KEYS):
+            data = {**data, "decoder": "scratch", "trunk": data.get("trunk", "resblocks")}
+        return data
 
     @model_validator(mode="after")
     def _check_sizes(self) -> "LatentToSCTConfig":
@@ -85,75 +126,143 @@ class LatentToSCTConfig(ModelConfig):
                 raise ValueError(f"{name}: {bad} not divisible by norm_num_groups={self.norm_num_groups}")
         if isinstance(self.decoder_res_blocks, tuple) and len(self.decoder_res_blocks) != UPSAMPLING_LEVELS:
             raise ValueError(f"decoder_res_blocks: needs {UPSAMPLING_LEVELS} entries, got {len(self.decoder_res_blocks)}")
+        if self.decoder == "from_vae" and self.init_decoder_from is not None:
+            raise ValueError("init_decoder_from: only for decoder: scratch (from_vae copies the VAE named by model.vae)")
+        if (self.ct_latent_mean is None) != (self.ct_latent_std is None):
+            raise ValueError("ct_latent_std: give both ct_latent_mean and ct_latent_std, or neither")
         return self
 
     @property
     def vae_units(self) -> bool:
         """True when the decoder came from a VAE (its raw output is in VAE units)."""
-        return self.init_decoder_from is not None or self.decoder_initialised_from is not None
+        return (self.decoder == "from_vae" or self.init_decoder_from is not None
+                or self.decoder_initialised_from is not None)
 
 
 class LatentToSCT(TranslationModel):
-    """Trunk (latent resolution) + x4 AutoencoderKL decoder -> sCT in [-1, 1]."""
+    """Translator (latent resolution) + x4 decoder -> sCT in [-1, 1]."""
 
     config_class: ClassVar[type[LatentToSCTConfig]] = LatentToSCTConfig
     input_key: ClassVar[str] = "mr_mu"
     output_space: ClassVar[str] = "ct_full"
     stochastic: ClassVar[bool] = False
     batch_keys: ClassVar[tuple[str, ...]] = ("mr_mu", "ct_pixels", "mask_pixels")
+    starts_from: ClassVar[tuple[str, str] | None] = ("l2l_regress", "init_trunk_from")
 
     def __init__(self, config: LatentToSCTConfig) -> None:
-        source = config.init_decoder_from
-        if source is not None:
-            # The saved config records the provenance; the copied weights travel in the state dict.
-            config = config.model_copy(update={"init_decoder_from": None, "decoder_initialised_from": str(source)})
+        vae = None
+        if config.decoder == "from_vae" and config.vae_decoder is None:
+            if config.vae is None:
+                raise BadConfigError("model.vae: decoder: from_vae needs the VAE that encoded the latents (train "
+                                     "on a cache, which names it, or set model.vae)")
+            vae = load_decoder_source(config.vae, config.vae_sha256)
+            config = config.model_copy(update={"vae_decoder": record_of(vae)})
+        decoder_source, trunk_source = config.init_decoder_from, config.init_trunk_from
+        # The saved config records provenance; the copied weights travel in the state dict.
+        if decoder_source is not None:
+            config = config.model_copy(update={"init_decoder_from": None, "decoder_initialised_from": str(decoder_source)})
+        if trunk_source is not None:
+            config = config.model_copy(update={"init_trunk_from": None, "trunk_initialised_from": str(trunk_source)})
         super().__init__(config)
-        groups, eps = config.norm_num_groups, config.norm_eps
-        trunk: list[nn.Module] = [_conv(config.latent_channels, config.trunk_channels)]
-        trunk += [AEKLResBlock(3, config.trunk_channels, groups, eps, config.trunk_channels)
-                  for _ in range(config.trunk_blocks)]
-        trunk += [nn.GroupNorm(groups, config.trunk_channels, eps=eps), nn.SiLU(),
-                  _conv(config.trunk_channels, config.decoder_in_channels)]
-        self.trunk = nn.Sequential(*trunk)
+        out_channels = config.latent_channels if config.decoder == "from_vae" else config.decoder_in_channels
+        self.trunk = self._build_trunk(config, out_channels)
+        if trunk_source is not None:
+            init_trunk_from_run(self.trunk, trunk_source, config)
+        if config.decoder == "from_vae":
+            self.vae_decode = ExactDecoder(config.vae_decoder, config.ct_latent_mean, config.ct_latent_std, source=vae)
+            return
         res_blocks = config.decoder_res_blocks
         self.decoder = Decoder(
             spatial_dims=3, channels=config.decoder_channels, in_channels=config.decoder_in_channels,
             out_channels=1, num_res_blocks=res_blocks if isinstance(res_blocks, tuple) else (res_blocks,) * UPSAMPLING_LEVELS,
-            norm_num_groups=groups, norm_eps=eps, attention_levels=(False,) * UPSAMPLING_LEVELS,
-            with_nonlocal_attn=False,
+            norm_num_groups=config.norm_num_groups, norm_eps=config.norm_eps,
+            attention_levels=(False,) * UPSAMPLING_LEVELS, with_nonlocal_attn=False,
         )
-        if source is not None:
-            copied = init_decoder_from_vae(self.decoder, source)
-            logger.info("l2sct: %d decoder tensors initialised from %s", copied, source)
+        if decoder_source is not None:
+            copied = init_decoder_from_vae(self.decoder, decoder_source)
+            logger.info("l2sct: %d decoder tensors initialised from %s", copied, decoder_source)
         elif not config.vae_units:
             out_bias = self.decoder.blocks[-1].conv.bias
             start = math.atanh(START_VALUE) if config.output_activation == "tanh" else START_VALUE
             nn.init.constant_(out_bias, start)
 
-    def _predict(self, mr_latent: torch.Tensor) -> torch.Tensor:
-        raw = self.decoder(self.trunk(mr_latent)).float()
+    @staticmethod
+    def _build_trunk(config: LatentToSCTConfig, out_channels: int) -> nn.Module:
+        if config.trunk == "unet":
+            return diffusion_unet(config, in_channels=config.latent_channels, out_channels=out_channels)
+        groups, eps = config.norm_num_groups, config.norm_eps
+        trunk: list[nn.Module] = [_conv(config.latent_channels, config.trunk_channels)]
+        trunk += [AEKLResBlock(3, config.trunk_channels, groups, eps, config.trunk_channels)
+                  for _ in range(config.trunk_blocks)]
+        trunk += [nn.GroupNorm(groups, config.trunk_channels, eps=eps), nn.SiLU(),
+                  _conv(config.trunk_channels, out_channels)]
+        return nn.Sequential(*trunk)
+
+    @classmethod
+    def for_producer(cls, config: LatentToSCTConfig, producer: dict[str, Any]) -> LatentToSCTConfig:
+        """Fill in from the cache's producer: its VAE (spec and weights hash) and ``ct_mu`` statistics."""
+        if config.decoder != "from_vae" or config.vae_decoder is not None:
+            return config
+        record = producer.get("record") or {}
+        location = record.get("vae_location") or {}
+        update: dict[str, Any] = {}
+        if config.vae is None:
+            update["vae"] = location.get("path") or location.get("name")
+        if config.vae_sha256 is None and record.get("vae_weights_sha256"):
+            update["vae_sha256"] = record["vae_weights_sha256"]
+        stats = (producer.get("latent_stats") or {}).get("ct_mu")
+        if stats and config.ct_latent_mean is None:
+            update.update(ct_latent_mean=tuple(stats["mean"]), ct_latent_std=tuple(stats["std"]))
+        return config.model_copy(update=update) if update else config
+
+    def optimizer_groups(self, phase: str) -> list[dict[str, Any]]:
+        """The translator at the model's lr; the decoder frozen for ``decoder_freeze_steps``, then scaled."""
+        decoder = self.vae_decode if self.config.decoder == "from_vae" else self.decoder
+        decoder_ids = {id(p) for p in decoder.parameters()}
+        trainable = self.phase_parameters(phase)
+        return [{"params": [p for p in trainable if id(p) not in decoder_ids], "name": "trunk"},
+                {"params": [p for p in trainable if id(p) in decoder_ids], "name": "decoder",
+                 "lr_scale": self.config.decoder_lr_scale, "frozen_steps": self.config.decoder_freeze_steps}]
+
+    def _trunk(self, mr_latent: torch.Tensor) -> torch.Tensor:
+        if self.config.trunk == "unet":
+            check_latent_size(mr_latent, self.config, "mr_mu")
+            timesteps = torch.zeros(mr_latent.shape[0], dtype=torch.long, device=mr_latent.device)
+            return self.trunk(mr_latent, timesteps)
+        return self.trunk(mr_latent)
+
+    def decode_latent(self, ct_latent: torch.Tensor, whole_volume: bool = False) -> torch.Tensor:
+        """Standardised CT latent -> full-range units, unclipped (``whole_volume``: the VAE's tiling plan)."""
+        if self.config.decoder == "from_vae":
+            vae_units = self.vae_decode.decode_volume(ct_latent) if whole_volume else self.vae_decode(ct_latent)
+            return VAE_TO_FULL_SCALE * vae_units.float() + VAE_TO_FULL_OFFSET
+        raw = self.decoder(ct_latent).float()
         if self.config.vae_units:
             raw = VAE_TO_FULL_SCALE * raw + VAE_TO_FULL_OFFSET
         return torch.tanh(raw) if self.config.output_activation == "tanh" else raw
 
     def forward(self, batch: dict[str, torch.Tensor], phase: str = "main") -> dict[str, torch.Tensor]:
-        """Masked L1 against ``ct_pixels`` (B, 1, 4d, 4h, 4w) + background-to-air term."""
-        prediction = self._predict(batch["mr_mu"])
+        """Masked L1 against ``ct_pixels`` (B, 1, 4d, 4h, 4w) + background-to-air (+ gradient) terms."""
+        prediction = self.decode_latent(self._trunk(batch["mr_mu"]))
         target, mask = batch["ct_pixels"].float(), batch["mask_pixels"].float()
         if prediction.shape != target.shape:
             raise ValueError(f"l2sct output {tuple(prediction.shape)} does not match ct_pixels "
                              f"{tuple(target.shape)}: pixel volumes must be 4x the latent grid")
-        inside = ((prediction - target).abs() * mask).sum() / mask.sum().clamp_min(1.0)
-        outside_mask = 1.0 - mask
-        outside = ((prediction - AIR_VALUE).abs() * outside_mask).sum() / outside_mask.sum().clamp_min(1.0)
+        inside = masked_mean((prediction - target).abs(), mask)
+        outside = masked_mean((prediction - AIR_VALUE).abs(), 1.0 - mask)
         loss = inside + self.config.background_weight * outside
-        return {"loss": loss, "l1_body": inside.detach(), "l1_background": outside.detach(),
-                "mae_hu_body": inside.detach() * (_FULL_RANGE / 2.0)}
+        losses = {"l1_body": inside.detach(), "l1_background": outside.detach(),
+                  "mae_hu_body": inside.detach() * (_FULL_RANGE / 2.0)}
+        if self.config.gradient_weight > 0:
+            gradient = gradient_l1(prediction, target, mask)
+            loss = loss + self.config.gradient_weight * gradient
+            losses["gradient"] = gradient.detach()
+        return {"loss": loss, **losses}
 
     @torch.no_grad()
     def translate(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """sCT (B, 1, 4d, 4h, 4w) in [-1, 1] (clipped) for MR latents (B, 4, d, h, w)."""
-        return self._predict(inputs).clamp(-1.0, 1.0)
+        return self.decode_latent(self._trunk(inputs), whole_volume=True).clamp(-1.0, 1.0)
 
 
 def _conv(in_channels: int, out_channels: int) -> Convolution:
@@ -161,48 +270,5 @@ def _conv(in_channels: int, out_channels: int) -> Convolution:
                        kernel_size=3, padding=1, conv_only=True)
 
 
-def _kernel_from_ras(weight: torch.Tensor) -> torch.Tensor:
-    """A 3D conv kernel trained on (x, y, z) RAS arrays -> the same filter on (z, y, x) LPS arrays.
-
-    Mirrors ``latent.vae_inference.from_network_layout`` on the kernel's spatial axes (exact for
-    odd kernels with symmetric padding).
-    """
-    return weight.flip(2, 3).permute(0, 1, 4, 3, 2) if weight.ndim == 5 else weight
-
-
-def init_decoder_from_vae(decoder: nn.Module, vae_dir: str | Path) -> int:
-    """Copy a VAE folder's decoder weights into ``decoder`` where shapes match.
-
-    Matches by name (``decoder.<key>``); when names differ but the two decoders hold the same
-    sequence of tensor shapes (e.g. MAISI's decoder, whose convolutions are wrapped once more),
-    copies in order. Kernels of a VAE stored in the MAISI ``xyz_ras`` layout are converted.
-
-    Returns:
-        Number of tensors copied.
-
-    Raises:
-        FileNotFoundError, ValueError: missing folder files, or nothing matched.
-    """
-    vae_dir = Path(vae_dir)
-    config_path, weights_path = vae_dir / "config.json", vae_dir / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"init_decoder_from: {path} missing (a VAE folder holds config.json "
-                                    "and model.safetensors)")
-    layout = json.loads(config_path.read_text()).get("layout", "zyx_lps")
-    source = {k[len("decoder."):]: v for k, v in load_file(str(weights_path)).items() if k.startswith("decoder.")}
-    if layout == "xyz_ras":
-        source = {k: _kernel_from_ras(v) for k, v in source.items()}
-    target = decoder.state_dict()
-    updated = {k: source[k] for k, v in target.items() if k in source and source[k].shape == v.shape}
-    if len(updated) < len(target):
-        source_shapes = [v.shape for v in source.values()]
-        if source_shapes == [v.shape for v in target.values()]:
-            updated = dict(zip(target, source.values()))
-    if not updated:
-        raise ValueError(f"init_decoder_from: no decoder tensor of {vae_dir} matches this decoder's "
-                         "shapes; set decoder_channels / decoder_res_blocks / norm_num_groups to the VAE's")
-    if len(updated) < len(target):
-        logger.warning("l2sct: only %d of %d decoder tensors matched %s", len(updated), len(target), vae_dir)
-    decoder.load_state_dict({**target, **{k: v.to(target[k].dtype) for k, v in updated.items()}})
-    return len(updated)
+__all__ = ["AIR_VALUE", "START_VALUE", "VAE_TO_FULL_OFFSET", "VAE_TO_FULL_SCALE", "LatentToSCT", "LatentToSCTConfig",
+           "hu_to_unit", "init_decoder_from_vae"]

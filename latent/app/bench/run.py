@@ -29,6 +29,7 @@ from latent.app.methods import (MethodResult, baseline_result, grid_floor_result
 from latent.cases import discover_cases, load_splits, make_splits, save_splits
 from latent.errors import BadConfigError, InputError, one_line
 from latent.recipes import find_recipe
+from latent.translate.models.base import model_class
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,14 @@ def train_learned(config: BenchConfig, family: str, split_file: Path, cache: Pat
     """Train (or reuse) a learned family, on fold ``(k, K)`` of train + val when given (run
     ``<family>_fold<k>of<K>``); the ControlNet's prior first, its seconds added to the row."""
     suffix, overrides = ("", []) if fold is None else (f"_fold{fold[0]}of{fold[1]}", [f"data.fold={fold[0]}/{fold[1]}"])
+    start = model_class(family).starts_from
+    if start is not None:  # e.g. l2sct's translator starts from an l2l_regress run: trained (or reused) first
+        first = train_learned(config, start[0], split_file, cache, fold)
+        record = train_or_reuse(config, family + suffix, config.recipe(family), split_file, cache,
+                                [*overrides, f"model.{start[1]}={first.run_dir}"])
+        record.seconds += first.seconds
+        record.peak_memory_mb = max(record.peak_memory_mb, first.peak_memory_mb)
+        return record
     if family != "l2l_controlnet":
         return train_or_reuse(config, family + suffix, config.recipe(family), split_file, cache, overrides)
     try:

@@ -1,0 +1,110 @@
+"""The l2sct ablation on the demo's data: what the exact VAE decoder, fine-tuning it and starting
+the translator from l2l_regress each give, at one CPU budget per variant.
+
+    python benchmarks/bench_l2sct.py [--work bench_l2sct] [--seconds 120] [--note "idle machine"]
+
+Same phantoms, split, grid and shipped stand-in VAE as ``latent demo`` (built afresh under
+``--work``). Rows: the frozen VAE's floor, ``l2l_regress`` (decoded by the VAE; 75 s, the demo's
+budget), and ``l2sct`` with (1) a decoder from scratch, (2) the exact decoder frozen, (3) the
+exact decoder fine-tuned, (4) = (3) with the translator started from that ``l2l_regress`` run
+(the demo's recipe; its seconds include the start's). Each is scored on the test split on the
+native grid from the raw MR files, with the per-tissue errors. Writes
+``benchmarks/results/bench_l2sct.{json,md}`` with the machine, its load and the git revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+RESULTS = REPOSITORY / "benchmarks" / "results"
+RECIPE = "l2sct_demo.yaml"
+#: Variant -> overrides of the demo recipe. The trunk-from-scratch variants use the lr of the
+#: earlier demo recipe (5e-4); the started one the demo's (2e-4, 10 warmup steps).
+VARIANTS = {
+    "l2sct_scratch_decoder": ["model.decoder=scratch", "model.decoder_channels=[8,16,32]", "model.init_trunk_from=null",
+                              "model.lr=5e-4", "train.warmup_steps=0"],
+    "l2sct_exact_frozen": ["model.decoder_freeze_steps=1000000000", "model.init_trunk_from=null", "model.lr=5e-4",
+                           "train.warmup_steps=0"],
+    "l2sct_exact_tuned": ["model.init_trunk_from=null", "model.lr=5e-4", "train.warmup_steps=0"],
+    "l2sct_exact_tuned_from_regress": [],
+}
+COLUMNS = ("mae", "psnr", "ms_ssim", "bone_dice", "mae_soft", "mae_bone", "mae_above_1000", "bias_bone")
+
+
+def summary(row: dict) -> dict:
+    """The columns this report keeps from a demo comparison row."""
+    return {"method": row["method"], **{c: row.get(c) for c in COLUMNS}, "train_seconds": row["train_seconds"],
+            "seconds_per_volume": row["seconds_per_volume"], "parameters": row["parameters"]}
+
+
+def run(work: Path, seconds: float, regress_seconds: float = 75.0) -> list[dict]:
+    """Build the demo's data and cache under ``work``, train and score every row."""
+    from latent.app.demo import DemoConfig, comparison_rows, prepare_data, vae_and_encode
+    from latent.app.methods import predict_method, train_method, vae_floor_result
+    from latent.recipes import RECIPES_DIR
+
+    config = DemoConfig()
+    data, splits = prepare_data(work, config)
+    test = splits["test"]
+    vae_spec, cache_path, _ = vae_and_encode(data, work, config)
+    results = [vae_floor_result(data, work, vae_spec, cache_path, test, 0.0)]
+    regress_dir, regress_seconds = train_method("l2l_regress", RECIPES_DIR / "l2l_regress_demo.yaml", work, regress_seconds)
+    results.append(predict_method("l2l_regress", regress_dir, data, work, test, regress_seconds, vae_spec=vae_spec))
+    for name, overrides in VARIANTS.items():
+        start = [] if overrides else [f"model.init_trunk_from={regress_dir}"]
+        run_dir, train_seconds = train_method(name, RECIPES_DIR / RECIPE, work, seconds, [*overrides, *start])
+        train_seconds += 0.0 if overrides else regress_seconds
+        results.append(predict_method(name, run_dir, data, work, test, train_seconds, vae_spec=vae_spec))
+        print(f"{name}: {summary(comparison_rows(results[-1:])[0])}", flush=True)
+    return [summary(row) for row in comparison_rows(results)]
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    """The ablation table."""
+    names = ["method", "MAE", "PSNR", "MS-SSIM", "bone Dice", "MAE soft", "MAE bone 250-1000", "MAE > 1000",
+             "bias bone", "train s", "s/volume"]
+    lines = [header, "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for row in rows:
+        cells = [f"{row[c]:.3f}" if c in ("ms_ssim", "bone_dice") else f"{row[c]:.1f}" for c in COLUMNS]
+        lines.append(f"| {row['method']} | " + " | ".join(cells)
+                     + f" | {row['train_seconds']:.0f} | {row['seconds_per_volume']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("bench_l2sct"), help="scratch folder (data, cache, runs)")
+    parser.add_argument("--seconds", type=float, default=120.0, help="CPU training seconds per l2sct variant")
+    parser.add_argument("--regress-seconds", type=float, default=75.0, help="l2l_regress budget (the demo's)")
+    parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPOSITORY))
+    from latent.provenance import git_revision, machine_description
+
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    rows = run(args.work.resolve(), args.seconds, args.regress_seconds)
+    record = {"script": "benchmarks/bench_l2sct.py", "git": git_revision(), "machine": machine_description(),
+              "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
+              "load_average_after": os.getloadavg(), "seconds_per_variant": args.seconds,
+              "wall_seconds": time.perf_counter() - started, "note": args.note, "variants": VARIANTS, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench_l2sct.json").write_text(json.dumps(record, indent=2) + "\n")
+    header = (f"<!-- written by benchmarks/bench_l2sct.py at git {record['git']}, {record['date']}, {record['machine']}, "
+              f"load average {load_before[0]:.2f} before / {record['load_average_after'][0]:.2f} after; "
+              f"{args.seconds:.0f} s per l2sct variant. {args.note} -->\n"
+              "# l2sct ablation (demo phantoms, test split, native grid, HU)")
+    (RESULTS / "bench_l2sct.md").write_text(markdown(rows, header))
+    print(markdown(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
