@@ -1,14 +1,16 @@
-"""The l2sct ablation on the demo's data: what the exact VAE decoder, fine-tuning it and starting
-the translator from l2l_regress each give, at one CPU budget per variant.
+"""The l2sct ablation on the demo's data: what the exact VAE decoder, fine-tuning it, starting
+the translator from l2l_regress and the adapted decoder each give, at one CPU budget per variant.
 
     python benchmarks/bench_l2sct.py [--work bench_l2sct] [--seconds 120] [--note "idle machine"]
 
 Same phantoms, split, grid and shipped stand-in VAE as ``latent demo`` (built afresh under
-``--work``). Rows: the frozen VAE's floor, ``l2l_regress`` (decoded by the VAE; 75 s, the demo's
-budget), and ``l2sct`` with (1) a decoder from scratch, (2) the exact decoder frozen, (3) the
-exact decoder fine-tuned, (4) = (3) with the translator started from that ``l2l_regress`` run
-(the demo's recipe; its seconds include the start's). Each is scored on the test split on the
-native grid from the raw MR files, with the per-tissue errors. Writes
+``--work``). Rows: the VAE floor, frozen and through the adapted decoder (``latent vae adapt``,
+300 s, its recipe's budget); ``l2l_regress`` (75 s, the demo's budget) decoded both ways; and
+``l2sct`` with (1) a decoder from scratch, (2) the exact decoder frozen, (3) the exact decoder
+fine-tuned, (4) = (3) with the translator started from that ``l2l_regress`` run (the demo's
+recipe), (5) = (4) with the decoder started from the adapted one. Seconds include the runs a
+row starts from. Each is scored on the test split on the native grid from the raw MR files,
+with the per-tissue errors. Writes
 ``benchmarks/results/bench_l2sct.{json,md}`` with the machine, its load and the git revision.
 """
 
@@ -35,6 +37,8 @@ VARIANTS = {
     "l2sct_exact_tuned": ["model.init_trunk_from=null", "model.lr=5e-4", "train.warmup_steps=0"],
     "l2sct_exact_tuned_from_regress": [],
 }
+#: The demo recipe with its decoder started from the adapted decoder (latent vae adapt).
+ADAPTED_VARIANT = "l2sct_exact_tuned_from_regress_and_adapted"
 COLUMNS = ("mae", "psnr", "ms_ssim", "bone_dice", "mae_soft", "mae_bone", "mae_above_1000", "bias_bone")
 
 
@@ -44,7 +48,7 @@ def summary(row: dict) -> dict:
             "seconds_per_volume": row["seconds_per_volume"], "parameters": row["parameters"]}
 
 
-def run(work: Path, seconds: float, regress_seconds: float = 75.0) -> list[dict]:
+def run(work: Path, seconds: float, regress_seconds: float = 75.0, adapt_seconds: float = 300.0) -> list[dict]:
     """Build the demo's data and cache under ``work``, train and score every row."""
     from latent.app.demo import DemoConfig, comparison_rows, prepare_data, vae_and_encode
     from latent.app.methods import predict_method, train_method, vae_floor_result
@@ -54,13 +58,18 @@ def run(work: Path, seconds: float, regress_seconds: float = 75.0) -> list[dict]
     data, splits = prepare_data(work, config)
     test = splits["test"]
     vae_spec, cache_path, _ = vae_and_encode(data, work, config)
-    results = [vae_floor_result(data, work, vae_spec, cache_path, test, 0.0)]
+    adapted, adapt_seconds = train_method("decoder_adapt", RECIPES_DIR / "decoder_adapt_demo.yaml", work, adapt_seconds)
+    results = [vae_floor_result(data, work, vae_spec, cache_path, test, 0.0),
+               vae_floor_result(data, work, vae_spec, cache_path, test, adapt_seconds, adapted, "vae_floor_adapted")]
     regress_dir, regress_seconds = train_method("l2l_regress", RECIPES_DIR / "l2l_regress_demo.yaml", work, regress_seconds)
     results.append(predict_method("l2l_regress", regress_dir, data, work, test, regress_seconds, vae_spec=vae_spec))
-    for name, overrides in VARIANTS.items():
-        start = [] if overrides else [f"model.init_trunk_from={regress_dir}"]
-        run_dir, train_seconds = train_method(name, RECIPES_DIR / RECIPE, work, seconds, [*overrides, *start])
-        train_seconds += 0.0 if overrides else regress_seconds
+    results.append(predict_method("l2l_regress_adapted", regress_dir, data, work, test, regress_seconds + adapt_seconds,
+                                  vae_spec=vae_spec, decoder=adapted))
+    variants = {**VARIANTS, ADAPTED_VARIANT: [f"model.init_decoder_from={adapted}"]}
+    for name, overrides in variants.items():
+        starts = [] if "model.init_trunk_from=null" in overrides else [f"model.init_trunk_from={regress_dir}"]
+        run_dir, train_seconds = train_method(name, RECIPES_DIR / RECIPE, work, seconds, [*overrides, *starts])
+        train_seconds += (regress_seconds if starts else 0.0) + (adapt_seconds if name == ADAPTED_VARIANT else 0.0)
         results.append(predict_method(name, run_dir, data, work, test, train_seconds, vae_spec=vae_spec))
         print(f"{name}: {summary(comparison_rows(results[-1:])[0])}", flush=True)
     return [summary(row) for row in comparison_rows(results)]
@@ -83,6 +92,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("bench_l2sct"), help="scratch folder (data, cache, runs)")
     parser.add_argument("--seconds", type=float, default=120.0, help="CPU training seconds per l2sct variant")
     parser.add_argument("--regress-seconds", type=float, default=75.0, help="l2l_regress budget (the demo's)")
+    parser.add_argument("--adapt-seconds", type=float, default=300.0, help="latent vae adapt budget (its recipe's)")
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPOSITORY))
@@ -90,10 +100,11 @@ def main() -> int:
 
     load_before = os.getloadavg()
     started = time.perf_counter()
-    rows = run(args.work.resolve(), args.seconds, args.regress_seconds)
+    rows = run(args.work.resolve(), args.seconds, args.regress_seconds, args.adapt_seconds)
     record = {"script": "benchmarks/bench_l2sct.py", "git": git_revision(), "machine": machine_description(),
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "seconds_per_variant": args.seconds,
+              "regress_seconds": args.regress_seconds, "adapt_seconds": args.adapt_seconds,
               "wall_seconds": time.perf_counter() - started, "note": args.note, "variants": VARIANTS, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_l2sct.json").write_text(json.dumps(record, indent=2) + "\n")

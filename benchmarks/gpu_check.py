@@ -107,6 +107,14 @@ def recipe_model_config(recipe: str, work: Path) -> dict:
     crop = recipe_data["data"].get("crop")
     if crop is not None and config["family"] in ("l2sct", "l2l_ddim", "l2l_regress", "l2l_controlnet"):
         config["window"] = crop  # what training on the fitted grid records: sliding windows of the crop
+    if config["family"] == "l2sct" and config.get("decoder", "from_vae") == "from_vae" and not config.get("vae"):
+        import torch
+
+        from latent.vae import MAISI_CONFIG, build_vae
+
+        weights = work / "maisi_random.pt"  # the exact MAISI decode path, random weights (speed only)
+        torch.save(build_vae("AutoencoderKlMaisi", MAISI_CONFIG).state_dict(), weights)
+        config.update(vae=str(weights), init_trunk_from=None)
     if config.get("stage") == "controlnet":
         prior = build_model({**config, "stage": "prior", "prior_path": None})
         config["prior_path"] = str(prior.save_pretrained(work / "prior"))

@@ -33,6 +33,9 @@ from latent.translate.models.base import TranslationModel, load_pretrained
 
 logger = logging.getLogger(__name__)
 
+#: What a translator maps from: the MR latent or the MR pixels (an adapted decoder maps ``ct_mu``).
+TRANSLATOR_INPUTS = ("mr_mu", "mr_pixels")
+
 
 class RunMismatchError(BadConfigError, ValueError):
     """The VAE or grid given for prediction differs from the one the run was trained on."""
@@ -45,6 +48,8 @@ class TrainedRun:
     run_dir: Path
     model: TranslationModel
     producer: dict[str, Any]
+    #: An adapted full-range decoder (``latent vae adapt``) replacing the VAE's decode of CT latents.
+    decoder: TranslationModel | None = None
 
     @property
     def record(self) -> dict[str, Any]:
@@ -86,7 +91,40 @@ def load_run(run_dir: str | os.PathLike, which: str = "best") -> TrainedRun:
         logger.warning("%s: no %s/ model (the run never validated); using %s", run_dir, which, fallback)
         folder = fallback
     model = load_pretrained(folder)
+    if model.input_key not in TRANSLATOR_INPUTS:
+        raise BadConfigError(f"{run_dir}: a {model.config.family} model maps {model.input_key}, not the MR; an adapted "
+                             "decoder is given with --decoder beside a latent-to-latent --model")
     return TrainedRun(run_dir, model, json.loads(producer_path.read_text()))
+
+
+def load_adapted_decoder(decoder_dir: str | os.PathLike, producer_key: str | None) -> TranslationModel:
+    """The adapted decoder of a ``latent vae adapt`` run (``best/``, else ``final/``).
+
+    Raises:
+        BadConfigError: ``decoder_dir`` is not an adapted decoder, or it was adapted on another
+            cache producer than ``producer_key`` (another VAE, grid or normalisation).
+    """
+    folder = resolve_folder(decoder_dir)
+    producer_path = folder / "producer.json"
+    which = folder / "best" if (folder / "best").is_dir() else folder / "final"
+    if not producer_path.is_file() or not which.is_dir():
+        raise FileNotFoundError(f"--decoder: {folder} is not a finished run of latent vae adapt (producer.json, best/ or final/)")
+    decoder = load_pretrained(which)
+    if decoder.input_key != "ct_mu" or not hasattr(decoder, "decode_raw_latent"):
+        raise BadConfigError(f"--decoder: {folder} holds a {decoder.config.family} model, not an adapted decoder")
+    theirs = json.loads(producer_path.read_text()).get("producer_key")
+    if theirs != producer_key:
+        raise RunMismatchError(f"--decoder: {folder} was adapted on the cache producer {theirs}, not on {producer_key}; "
+                               "adapt a decoder on the same cache")
+    return decoder
+
+
+def attach_decoder(run: TrainedRun, decoder_dir: str | os.PathLike) -> TrainedRun:
+    """``run`` decoding its CT latents through the adapted decoder of ``decoder_dir`` (same producer)."""
+    if run.model.output_space != "ct_latent":
+        raise BadConfigError(f"--decoder: {run.run_dir} predicts {run.model.output_space}, not a CT latent to decode")
+    decoder = load_adapted_decoder(decoder_dir, run.producer.get("producer_key"))
+    return TrainedRun(run.run_dir, run.model, run.producer, decoder.to(next(run.model.parameters()).device))
 
 
 def check_vae_matches(run: TrainedRun, vae) -> None:
@@ -151,8 +189,9 @@ def predict_canonical(run: TrainedRun, vae, mr_input: torch.Tensor, samples: int
     started = time.perf_counter()
     mean, std = run.latent_stats("ct_mu")
     moments = Moments()
+    decoder = vae if run.decoder is None else run.decoder
     for out in outputs:
-        moments.add(output_to_canonical_hu(out, run.model.output_space, vae, mean, std, tile=tile)[0])
+        moments.add(output_to_canonical_hu(out, run.model.output_space, decoder, mean, std, tile=tile)[0])
     seconds["decode"] = time.perf_counter() - started
     hu, std_map = moments.result()
     return hu, std_map, seconds

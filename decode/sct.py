@@ -53,8 +53,9 @@ def output_to_canonical_hu(
         output: (B, C, d, h, w) tensor. ``"ct_full"``: C = 1, values in [-1, 1] (clipped).
             ``"ct_latent"``: C = latent channels (4), standardised when mean/std are given.
         output_space: ``"ct_full"`` or ``"ct_latent"``.
-        vae: the frozen VAE (a ``LoadedVAE`` or a MONAI AutoencoderKL-family module); required
-            for ``"ct_latent"``.
+        vae: the frozen VAE (a ``LoadedVAE`` or a MONAI AutoencoderKL-family module), or an
+            adapted full-range decoder (a ``decoder_adapt`` model: ``decode_raw_latent``, output
+            over the full range, no window); required for ``"ct_latent"``.
         latent_mean, latent_std: (C,) per-channel statistics the latents were standardised with.
         tile: decoder window (z, y, x) in image voxels, multiples of the VAE factor; ``None`` =
             one whole-volume pass.
@@ -76,6 +77,9 @@ def output_to_canonical_hu(
     if vae is None:
         raise ValueError("output_space 'ct_latent' needs the VAE to decode the latents")
     latent = destandardise_latent(output, latent_mean, latent_std)
+    adapted = getattr(vae, "decode_raw_latent", None)
+    if adapted is not None:  # an adapted full-range decoder (latent vae adapt): no 1000 HU window
+        return full_to_ct(adapted(latent)[:, 0].float().cpu().numpy()).astype(np.float32, copy=False)
     image = vae_decode(vae, latent, tile, overlap)
     if image.shape[1] != 1:
         raise RuntimeError(f"VAE decoder returned {image.shape[1]} channels, expected 1")

@@ -116,8 +116,9 @@ def test_configs_of_earlier_runs_are_the_scratch_model():
     assert (model.config.decoder, model.config.trunk) == ("scratch", "resblocks") and hasattr(model, "decoder")
     assert build_model({"family": "l2sct", "decoder": "scratch", "decoder_channels": [4, 8, 8], "norm_num_groups": 4,
                         **UNET}).config.trunk == "unet"
-    with pytest.raises(ValueError, match="init_decoder_from: only for decoder: scratch"):
-        build_model({"family": "l2sct", "decoder": "from_vae", "init_decoder_from": "x"})
+    # New configs (recipes and saved models) name both and are the exact decoder with a UNet trunk.
+    assert LatentToSCT.config_class(trunk_channels=8).trunk == "resblocks"
+    assert (LatentToSCT.config_class().decoder, LatentToSCT.config_class().trunk) == ("from_vae", "unet")
 
 
 def test_trunk_starts_from_an_l2l_regress_run(tmp_path):

@@ -108,6 +108,9 @@ def predict(
     vae: Optional[str] = typer.Option(None, help="VAE spec (default: the one recorded in the run).",
                                       rich_help_panel=PANEL_MODEL),
     which: str = typer.Option("best", help="best or final model of the run.", rich_help_panel=PANEL_MODEL),
+    decoder: Optional[Path] = typer.Option(None, rich_help_panel=PANEL_MODEL, help=(
+        "An adapted decoder run (latent vae adapt) that decodes a latent-to-latent --model's CT latents over the "
+        "full HU range instead of the VAE's [-1000, 1000] window.")),
     samples: int = typer.Option(1, min=1, help="Samples averaged for diffusion models; a std map is written for K > 1.",
                                 rich_help_panel=PANEL_MODEL),
     seed: int = typer.Option(0, rich_help_panel=PANEL_MODEL),
@@ -152,9 +155,11 @@ def predict(
                 fail("--ensemble: give either --model RUN_DIR or --ensemble RUN1,RUN2,..., not both")
             check_tta(tta)
             if ensemble is not None:
+                if decoder is not None:
+                    fail("--decoder: goes with --model (one latent-to-latent run), not with --ensemble")
                 trained, loaded_vae = runner.load_ensemble(ensemble, vae, which, device), None
             else:
-                trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device)
+                trained, loaded_vae = runner.load_run_and_vae(model, vae, which, device, decoder)
             options = runner.PredictOptions(samples=samples, seed=seed, fmt=fmt, which=which, tta=tta,
                                             allow_truncation=allow_truncation)
             if gc_io is not None:

@@ -179,6 +179,8 @@ def vae_check_command(
     split_file: Optional[Path] = typer.Option(None, "--split-file"),
     split: str = typer.Option("test"),
     producer: Optional[str] = typer.Option(None),
+    decoder: Optional[Path] = typer.Option(None, help=(
+        "An adapted decoder run (latent vae adapt) of this cache: score its floor instead of the frozen VAE's.")),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """decode(encode(CT)) on the native grid, scored: the floor of latent-to-latent methods."""
@@ -192,6 +194,10 @@ def vae_check_command(
         loaded = load_vae(vae)
         if loaded.producer_info()["weights_sha256"] != store.record["vae_weights_sha256"]:
             raise BadConfigError(f"{vae}: not the VAE that made {cache} (weights hash differs); pass the cache's VAE")
+        if decoder is not None:
+            from latent.decode.pipeline import load_adapted_decoder
+
+            loaded = load_adapted_decoder(decoder, store.key)
         evaluation = vae_check(store, loaded, data, out, split_pids(split_file, split), quiet=quiet)
     except USER_ERRORS as error:
         user_error(error, ctx)
@@ -203,3 +209,36 @@ def vae_check_command(
         typer.echo("\nper tissue of the true CT (HU; bias = mean sCT - CT):")
         typer.echo(format_summary(summarise(evaluation.rows, columns=tissues), columns=tissues))
     report_failures(evaluation.run.failures)
+
+
+@vae_app.command("adapt")
+def vae_adapt(
+    ctx: typer.Context,
+    cache: Path = typer.Option(..., help="Latent cache: the training split's CT latents and full-range CTs."),
+    split_file: Path = typer.Option(..., "--split-file", help="Split JSON (train on 'train', validate on 'val')."),
+    out: Path = typer.Option(..., help="Run folder of the adapted decoder (best/, final/, producer.json)."),
+    config: str = typer.Option("decoder_adapt_demo", help="Recipe: a YAML file or a shipped recipe's name."),
+    seconds: Optional[float] = typer.Option(None, min=1.0, help="Time budget in seconds (train.max_seconds)."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted recipe overrides, e.g. model.lr=1e-4."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Fine-tune the VAE's decode path (post_quant_conv + decoder) on cached CT latents -> full-range CT.
+
+    The encoder, the VAE's files and the cache are only read: every latent route can then decode
+    through the result (latent predict --decoder), and l2sct can start from it.
+    """
+    from latent.translate.train import load_config, train
+
+    setup_logging(quiet)
+    changes = [f"data.cache={cache}", f"data.split_file={split_file}", f"run_dir={out}",
+               *([f"train.max_seconds={seconds}"] if seconds is not None else []),
+               *(["train.resume=true"] if resume else []), *(overrides or [])]
+    try:
+        recipe = load_config(config, changes)
+        if recipe.model.family != "decoder_adapt":
+            fail(f"--config {config}: a {recipe.model.family} recipe; latent vae adapt trains model.family: decoder_adapt")
+        run_dir = train(recipe, quiet=quiet)
+    except USER_ERRORS as error:
+        user_error(error, ctx)
+    typer.echo(f"wrote {run_dir}")

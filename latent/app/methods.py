@@ -70,20 +70,21 @@ def grid_floor_result(name: str, data: Path, out: Path, grid: str, test: list[st
 
 
 def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, test: list[str],
-                     vae_seconds: float) -> MethodResult:
-    """decode(encode(CT)) on the native grid: the floor of latent-to-latent methods."""
+                     vae_seconds: float, decoder: Path | None = None, name: str = "vae_floor") -> MethodResult:
+    """decode(encode(CT)) on the native grid: the floor of latent-to-latent methods (through the
+    adapted decoder run ``decoder`` of ``latent vae adapt`` when given)."""
     from latent.cache import LatentCache, pick_producer
     from latent.app.vae_check import vae_check
+    from latent.decode.pipeline import load_adapted_decoder
     from latent.vae import load_vae
 
     cache = LatentCache.open(cache_path, pick_producer(cache_path, None)[0])
-    vae = load_vae(vae_spec)
+    vae = load_vae(vae_spec) if decoder is None else load_adapted_decoder(decoder, cache.key)
     started = time.perf_counter()
-    evaluation = vae_check(cache, vae, data, out / "predictions" / "vae_floor", pids=test, quiet=True)
+    evaluation = vae_check(cache, vae, data, out / "predictions" / name, pids=test, quiet=True)
     seconds = (time.perf_counter() - started) / max(1, len(evaluation.rows))
-    parameters = sum(p.numel() for p in vae.network.parameters())
-    return MethodResult("vae_floor", evaluation.rows, seconds, vae_seconds, parameters,
-                        pred_dir=out / "predictions" / "vae_floor")
+    parameters = sum(p.numel() for p in (vae.network if decoder is None else vae).parameters())
+    return MethodResult(name, evaluation.rows, seconds, vae_seconds, parameters, pred_dir=out / "predictions" / name)
 
 
 def train_recipe(recipe: str | Path, run_dir: Path, cache: Path, split_file: Path, seconds: float | None,
@@ -114,16 +115,18 @@ def train_method(name: str, recipe: Path, out: Path, seconds: float, overrides: 
 
 def predict_method(name: str, run_dir: Path | list[Path], data: Path, out: Path, test: list[str],
                    train_seconds: float, samples: int = 1, vae_spec: str | None = None, steps: int | None = None,
-                   tta: str = "none", quiet: bool = True) -> MethodResult:
+                   tta: str = "none", quiet: bool = True, decoder: Path | None = None) -> MethodResult:
     """Predict the test split from raw MR files with a trained run (or an ensemble of runs) and score it.
 
     ``steps`` overrides a diffusion model's sampling steps (the DDIM step sweep); ``samples > 1``
     averages that many samples, ``tta="flip"`` the mirrored passes, a list of runs their
-    predictions in HU; each of these writes ``<pid>_std.mha``.
+    predictions in HU; each of these writes ``<pid>_std.mha``. ``decoder``: an adapted decoder run
+    (``latent vae adapt``) that decodes a latent-to-latent run's CT latents.
     """
     from latent.app.predict_run import Ensemble, PredictOptions, load_run_and_vae, predict_dataset
 
-    members = [load_run_and_vae(folder, vae_spec) for folder in (run_dir if isinstance(run_dir, list) else [run_dir])]
+    members = [load_run_and_vae(folder, vae_spec, decoder=decoder)
+               for folder in (run_dir if isinstance(run_dir, list) else [run_dir])]
     for run, _ in members:
         if steps is not None:
             run.model.config.num_inference_steps = steps  # read by the sampler at every translate call

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from latent.decode.pipeline import (
-    CasePrediction, TrainedRun, case_from_files, check_vae_matches, combine_predictions, load_run, predict_cached,
-    predict_prepared,
+    CasePrediction, TrainedRun, attach_decoder, case_from_files, check_vae_matches, combine_predictions, load_run,
+    predict_cached, predict_prepared,
 )
 from latent.decode.writers import write_prediction
 from latent.cases import Case, CaseError
@@ -57,12 +57,15 @@ class Ensemble:
 
 
 def load_run_and_vae(run_dir: str | os.PathLike, vae_spec: str | None, which: str = "best",
-                     device: str = "cpu") -> tuple[TrainedRun, object | None]:
-    """The run and, when it needs one, its VAE (``vae_spec`` or the one recorded in the run)."""
+                     device: str = "cpu", decoder: str | os.PathLike | None = None) -> tuple[TrainedRun, object | None]:
+    """The run and, when it needs one, its VAE (``vae_spec`` or the one recorded in the run);
+    ``decoder``: an adapted decoder run (``latent vae adapt``) that decodes the run's CT latents."""
     from latent.vae import load_vae
 
     run = load_run(run_dir, which)
     run.model.to(device)
+    if decoder is not None:
+        run = attach_decoder(run, decoder)
     if not run.needs_vae:
         return run, None
     location = run.record.get("vae_location", {})

@@ -43,6 +43,7 @@ MODEL_FAMILIES: dict[str, str] = {
     "l2l_controlnet": "latent.translate.models.l2l_controlnet:LatentControlNet",
     "l2l_regress": "latent.translate.models.l2l_regress:LatentRegression",
     "l2sct": "latent.translate.models.l2sct:LatentToSCT",
+    "decoder_adapt": "latent.translate.models.decoder_adapt:DecoderAdapt",
     "pix2pix": "latent.translate.models.pix2pix:Pix2Pix",
     "cyclegan": "latent.translate.models.cyclegan:CycleGAN",
     "cut": "latent.translate.models.cut:CUT",

@@ -35,21 +35,22 @@ from monai.networks.nets.autoencoderkl import AEKLResBlock, Decoder
 from pydantic import Field, model_validator
 from torch import nn
 
-from latent.errors import BadConfigError
 from latent.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU, VAE_CT_MAX_HU, VAE_CT_MIN_HU
 from latent.translate.models.base import TranslationModel
 from latent.translate.models.l2l_ddim import LatentUNetConfig, check_latent_size, diffusion_unet
-from latent.translate.models.l2sct_init import init_decoder_from_vae, init_trunk_from_run
+from latent.translate.models.l2sct_init import init_decoder_from_vae, init_exact_decoder_from_adapted, init_trunk_from_run
 from latent.translate.models.regress3d_parts import gradient_l1, masked_mean
-from latent.translate.models.vae_decoder import DecoderRecord, ExactDecoder, load_decoder_source, record_of
+from latent.translate.models.vae_decoder import ExactDecoder, ExactDecoderFields, producer_update, resolve_source
 
 logger = logging.getLogger(__name__)
 
 #: Pixel grid / latent grid per axis: the decoder has three levels (two x2 upsamplings).
 UPSAMPLING_LEVELS = 3
 _FULL_RANGE = FULL_CT_MAX_HU - FULL_CT_MIN_HU
-#: Keys of a saved config written before ``decoder`` existed (the scratch model).
-_LEGACY_KEYS = ("decoder_channels", "trunk_blocks", "trunk_channels", "decoder_initialised_from", "init_decoder_from")
+#: Keys that only the scratch decoder / the residual-block trunk have: a config that sets them
+#: without naming ``decoder`` / ``trunk`` was written before those fields existed.
+_SCRATCH_DECODER_KEYS = ("decoder_channels", "decoder_initialised_from")
+_RESBLOCK_TRUNK_KEYS = ("trunk_blocks", "trunk_channels")
 
 
 def hu_to_unit(hu: float) -> float:
@@ -66,21 +67,13 @@ VAE_TO_FULL_SCALE = (VAE_CT_MAX_HU - VAE_CT_MIN_HU) / _FULL_RANGE * 2.0
 VAE_TO_FULL_OFFSET = hu_to_unit(VAE_CT_MIN_HU)
 
 
-class LatentToSCTConfig(LatentUNetConfig):
-    """Config of :class:`LatentToSCT` (``channels`` ... ``resblock_updown``: the UNet trunk)."""
+class LatentToSCTConfig(LatentUNetConfig, ExactDecoderFields):
+    """Config of :class:`LatentToSCT` (``channels`` ... ``resblock_updown``: the UNet trunk;
+    ``vae`` ... ``gradient_weight``: the exact decoder and the loss)."""
 
     family: Literal["l2sct"] = "l2sct"
     #: "from_vae": the exact decode path of the cache's VAE; "scratch": a decoder of its own sizes.
     decoder: Literal["from_vae", "scratch"] = "from_vae"
-    #: VAE whose decode path to copy (any --vae spec); None = the cache producer's VAE.
-    vae: str | None = None
-    #: Weights SHA-256 the VAE must have (the cache producer's; set by training).
-    vae_sha256: str | None = None
-    #: The copied VAE's architecture and provenance (set when built; the weights are in the state dict).
-    vae_decoder: DecoderRecord | None = None
-    #: Per-channel statistics the cache standardised ``ct_mu`` with (set by training from the cache).
-    ct_latent_mean: tuple[float, ...] | None = None
-    ct_latent_std: tuple[float, ...] | None = None
     #: Translator: the l2l_regress latent UNet, or residual blocks at latent resolution.
     trunk: Literal["unet", "resblocks"] = "unet"
     #: An l2l_regress run (or model folder) whose UNet starts the trunk (same UNet sizes).
@@ -89,9 +82,6 @@ class LatentToSCTConfig(LatentUNetConfig):
     #: Optimizer steps with the decoder frozen (lr 0), then it learns at ``decoder_lr_scale`` x lr.
     decoder_freeze_steps: int = Field(0, ge=0)
     decoder_lr_scale: float = Field(1.0, ge=0.0)
-    background_weight: float = Field(0.1, ge=0.0)
-    #: Weight of the L1 between finite-difference gradients of sCT and CT inside the mask.
-    gradient_weight: float = Field(0.0, ge=0.0)
     # -- scratch decoder and residual-block trunk
     trunk_channels: int = 32
     trunk_blocks: int = 2
@@ -102,16 +92,21 @@ class LatentToSCTConfig(LatentUNetConfig):
     norm_eps: float = 1e-6
     #: Scratch decoder's output: "linear" (clipped to [-1, 1] by translate) or "tanh".
     output_activation: Literal["linear", "tanh"] = "linear"
-    #: Scratch decoder: a VAE folder whose ``decoder.*`` weights to copy (matching shapes).
+    #: Scratch decoder: a VAE folder whose ``decoder.*`` weights to copy (matching shapes);
+    #: from_vae: an adapted decoder run (``latent vae adapt``) of the same VAE to start from.
     init_decoder_from: str | None = None
     decoder_initialised_from: str | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _legacy_scratch(cls, data: Any) -> Any:
-        """A config without ``decoder`` that sets the scratch fields is the model runs had before."""
-        if isinstance(data, dict) and "decoder" not in data and any(k in data for k in _LEGACY_KEYS):
-            data = {**data, "decoder": "scratch", "trunk": data.get("trunk", "resblocks")}
+        """A config without ``decoder`` / ``trunk`` that sets their scratch fields is the model
+        runs had before (scratch decoder, residual-block trunk)."""
+        if isinstance(data, dict):
+            if "decoder" not in data and any(key in data for key in _SCRATCH_DECODER_KEYS):
+                data = {**data, "decoder": "scratch"}
+            if "trunk" not in data and any(key in data for key in _RESBLOCK_TRUNK_KEYS):
+                data = {**data, "trunk": "resblocks"}
         return data
 
     @model_validator(mode="after")
@@ -119,17 +114,15 @@ class LatentToSCTConfig(LatentUNetConfig):
         if len(self.decoder_channels) != UPSAMPLING_LEVELS:
             raise ValueError(f"decoder_channels: needs {UPSAMPLING_LEVELS} entries (x4 upsampling), "
                              f"got {len(self.decoder_channels)}")
-        for name in ("trunk_channels", "decoder_channels"):
+        used = [*(["trunk_channels"] if self.trunk == "resblocks" else []),
+                *(["decoder_channels"] if self.decoder == "scratch" else [])]
+        for name in used:  # the GroupNorms of the scratch parts
             values = getattr(self, name)
             bad = [c for c in (values if isinstance(values, tuple) else (values,)) if c % self.norm_num_groups]
             if bad:
                 raise ValueError(f"{name}: {bad} not divisible by norm_num_groups={self.norm_num_groups}")
         if isinstance(self.decoder_res_blocks, tuple) and len(self.decoder_res_blocks) != UPSAMPLING_LEVELS:
             raise ValueError(f"decoder_res_blocks: needs {UPSAMPLING_LEVELS} entries, got {len(self.decoder_res_blocks)}")
-        if self.decoder == "from_vae" and self.init_decoder_from is not None:
-            raise ValueError("init_decoder_from: only for decoder: scratch (from_vae copies the VAE named by model.vae)")
-        if (self.ct_latent_mean is None) != (self.ct_latent_std is None):
-            raise ValueError("ct_latent_std: give both ct_latent_mean and ct_latent_std, or neither")
         return self
 
     @property
@@ -151,12 +144,8 @@ class LatentToSCT(TranslationModel):
 
     def __init__(self, config: LatentToSCTConfig) -> None:
         vae = None
-        if config.decoder == "from_vae" and config.vae_decoder is None:
-            if config.vae is None:
-                raise BadConfigError("model.vae: decoder: from_vae needs the VAE that encoded the latents (train "
-                                     "on a cache, which names it, or set model.vae)")
-            vae = load_decoder_source(config.vae, config.vae_sha256)
-            config = config.model_copy(update={"vae_decoder": record_of(vae)})
+        if config.decoder == "from_vae":
+            config, vae = resolve_source(config, "decoder: from_vae")
         decoder_source, trunk_source = config.init_decoder_from, config.init_trunk_from
         # The saved config records provenance; the copied weights travel in the state dict.
         if decoder_source is not None:
@@ -170,6 +159,8 @@ class LatentToSCT(TranslationModel):
             init_trunk_from_run(self.trunk, trunk_source, config)
         if config.decoder == "from_vae":
             self.vae_decode = ExactDecoder(config.vae_decoder, config.ct_latent_mean, config.ct_latent_std, source=vae)
+            if decoder_source is not None:
+                init_exact_decoder_from_adapted(self.vae_decode, decoder_source)
             return
         res_blocks = config.decoder_res_blocks
         self.decoder = Decoder(
@@ -201,18 +192,7 @@ class LatentToSCT(TranslationModel):
     @classmethod
     def for_producer(cls, config: LatentToSCTConfig, producer: dict[str, Any]) -> LatentToSCTConfig:
         """Fill in from the cache's producer: its VAE (spec and weights hash) and ``ct_mu`` statistics."""
-        if config.decoder != "from_vae" or config.vae_decoder is not None:
-            return config
-        record = producer.get("record") or {}
-        location = record.get("vae_location") or {}
-        update: dict[str, Any] = {}
-        if config.vae is None:
-            update["vae"] = location.get("path") or location.get("name")
-        if config.vae_sha256 is None and record.get("vae_weights_sha256"):
-            update["vae_sha256"] = record["vae_weights_sha256"]
-        stats = (producer.get("latent_stats") or {}).get("ct_mu")
-        if stats and config.ct_latent_mean is None:
-            update.update(ct_latent_mean=tuple(stats["mean"]), ct_latent_std=tuple(stats["std"]))
+        update = producer_update(config, producer) if config.decoder == "from_vae" else {}
         return config.model_copy(update=update) if update else config
 
     def optimizer_groups(self, phase: str) -> list[dict[str, Any]]:
@@ -243,26 +223,31 @@ class LatentToSCT(TranslationModel):
 
     def forward(self, batch: dict[str, torch.Tensor], phase: str = "main") -> dict[str, torch.Tensor]:
         """Masked L1 against ``ct_pixels`` (B, 1, 4d, 4h, 4w) + background-to-air (+ gradient) terms."""
-        prediction = self.decode_latent(self._trunk(batch["mr_mu"]))
-        target, mask = batch["ct_pixels"].float(), batch["mask_pixels"].float()
-        if prediction.shape != target.shape:
-            raise ValueError(f"l2sct output {tuple(prediction.shape)} does not match ct_pixels "
-                             f"{tuple(target.shape)}: pixel volumes must be 4x the latent grid")
-        inside = masked_mean((prediction - target).abs(), mask)
-        outside = masked_mean((prediction - AIR_VALUE).abs(), 1.0 - mask)
-        loss = inside + self.config.background_weight * outside
-        losses = {"l1_body": inside.detach(), "l1_background": outside.detach(),
-                  "mae_hu_body": inside.detach() * (_FULL_RANGE / 2.0)}
-        if self.config.gradient_weight > 0:
-            gradient = gradient_l1(prediction, target, mask)
-            loss = loss + self.config.gradient_weight * gradient
-            losses["gradient"] = gradient.detach()
-        return {"loss": loss, **losses}
+        return full_range_loss(self.decode_latent(self._trunk(batch["mr_mu"])), batch, self.config)
 
     @torch.no_grad()
     def translate(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """sCT (B, 1, 4d, 4h, 4w) in [-1, 1] (clipped) for MR latents (B, 4, d, h, w)."""
         return self.decode_latent(self._trunk(inputs), whole_volume=True).clamp(-1.0, 1.0)
+
+
+def full_range_loss(prediction: torch.Tensor, batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
+    """Masked L1 of a full-range output against ``ct_pixels`` + ``background_weight`` x L1 to air
+    outside ``mask_pixels`` (+ ``gradient_weight`` x the finite-difference gradient L1)."""
+    target, mask = batch["ct_pixels"].float(), batch["mask_pixels"].float()
+    if prediction.shape != target.shape:
+        raise ValueError(f"{config.family} output {tuple(prediction.shape)} does not match ct_pixels "
+                         f"{tuple(target.shape)}: pixel volumes must be 4x the latent grid")
+    inside = masked_mean((prediction - target).abs(), mask)
+    outside = masked_mean((prediction - AIR_VALUE).abs(), 1.0 - mask)
+    loss = inside + config.background_weight * outside
+    losses = {"l1_body": inside.detach(), "l1_background": outside.detach(),
+              "mae_hu_body": inside.detach() * (_FULL_RANGE / 2.0)}
+    if config.gradient_weight > 0:
+        gradient = gradient_l1(prediction, target, mask)
+        loss = loss + config.gradient_weight * gradient
+        losses["gradient"] = gradient.detach()
+    return {"loss": loss, **losses}
 
 
 def _conv(in_channels: int, out_channels: int) -> Convolution:

@@ -1,5 +1,6 @@
-"""Where an ``l2sct`` model's parts can start from: a VAE folder's decoder (scratch decoder) or a
-trained ``l2l_regress`` run's UNet (the translator). The exact VAE decode path is
+"""Where an ``l2sct`` model's parts can start from: a VAE folder's decoder (scratch decoder), an
+adapted decoder run (``latent vae adapt``, exact decoder) or a trained ``l2l_regress`` run's UNet
+(the translator). The exact VAE decode path is
 :mod:`latent.translate.models.vae_decoder`."""
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def init_decoder_from_vae(decoder: nn.Module, vae_dir: str | Path) -> int:
     return len(updated)
 
 
-def _model_folder(source: str) -> Path:
+def _model_folder(source: str, field: str = "init_trunk_from") -> Path:
     """A run's ``best/`` (else ``final/``), or a model folder itself."""
     folder = resolve_folder(source)
     for which in ("best", "final"):
@@ -78,7 +79,7 @@ def _model_folder(source: str) -> Path:
             return folder / which
     if (folder / CONFIG_NAME).is_file():
         return folder
-    raise BadConfigError(f"model.init_trunk_from: {folder} is neither a training run (best/ or final/) nor a model folder")
+    raise BadConfigError(f"model.{field}: {folder} is neither a training run (best/ or final/) nor a model folder")
 
 
 def init_trunk_from_run(trunk: nn.Module, source: str, config: Any) -> int:
@@ -105,4 +106,26 @@ def init_trunk_from_run(trunk: nn.Module, source: str, config: Any) -> int:
         raise BadConfigError(f"model.init_trunk_from: the UNet of {folder} does not fit the trunk")
     trunk.load_state_dict(state)
     logger.info("l2sct: trunk initialised from %s (%d tensors)", folder, len(state))
+    return len(state)
+
+
+def init_exact_decoder_from_adapted(decoder: nn.Module, source: str) -> int:
+    """Copy an adapted decoder run's decode path into l2sct's exact ``decoder`` (same VAE).
+
+    Raises:
+        BadConfigError: ``source`` is not a ``decoder_adapt`` model, or adapts another VAE.
+    """
+    folder = _model_folder(source, "init_decoder_from")
+    saved = read_model_config(folder)
+    if saved.get("family") != "decoder_adapt":
+        raise BadConfigError(f"model.init_decoder_from: {folder} holds a {saved.get('family')!r} model, not an adapted "
+                             "decoder (latent vae adapt)")
+    theirs = (saved.get("vae_decoder") or {}).get("weights_sha256")
+    ours = decoder.record.weights_sha256
+    if theirs != ours:
+        raise BadConfigError(f"model.init_decoder_from: {folder} adapts the VAE {str(theirs)[:12]}..., this model "
+                             f"decodes with {ours[:12]}...")
+    state = {k[len("vae_decode."):]: v for k, v in read_model_weights(folder).items() if k.startswith("vae_decode.")}
+    decoder.load_state_dict(state)
+    logger.info("l2sct: exact decoder initialised from the adapted decoder %s", folder)
     return len(state)

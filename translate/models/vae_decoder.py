@@ -18,10 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from latent.errors import BadConfigError
+from latent.translate.models.base import ModelConfig
 from latent.vae import LoadedVAE, build_vae, load_vae
 from latent.vae_inference import decode as tiled_decode
 from latent.vae_inference import from_network_layout, to_network_layout
@@ -42,6 +43,30 @@ class DecoderRecord(BaseModel):
     #: The spec the weights were read from (provenance only; the weights travel in the state dict).
     source: str = ""
     inference_tile: tuple[int, int, int] | None = None
+
+
+class ExactDecoderFields(ModelConfig):
+    """Config fields of a family on the exact decode path, and its full-range pixel loss."""
+
+    #: VAE whose decode path to copy (any --vae spec); None = the cache producer's VAE.
+    vae: str | None = None
+    #: Weights SHA-256 the VAE must have (the cache producer's; set by training).
+    vae_sha256: str | None = None
+    #: The copied VAE's architecture and provenance (set when built; the weights are in the state dict).
+    vae_decoder: DecoderRecord | None = None
+    #: Per-channel statistics the cache standardised ``ct_mu`` with (set by training from the cache).
+    ct_latent_mean: tuple[float, ...] | None = None
+    ct_latent_std: tuple[float, ...] | None = None
+    #: Weight of the L1 to air outside the body mask.
+    background_weight: float = Field(0.1, ge=0.0)
+    #: Weight of the L1 between finite-difference gradients of sCT and CT inside the mask.
+    gradient_weight: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_stats(self) -> "ExactDecoderFields":
+        if (self.ct_latent_mean is None) != (self.ct_latent_std is None):
+            raise ValueError("ct_latent_std: give both ct_latent_mean and ct_latent_std, or neither")
+        return self
 
 
 def record_of(vae: LoadedVAE) -> DecoderRecord:
@@ -67,6 +92,40 @@ def load_decoder_source(spec: str, expected_sha256: str | None = None) -> Loaded
         raise BadConfigError(f"model.vae: {spec} has weights sha256 {vae.weights_sha256[:12]}..., but the cache's "
                              f"latents were encoded by {expected_sha256[:12]}...; decode with the cache's own VAE")
     return vae
+
+
+def producer_update(config: Any, producer: dict[str, Any]) -> dict[str, Any]:
+    """Config fields a family on the exact decode path takes from the cache's producer: the VAE
+    (``vae``, unless set), its weights hash (``vae_sha256``) and the ``ct_mu`` statistics."""
+    if config.vae_decoder is not None:
+        return {}
+    record = producer.get("record") or {}
+    location = record.get("vae_location") or {}
+    update: dict[str, Any] = {}
+    if config.vae is None:
+        update["vae"] = location.get("path") or location.get("name")
+    if config.vae_sha256 is None and record.get("vae_weights_sha256"):
+        update["vae_sha256"] = record["vae_weights_sha256"]
+    stats = (producer.get("latent_stats") or {}).get("ct_mu")
+    if stats and config.ct_latent_mean is None:
+        update.update(ct_latent_mean=tuple(stats["mean"]), ct_latent_std=tuple(stats["std"]))
+    return update
+
+
+def resolve_source(config: Any, what: str) -> tuple[Any, LoadedVAE | None]:
+    """``(config with vae_decoder recorded, the loaded VAE)`` when the weights are still to be copied
+    from ``config.vae``; ``(config, None)`` when the config already records them (a saved model).
+
+    Raises:
+        BadConfigError: no VAE named (``model.vae``).
+    """
+    if config.vae_decoder is not None:
+        return config, None
+    if config.vae is None:
+        raise BadConfigError(f"model.vae: {what} needs the VAE that encoded the latents (train on a cache, which "
+                             "names it, or set model.vae)")
+    vae = load_decoder_source(config.vae, config.vae_sha256)
+    return config.model_copy(update={"vae_decoder": record_of(vae)}), vae
 
 
 class ExactDecoder(nn.Module):
@@ -126,7 +185,9 @@ class ExactDecoder(nn.Module):
                          source=record.source, inference_tile=record.inference_tile, norm=record.norm)
 
     @torch.no_grad()
-    def decode_volume(self, latent: torch.Tensor) -> torch.Tensor:
+    def decode_volume(self, latent: torch.Tensor, standardised: bool = True) -> torch.Tensor:
         """Whole-volume decode through the tiling plan of ``latent.vae_inference.decode`` (no
-        convolution over the 32-bit activation limit at full size); same values as :meth:`forward`."""
-        return tiled_decode(self.as_loaded_vae(), self.raw_latent(latent.float()))
+        convolution over the 32-bit activation limit at full size); same values as :meth:`forward`.
+        ``standardised=False``: ``latent`` is already in the VAE's own scale (a cached ``ct_mu``)."""
+        latent = latent.float()
+        return tiled_decode(self.as_loaded_vae(), self.raw_latent(latent) if standardised else latent)
