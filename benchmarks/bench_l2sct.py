@@ -2,14 +2,15 @@
 the translator from l2l_regress and the adapted decoder each give, at one CPU budget per variant.
 
     python benchmarks/bench_l2sct.py [--work bench_l2sct] [--seconds 120] [--note "idle machine"]
-    python benchmarks/bench_l2sct.py --long 600 --work bench_l2sct_long   # l2sct at 600 s in all
+    python benchmarks/bench_l2sct.py --long 600 --work bench_l2sct_long   # l2sct at 600 s in all, adapt 600 s
 
 Same phantoms, split, grid and shipped stand-in VAE as ``latent demo`` (built afresh under
 ``--work``). Rows: the VAE floor, frozen and through the adapted decoder (``latent vae adapt``,
 300 s, its recipe's budget); ``l2l_regress`` (75 s, the demo's budget) decoded both ways; and
 ``l2sct`` with (1) a decoder from scratch, (2) the exact decoder frozen, (3) the exact decoder
 fine-tuned, (4) = (3) with the translator started from that ``l2l_regress`` run (the demo's
-recipe), (5) = (4) with the decoder started from the adapted one. Seconds include the runs a
+recipe), (5) = (4) with the residual head on the MR pixels, (6) = (4) with the decoder started
+from the adapted one. Seconds include the runs a
 row starts from. Each is scored on the test split on the native grid from the raw MR files,
 with the per-tissue errors. Writes
 ``benchmarks/results/bench_l2sct.{json,md}`` with the machine, its load and the git revision.
@@ -37,6 +38,7 @@ VARIANTS = {
                            "train.warmup_steps=0"],
     "l2sct_exact_tuned": ["model.init_trunk_from=null", "model.lr=5e-4", "train.warmup_steps=0"],
     "l2sct_exact_tuned_from_regress": [],
+    "l2sct_exact_tuned_from_regress_mr_head": ["model.mr_head=true"],
 }
 #: The demo recipe with its decoder started from the adapted decoder (latent vae adapt).
 ADAPTED_VARIANT = "l2sct_exact_tuned_from_regress_and_adapted"
@@ -76,9 +78,11 @@ def run(work: Path, seconds: float, regress_seconds: float = 75.0, adapt_seconds
     return [summary(row) for row in comparison_rows(results)]
 
 
-def run_long(work: Path, total_seconds: float, regress_seconds: float = 75.0) -> list[dict]:
+def run_long(work: Path, total_seconds: float, regress_seconds: float = 75.0, adapt_seconds: float = 600.0
+             ) -> list[dict]:
     """The demo's l2sct recipe at a longer total budget (its l2l_regress start included), beside the
-    frozen VAE floor: the comparison with the recorded 600 s rows of the phantom study (same data and split)."""
+    VAE floor, frozen and adapted for ``adapt_seconds``: the comparison with the recorded 600 s rows
+    of the phantom study (same data and split)."""
     from latent.app.demo import DemoConfig, comparison_rows, prepare_data, vae_and_encode
     from latent.app.methods import predict_method, train_method, vae_floor_result
     from latent.recipes import RECIPES_DIR
@@ -86,7 +90,9 @@ def run_long(work: Path, total_seconds: float, regress_seconds: float = 75.0) ->
     data, splits = prepare_data(work, DemoConfig())
     test = splits["test"]
     vae_spec, cache_path, _ = vae_and_encode(data, work, DemoConfig())
-    results = [vae_floor_result(data, work, vae_spec, cache_path, test, 0.0)]
+    adapted, adapt_seconds = train_method("decoder_adapt", RECIPES_DIR / "decoder_adapt_demo.yaml", work, adapt_seconds)
+    results = [vae_floor_result(data, work, vae_spec, cache_path, test, 0.0),
+               vae_floor_result(data, work, vae_spec, cache_path, test, adapt_seconds, adapted, "vae_floor_adapted")]
     regress_dir, regress_seconds = train_method("l2l_regress", RECIPES_DIR / "l2l_regress_demo.yaml", work, regress_seconds)
     name = f"l2sct_{total_seconds:.0f}s"
     run_dir, seconds = train_method(name, RECIPES_DIR / RECIPE, work, total_seconds - regress_seconds,
@@ -115,6 +121,7 @@ def main() -> int:
     parser.add_argument("--adapt-seconds", type=float, default=300.0, help="latent vae adapt budget (its recipe's)")
     parser.add_argument("--long", type=float, default=None, metavar="SECONDS",
                         help="instead of the ablation: the demo's l2sct at this total budget (bench_l2sct_long.*)")
+    parser.add_argument("--long-adapt-seconds", type=float, default=600.0, help="with --long: latent vae adapt budget")
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPOSITORY))
@@ -123,7 +130,7 @@ def main() -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     if args.long is not None:
-        rows = run_long(args.work.resolve(), args.long, args.regress_seconds)
+        rows = run_long(args.work.resolve(), args.long, args.regress_seconds, args.long_adapt_seconds)
     else:
         rows = run(args.work.resolve(), args.seconds, args.regress_seconds, args.adapt_seconds)
     stem = "bench_l2sct" if args.long is None else "bench_l2sct_long"
@@ -131,6 +138,7 @@ def main() -> int:
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "seconds_per_variant": args.seconds,
               "regress_seconds": args.regress_seconds, "adapt_seconds": args.adapt_seconds, "long_seconds": args.long,
+              "long_adapt_seconds": args.long_adapt_seconds if args.long is not None else None,
               "wall_seconds": time.perf_counter() - started, "note": args.note, "variants": VARIANTS, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")

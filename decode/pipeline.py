@@ -165,7 +165,7 @@ def translate_input(run: TrainedRun, inputs: torch.Tensor, samples: int, seed: i
     count = samples if model.stochastic else 1
     outputs = []
     for dims in flip_variants(model.flip_axes, tta):
-        flipped = mirror(inputs, dims)
+        flipped = model.mirror_input(inputs, dims)
         for index in range(count):
             if model.stochastic:
                 generator = torch.Generator(device=inputs.device).manual_seed(seed + index)
@@ -212,20 +212,20 @@ def combine_predictions(predictions: Sequence[CasePrediction]) -> CasePrediction
 
 def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int = 1, seed: int = 0,
                      tile: Sequence[int] | None = None, tta: str = "none") -> CasePrediction:
-    """Encode (if the model is latent), translate, decode and map one prepared case to its native grid."""
+    """Encode (if the model reads the MR latent), translate, decode and map one prepared case to its native grid."""
     from latent.vae_inference import encode_mu
 
     seconds: dict[str, float] = {"encode": 0.0}
     device = next(run.model.parameters()).device
-    mr = torch.from_numpy(np.ascontiguousarray(prepared.mr_unit, dtype=np.float32))[None, None].to(device)
-    if run.model.input_key == "mr_mu":
+    arrays = {"mr_pixels": torch.from_numpy(np.ascontiguousarray(prepared.mr_unit, dtype=np.float32))[None, None].to(device)}
+    if "mr_mu" in run.model.input_keys:
         started = time.perf_counter()
         with torch.no_grad():
-            latent = encode_mu(vae, mr, tile=tile)
+            latent = encode_mu(vae, arrays["mr_pixels"], tile=tile)
         mean, std = run.latent_stats("mr_mu")
-        mr = standardise(latent, mean, std)
+        arrays["mr_mu"] = standardise(latent, mean, std)
         seconds["encode"] = time.perf_counter() - started
-    hu, std_map, stage_seconds = predict_canonical(run, vae, mr, samples, seed, tile, tta)
+    hu, std_map, stage_seconds = predict_canonical(run, vae, run.model.model_input(arrays), samples, seed, tile, tta)
     seconds.update(stage_seconds)
     started = time.perf_counter()
     native = canonical_to_native_sct(hu, prepared.mapping, prepared.native_mask)
@@ -241,16 +241,17 @@ def predict_cached(run: TrainedRun, vae, cache, pid: str, samples: int = 1, seed
 
     attrs = cache.case_attrs(pid)
     mapping = GridMapping.from_dict(attrs["geometry"])
-    key = run.model.input_key
     device = next(run.model.parameters()).device
-    array = cache.read_case(pid, [key])[key]
-    tensor = torch.from_numpy(array)[None].to(device)
-    if key == "mr_mu":
-        mean, std = run.latent_stats("mr_mu")
-        tensor = standardise(tensor, mean, std)
-    elif tensor.ndim == 4:
-        tensor = tensor[None]
-    hu, std_map, seconds = predict_canonical(run, vae, tensor, samples, seed, tile, tta)
+    arrays = {}
+    for key, array in cache.read_case(pid, list(run.model.input_keys)).items():
+        tensor = torch.from_numpy(array)[None].to(device)
+        if key == "mr_mu":
+            mean, std = run.latent_stats("mr_mu")
+            tensor = standardise(tensor, mean, std)
+        elif tensor.ndim == 4:
+            tensor = tensor[None]
+        arrays[key] = tensor
+    hu, std_map, seconds = predict_canonical(run, vae, run.model.model_input(arrays), samples, seed, tile, tta)
     mask_path = attrs.get("source_paths", {}).get("mask")
     native_mask = read_volume(mask_path)[0] if mask_path else None
     native = canonical_to_native_sct(hu, mapping, native_mask)

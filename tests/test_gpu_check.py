@@ -34,3 +34,14 @@ def test_every_row_is_listed_in_run_order() -> None:
     assert {"vae encode 128x512x512 bf16", "vae decode 128x512x512 fp32", "e2e l2sct", "e2e l2l_ddim",
             "train l2sct_full.yaml", "train l2l_controlnet_full.yaml"} <= set(rows)
     assert len(rows) == len(set(rows))
+
+
+def test_l2sct_full_builds_on_the_exact_maisi_decode_path(tmp_path: Path) -> None:
+    """What the e2e and train rows build for l2sct_full: the MAISI decode path (random weights)."""
+    from latent.translate.models.base import build_model
+
+    config = _gpu_check().recipe_model_config("l2sct_full.yaml", tmp_path)
+    model = build_model(config)
+    record = model.config.vae_decoder
+    assert (record.class_name, record.layout, model.config.trunk) == ("AutoencoderKlMaisi", "xyz_ras", "unet")
+    assert model.config.window == (16, 40, 40) and model.config.init_trunk_from is None

@@ -26,12 +26,7 @@ TINY_VAE = {"spatial_dims": 3, "in_channels": 1, "out_channels": 1, "latent_chan
             "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vae_folder(root: Path, seed: int = 3) -> Path:

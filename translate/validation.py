@@ -75,7 +75,7 @@ class CanonicalValidator:
         device = next(model.parameters()).device
         total, count = 0.0, 0.0
         for batch in val_batches:
-            inputs = batch[model.input_key].to(device)
+            inputs = model.model_input(batch).to(device)
             prediction = predict(model, inputs, self.num_samples, self.seed).float()
             if model.output_space == "ct_full":
                 target = batch["ct_pixels"].to(device).float()

@@ -56,7 +56,7 @@ class NativeValidator:
         device = next(model.parameters()).device
         scores = []
         for batch in val_batches:
-            inputs = batch[model.input_key].to(device)
+            inputs = model.model_input(batch).to(device)
             for index, pid in enumerate(batch["pid"]):
                 hu, _, _ = predict_canonical(run, self.vae, inputs[index:index + 1], self.samples, self.seed)
                 mapping = GridMapping.from_dict(self.cache.case_attrs(pid)["geometry"])

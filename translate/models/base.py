@@ -94,6 +94,24 @@ class TranslationModel(nn.Module):
         """Parameters optimised in ``phase`` (default: all trainable ones)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """Batch keys :meth:`model_input` reads at inference (default: ``input_key`` alone)."""
+        return (self.input_key,)
+
+    def model_input(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The one tensor :meth:`translate` takes, from batch-contract arrays (``input_keys``)."""
+        return arrays[self.input_key]
+
+    def mirror_input(self, inputs: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """``inputs`` mirrored along the tensor ``dims`` (flip TTA); its own inverse."""
+        return torch.flip(inputs, dims) if dims else inputs
+
+    @classmethod
+    def keys_for(cls, config: ModelConfig) -> tuple[str, ...] | None:
+        """Cache arrays a run of ``config`` trains on (None: the class's ``batch_keys``)."""
+        return None
+
     def optimizer_groups(self, phase: str) -> list[dict[str, Any]]:
         """Parameter groups of ``phase``'s optimizer. A group may carry ``lr_scale`` (times the
         scheduled lr) and ``frozen_steps`` (lr 0 before that optimizer step). Default: one group."""

@@ -82,6 +82,10 @@ class LatentToSCTConfig(LatentUNetConfig, ExactDecoderFields):
     #: Optimizer steps with the decoder frozen (lr 0), then it learns at ``decoder_lr_scale`` x lr.
     decoder_freeze_steps: int = Field(0, ge=0)
     decoder_lr_scale: float = Field(1.0, ge=0.0)
+    #: A full-resolution residual head that sees the decoded sCT and the MR pixels (the detail the
+    #: latent cannot hold): 3 convolutions of ``mr_head_channels``, the last one zero at start.
+    mr_head: bool = False
+    mr_head_channels: int = Field(16, ge=1)
     # -- scratch decoder and residual-block trunk
     trunk_channels: int = 32
     trunk_blocks: int = 2
@@ -157,6 +161,8 @@ class LatentToSCT(TranslationModel):
         self.trunk = self._build_trunk(config, out_channels)
         if trunk_source is not None:
             init_trunk_from_run(self.trunk, trunk_source, config)
+        if config.mr_head:
+            self.mr_head = _residual_head(config.mr_head_channels)
         if config.decoder == "from_vae":
             self.vae_decode = ExactDecoder(config.vae_decoder, config.ct_latent_mean, config.ct_latent_std, source=vae)
             if decoder_source is not None:
@@ -195,6 +201,32 @@ class LatentToSCT(TranslationModel):
         update = producer_update(config, producer) if config.decoder == "from_vae" else {}
         return config.model_copy(update=update) if update else config
 
+    @classmethod
+    def keys_for(cls, config: LatentToSCTConfig) -> tuple[str, ...] | None:
+        """The MR pixels too when the residual head is on."""
+        return (*cls.batch_keys, "mr_pixels") if config.mr_head else None
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        return ("mr_mu", "mr_pixels") if self.config.mr_head else ("mr_mu",)
+
+    def model_input(self, arrays: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The MR latent; with the residual head, the MR pixels packed beside it (4 x 4 x 4 blocks as
+        64 channels), so sliding windows and flips see one tensor on the latent grid."""
+        if not self.config.mr_head:
+            return arrays["mr_mu"]
+        return torch.cat([arrays["mr_mu"], space_to_depth(arrays["mr_pixels"].float())], dim=1)
+
+    def mirror_input(self, inputs: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        if not self.config.mr_head or not dims:
+            return super().mirror_input(inputs, dims)
+        latent, pixels = self._unpack(inputs)
+        return torch.cat([latent.flip(dims), space_to_depth(pixels.flip(dims))], dim=1)
+
+    def _unpack(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        channels = self.config.latent_channels
+        return inputs[:, :channels], depth_to_space(inputs[:, channels:])
+
     def optimizer_groups(self, phase: str) -> list[dict[str, Any]]:
         """The translator at the model's lr; the decoder frozen for ``decoder_freeze_steps``, then scaled."""
         decoder = self.vae_decode if self.config.decoder == "from_vae" else self.decoder
@@ -223,12 +255,24 @@ class LatentToSCT(TranslationModel):
 
     def forward(self, batch: dict[str, torch.Tensor], phase: str = "main") -> dict[str, torch.Tensor]:
         """Masked L1 against ``ct_pixels`` (B, 1, 4d, 4h, 4w) + background-to-air (+ gradient) terms."""
-        return full_range_loss(self.decode_latent(self._trunk(batch["mr_mu"])), batch, self.config)
+        prediction = self._full(batch["mr_mu"], batch.get("mr_pixels"), whole_volume=False)
+        return full_range_loss(prediction, batch, self.config)
+
+    def _full(self, mr_latent: torch.Tensor, mr_pixels: torch.Tensor | None, whole_volume: bool) -> torch.Tensor:
+        """Full-range output (unclipped): decode of the translated latent (+ the residual head)."""
+        full = self.decode_latent(self._trunk(mr_latent), whole_volume=whole_volume)
+        if not self.config.mr_head:
+            return full
+        if mr_pixels is None:
+            raise ValueError("l2sct with mr_head needs mr_pixels (the canonical MR) beside mr_mu")
+        return full + self.mr_head(torch.cat([full, mr_pixels.float()], dim=1))
 
     @torch.no_grad()
     def translate(self, inputs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """sCT (B, 1, 4d, 4h, 4w) in [-1, 1] (clipped) for MR latents (B, 4, d, h, w)."""
-        return self.decode_latent(self._trunk(inputs), whole_volume=True).clamp(-1.0, 1.0)
+        """sCT (B, 1, 4d, 4h, 4w) in [-1, 1] (clipped) for MR latents (B, 4, d, h, w), packed
+        with the MR pixels when the residual head is on (:meth:`model_input`)."""
+        latent, pixels = self._unpack(inputs) if self.config.mr_head else (inputs, None)
+        return self._full(latent, pixels, whole_volume=True).clamp(-1.0, 1.0)
 
 
 def full_range_loss(prediction: torch.Tensor, batch: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor]:
@@ -248,6 +292,34 @@ def full_range_loss(prediction: torch.Tensor, batch: dict[str, torch.Tensor], co
         loss = loss + config.gradient_weight * gradient
         losses["gradient"] = gradient.detach()
     return {"loss": loss, **losses}
+
+
+#: Pixel voxels per latent voxel along each axis (every decoder here upsamples x4).
+PIXELS_PER_LATENT = 4
+
+
+def space_to_depth(pixels: torch.Tensor, factor: int = PIXELS_PER_LATENT) -> torch.Tensor:
+    """(B, C, f*d, f*h, f*w) -> (B, C*f^3, d, h, w): each f x f x f block as channels (exact)."""
+    b, c, z, y, x = pixels.shape
+    blocks = pixels.reshape(b, c, z // factor, factor, y // factor, factor, x // factor, factor)
+    return blocks.permute(0, 1, 3, 5, 7, 2, 4, 6).reshape(b, c * factor**3, z // factor, y // factor, x // factor)
+
+
+def depth_to_space(packed: torch.Tensor, factor: int = PIXELS_PER_LATENT) -> torch.Tensor:
+    """Inverse of :func:`space_to_depth`."""
+    b, c, z, y, x = packed.shape
+    channels = c // factor**3
+    blocks = packed.reshape(b, channels, factor, factor, factor, z, y, x).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return blocks.reshape(b, channels, z * factor, y * factor, x * factor)
+
+
+def _residual_head(channels: int) -> nn.Sequential:
+    """(sCT, MR) at full resolution -> a correction of the sCT; zero at start."""
+    head = nn.Sequential(nn.Conv3d(2, channels, 3, padding=1), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1),
+                         nn.SiLU(), nn.Conv3d(channels, 1, 3, padding=1))
+    nn.init.zeros_(head[-1].weight)
+    nn.init.zeros_(head[-1].bias)
+    return head
 
 
 def _conv(in_channels: int, out_channels: int) -> Convolution:
