@@ -26,13 +26,15 @@ LATENT_KEYS = ("mr_mu", "ct_mu")
 CHANNEL_KEYS = ("mask_latent", "mr_pixels", "ct_pixels", "mask_pixels")
 
 
-def model_batch_keys(model_cls: type[TranslationModel]) -> tuple[str, ...]:
-    """Cache arrays a family trains on: its ``batch_keys`` class attribute, else a default.
+def model_batch_keys(model_cls: type[TranslationModel], model_config: Any = None) -> tuple[str, ...]:
+    """Cache arrays a family trains on: what its config asks for (``keys_for``, e.g. l2sct's
+    residual head adds the MR pixels), else its ``batch_keys`` class attribute, else a default.
 
     Defaults: latent input -> ``mr_mu`` + ``ct_mu`` (latent output) or ``ct_pixels`` +
     ``mask_pixels`` (full-range output); pixel input -> ``mr_pixels``, ``ct_pixels``, ``mask_pixels``.
     """
-    keys = getattr(model_cls, "batch_keys", None)
+    keys = model_cls.keys_for(model_config) if model_config is not None else None
+    keys = keys or getattr(model_cls, "batch_keys", None)
     if keys:
         return tuple(keys)
     if model_cls.input_key == "mr_pixels":
@@ -117,8 +119,9 @@ def fits_each_case(producer: dict[str, Any]) -> bool:
 def model_config_for_grid(model_config: Any, data: Any, model_cls: type[TranslationModel],
                           producer: dict[str, Any]) -> Any:
     """The model config to build: what the family takes from the producer
-    (:meth:`TranslationModel.for_producer`, e.g. l2sct's VAE and latent statistics); on a fitted grid a latent-input model translates in sliding
-    windows of its training crop (``window`` = ``data.crop`` unless set); elsewhere unchanged.
+    (:meth:`TranslationModel.for_producer`, e.g. l2sct's VAE and latent statistics), and on a
+    fitted grid, for a latent-input model, sliding windows of its training crop (``window`` =
+    ``data.crop`` unless set).
 
     Raises:
         BadConfigError: a fitted grid without ``data.crop`` where whole cases cannot be batched

@@ -186,7 +186,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     set_seed(section.seed)
 
     # -- data
-    keys = model_cls.keys_for(config.model) or model_batch_keys(model_cls)
+    keys = model_batch_keys(model_cls, config.model)
     val_keys = tuple(dict.fromkeys(keys + tuple(config.data.extra_val_keys)))
     producer: dict[str, Any] = {"producer_key": None, "source": "datasets passed to train()"}
     if train_dataset is None:

@@ -225,8 +225,9 @@ def vae_adapt(
 ) -> None:
     """Fine-tune the VAE's decode path (post_quant_conv + decoder) on cached CT latents -> full-range CT.
 
-    The encoder, the VAE's files and the cache are only read: every latent route can then decode
-    through the result (latent predict --decoder), and l2sct can start from it.
+    The encoder, the VAE's files and the cache are only read.
+
+    Latent routes decode through the result with latent predict --decoder; l2sct starts from it with init_decoder_from.
     """
     from latent.translate.train import load_config, train
 

@@ -32,7 +32,6 @@ DEMO_GRID = "3x3x5:32x128x128"
 #: frozen (as MAISI is for real data), so the whole budget goes to the translation models.
 DEMO_METHODS = {"l2l_regress": ("l2l_regress_demo.yaml", 75.0), "l2sct": ("l2sct_demo.yaml", 120.0),
                 "l2l_ddim": ("l2l_ddim_demo.yaml", 120.0), "pix2pix": ("pix2pix_demo.yaml", 120.0)}
-
 #: The demo's VAE: the shipped stand-in (latent/weights/standin_vae).
 DEMO_VAE = "standin"
 #: The smallest phantom set whose stratified split gives every region a validation and a test case.
