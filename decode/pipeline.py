@@ -108,7 +108,8 @@ def load_adapted_decoder(decoder_dir: str | os.PathLike, producer_key: str | Non
     producer_path = folder / "producer.json"
     which = folder / "best" if (folder / "best").is_dir() else folder / "final"
     if not producer_path.is_file() or not which.is_dir():
-        raise FileNotFoundError(f"--decoder: {folder} is not a finished run of latent vae adapt (producer.json, best/ or final/)")
+        raise FileNotFoundError(f"--decoder: {folder} is not a finished run of latent vae adapt "
+                                "(producer.json, best/ or final/)")
     decoder = load_pretrained(which)
     if decoder.input_key != "ct_mu" or not hasattr(decoder, "decode_raw_latent"):
         raise BadConfigError(f"--decoder: {folder} holds a {decoder.config.family} model, not an adapted decoder")
@@ -217,7 +218,8 @@ def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int 
 
     seconds: dict[str, float] = {"encode": 0.0}
     device = next(run.model.parameters()).device
-    arrays = {"mr_pixels": torch.from_numpy(np.ascontiguousarray(prepared.mr_unit, dtype=np.float32))[None, None].to(device)}
+    mr_unit = np.ascontiguousarray(prepared.mr_unit, dtype=np.float32)
+    arrays = {"mr_pixels": torch.from_numpy(mr_unit)[None, None].to(device)}
     if "mr_mu" in run.model.input_keys:
         started = time.perf_counter()
         with torch.no_grad():

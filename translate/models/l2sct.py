@@ -38,7 +38,8 @@ from torch import nn
 from latent.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU, VAE_CT_MAX_HU, VAE_CT_MIN_HU
 from latent.translate.models.base import TranslationModel
 from latent.translate.models.l2l_ddim import LatentUNetConfig, check_latent_size, diffusion_unet
-from latent.translate.models.l2sct_init import init_decoder_from_vae, init_exact_decoder_from_adapted, init_trunk_from_run
+from latent.translate.models.l2sct_init import (init_decoder_from_vae, init_exact_decoder_from_adapted,
+                                                 init_trunk_from_run)
 from latent.translate.models.regress3d_parts import gradient_l1, masked_mean
 from latent.translate.models.vae_decoder import ExactDecoder, ExactDecoderFields, producer_update, resolve_source
 
@@ -153,7 +154,8 @@ class LatentToSCT(TranslationModel):
         decoder_source, trunk_source = config.init_decoder_from, config.init_trunk_from
         # The saved config records provenance; the copied weights travel in the state dict.
         if decoder_source is not None:
-            config = config.model_copy(update={"init_decoder_from": None, "decoder_initialised_from": str(decoder_source)})
+            config = config.model_copy(update={"init_decoder_from": None,
+                                               "decoder_initialised_from": str(decoder_source)})
         if trunk_source is not None:
             config = config.model_copy(update={"init_trunk_from": None, "trunk_initialised_from": str(trunk_source)})
         super().__init__(config)

@@ -146,7 +146,7 @@ class ExactDecoder(nn.Module):
         for part in ENCODER_PARTS:
             if getattr(network, part, None) is not None:
                 setattr(network, part, None)
-        self.network = network.train()
+        self.network = network
         channels = int(record.kwargs["latent_channels"])
         mean_t = torch.zeros(channels) if mean is None else torch.tensor(mean, dtype=torch.float32)
         std_t = torch.ones(channels) if std is None else torch.tensor(std, dtype=torch.float32)
