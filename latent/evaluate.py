@@ -23,11 +23,11 @@ import SimpleITK as sitk
 
 from latent.cases import Case, CaseError, discover_cases
 from latent.io import VolumeError, read_volume
-from latent.metrics import score_case
+from latent.metrics import metric_digits, metric_names, score_case
 from latent.runner import CaseRun, default_workers, run_over_cases, select_cases
 
-#: Metric columns, in table order, with their display precision.
-METRIC_COLUMNS = {"mae": 1, "psnr": 2, "ms_ssim": 4, "ssim": 4, "bone_dice": 3, "bone_hd95": 2}
+#: The image-metric columns of the summary, in table order (latent.metrics.METRICS).
+METRIC_COLUMNS = tuple(metric_names("image"))
 PREDICTION_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
 #: Voxels used for the std-error Spearman correlation (more are subsampled evenly).
 SPEARMAN_MAX_VOXELS = 200_000
@@ -161,7 +161,7 @@ def format_summary(summary: list[dict], group_key: str = "region", columns: Iter
     for entry in summary:
         cells = []
         for column in columns:
-            digits = METRIC_COLUMNS.get(column, 3)
+            digits = metric_digits(column)
             mean, std = entry[column], entry[f"{column}_std"]
             cells.append(f"{mean:.{digits}f} +- {std:.{digits}f}" if not math.isnan(std) else f"{mean:.{digits}f}")
         lines.append(f"| {entry[group_key]} | {entry['n']} | " + " | ".join(cells) + " |")
@@ -220,7 +220,7 @@ def evaluate_predictions(
     work = functools.partial(_score_from_folder, pred_dir=pred_dir)
     run = run_over_cases(None, work, "evaluate", quiet, selection=selection,
                          workers=default_evaluate_workers(selection.cases) if workers is None else workers)
-    columns = list(METRIC_COLUMNS) + [column for column in ("std_error_spearman",)
+    columns = list(METRIC_COLUMNS) + [column for column in metric_names("uncertainty")
                                       if any(column in row for row in run.results.values())]
     evaluation = Evaluation(run, summarise(run.results.values(), columns=columns) if run.results else [])
     if out is not None:

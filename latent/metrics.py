@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage, spatial
@@ -161,6 +163,51 @@ def score_case(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray, spacing_xyz: S
 #: "above_1000" is what the MAISI VAE window [-1000, 1000] cannot represent.
 TISSUE_CLASSES = {"air": (-2000.0, -500.0), "soft": (-500.0, BONE_HU), "bone": (BONE_HU, 1000.0),
                   "above_1000": (1000.0, 4000.0)}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One reported metric: its column in every evaluation row, its title, its display digits and
+    which way is better. The one table of this (:data:`METRICS`) is read by ``latent evaluate``,
+    the demo and the bench report; adding a metric means a row here, its value in
+    :func:`score_case`, its definition in docs/metrics.md and its test."""
+
+    name: str
+    label: str
+    digits: int
+    better: Literal["lower", "higher", "zero"]
+    group: Literal["image", "tissue", "uncertainty"] = "image"
+    paired: bool = False  # the bench pairs every method against the best on it (Wilcoxon, t, dz)
+
+    @property
+    def lower_is_better(self) -> bool:
+        """True for errors and distances (MAE, HD95, |bias|), False for similarities."""
+        return self.better != "higher"
+
+
+#: Every metric of an evaluation row, in table order.
+METRICS: dict[str, Metric] = {metric.name: metric for metric in (
+    Metric("mae", "MAE (HU)", 1, "lower", paired=True),
+    Metric("psnr", "PSNR (dB)", 2, "higher", paired=True),
+    Metric("ms_ssim", "MS-SSIM", 4, "higher", paired=True),
+    Metric("ssim", "SSIM", 4, "higher"),
+    Metric("bone_dice", "bone Dice", 3, "higher"),
+    Metric("bone_hd95", "bone HD95 (mm)", 2, "lower"),
+    *(Metric(f"mae_{name}", f"MAE {name} [{low:.0f}, {high:.0f})", 1, "lower", "tissue")
+      for name, (low, high) in TISSUE_CLASSES.items()),
+    *(Metric(f"bias_{name}", f"bias {name}", 1, "zero", "tissue") for name in TISSUE_CLASSES),
+    Metric("std_error_spearman", "Spearman (std, |error|)", 3, "higher", "uncertainty"),
+)}
+
+
+def metric_names(group: str) -> list[str]:
+    """The metric columns of one group (``image``, ``tissue`` or ``uncertainty``), in table order."""
+    return [name for name, metric in METRICS.items() if metric.group == group]
+
+
+def metric_digits(name: str) -> int:
+    """Display digits of a metric column (3 for a column the table does not know)."""
+    return METRICS[name].digits if name in METRICS else 3
 
 
 def _tissue_errors(ct_values: np.ndarray, sct_values: np.ndarray) -> dict[str, float]:

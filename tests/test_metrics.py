@@ -384,3 +384,19 @@ def test_score_case_matches_the_benchmark_reference(implant: bool) -> None:
             assert math.isnan(scores[key]), key
         else:
             assert scores[key] == pytest.approx(expected, rel=1e-10), key
+
+
+def test_the_metric_table_names_every_score_and_nothing_else() -> None:
+    """One table (latent.metrics.METRICS) describes every value of score_case, plus the std-map
+    Spearman that evaluate adds; evaluate, the demo and the bench report read it."""
+    from latent.metrics import METRICS, metric_names
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1500, (12, 12, 12)).astype(np.float32)
+    mask = np.zeros_like(ct, dtype=bool)
+    mask[2:10, 2:10, 2:10] = True
+    scores = metrics.score_case(ct, ct + 10, mask, (1.0, 1.0, 1.0))
+    assert set(scores) == set(metric_names("image")) | set(metric_names("tissue"))
+    assert set(METRICS) == set(scores) | {"std_error_spearman"}
+    assert [name for name, metric in METRICS.items() if metric.paired] == ["mae", "psnr", "ms_ssim"]
+    assert METRICS["mae"].lower_is_better and not METRICS["psnr"].lower_is_better

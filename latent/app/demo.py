@@ -23,6 +23,7 @@ from latent.recipes import RECIPES_DIR
 from latent.app.methods import (GRID_FLOORS, MethodResult, baseline_result, grid_floor_result, predict_method,
                                 train_method, vae_floor_result)
 from latent.evaluate import METRIC_COLUMNS, format_summary, summarise, write_rows_csv
+from latent.metrics import METRICS, metric_digits, metric_names
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +105,11 @@ def add_dose(results: list[MethodResult], data: Path, out: Path, pids: list[str]
             result.dose = {column: overall.get(column, float("nan")) for column in dose_run.columns}
 
 
-#: Per-tissue columns of every evaluation row (latent.metrics.tissue_errors), shown in their own table.
-TISSUE_COLUMNS = ("mae_air", "mae_soft", "mae_bone", "mae_above_1000", "bias_air", "bias_soft", "bias_bone")
-
-
 def comparison_rows(results: list[MethodResult]) -> list[dict]:
     """One row per method: mean metrics over the test split and compute columns."""
     rows = []
     for result in results:
-        columns = [*METRIC_COLUMNS, *TISSUE_COLUMNS]
+        columns = [*METRIC_COLUMNS, *metric_names("tissue")]
         overall = summarise(result.rows, columns=columns)[-1] if result.rows else {}
         row = {"method": result.name, "n": overall.get("n", 0)}
         for column in columns:
@@ -148,10 +145,12 @@ def format_comparison(rows: list[dict]) -> str:
 
 def format_tissue_table(rows: list[dict]) -> str:
     """Markdown table of the per-tissue MAE and bias (HU, mean over the test cases) of every method."""
-    header = ["method", "air", "soft tissue", "bone 250-1000", "above 1000", "bias air", "bias soft", "bias bone"]
+    columns = metric_names("tissue")
+    header = ["method", *(METRICS[column].label for column in columns)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        lines.append(f"| {row['method']} | " + " | ".join(f"{row.get(c, float('nan')):.1f}" for c in TISSUE_COLUMNS) + " |")
+        lines.append(f"| {row['method']} | " + " | ".join(
+            f"{row.get(c, float('nan')):.{metric_digits(c)}f}" for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -216,10 +215,19 @@ def write_bench_report(out: Path, results: list[MethodResult], data: Path, pid: 
 
 def starting_run(name: str, trained: dict[str, float]) -> tuple[str, str] | None:
     """``(method, config field)`` of the already trained demo run that ``name``'s family starts from."""
-    from latent.translate.models.base import MODEL_FAMILIES, model_class
+    from latent.translate.models.base import family_class
 
-    start = model_class(name).starts_from if name in MODEL_FAMILIES else None
+    cls = family_class(name)
+    start = cls.starts_from if cls is not None else None
     return start if start is not None and start[0] in trained else None
+
+
+def samples_steps(name: str) -> bool:
+    """Whether ``name``'s family samples in steps (diffusion): the demo sets its step count."""
+    from latent.translate.models.base import family_class
+
+    cls = family_class(name)
+    return cls is not None and cls.stochastic and "num_inference_steps" in cls.config_class.model_fields
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
@@ -247,7 +255,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None) -> list[dict]:
     train_times = {"vae": vae_seconds}
     for name, (recipe, seconds) in config.methods.items():
         logger.info("training %s for %.0f s", name, seconds)
-        overrides = [f"model.num_inference_steps={config.ddim_steps}"] if name.startswith("l2l_ddim") else []
+        overrides = [f"model.num_inference_steps={config.ddim_steps}"] if samples_steps(name) else []
         start = starting_run(name, train_times)
         if start is not None:  # e.g. l2sct's translator starts from this demo's l2l_regress run
             overrides.append(f"model.{start[1]}={out / 'runs' / start[0]}")

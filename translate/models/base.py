@@ -18,7 +18,9 @@ normalised MR, ``ct_pixels`` (B, 1, D, H, W) CT on the full range mapped to [-1,
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import pkgutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -37,18 +39,10 @@ from latent.model_folder import (
     write_model_folder,
 )
 
-#: family name -> "module:Class" (imported lazily so a family's heavy deps load only when used).
-MODEL_FAMILIES: dict[str, str] = {
-    "l2l_ddim": "latent.translate.models.l2l_ddim:LatentDiffusion",
-    "l2l_controlnet": "latent.translate.models.l2l_controlnet:LatentControlNet",
-    "l2l_regress": "latent.translate.models.l2l_regress:LatentRegression",
-    "l2sct": "latent.translate.models.l2sct:LatentToSCT",
-    "decoder_adapt": "latent.translate.models.decoder_adapt:DecoderAdapt",
-    "pix2pix": "latent.translate.models.pix2pix:Pix2Pix",
-    "cyclegan": "latent.translate.models.cyclegan:CycleGAN",
-    "cut": "latent.translate.models.cut:CUT",
-    "regress3d": "latent.translate.models.regress3d:Regress3D",
-}
+#: The package whose modules are the families: a family is the module ``<family>.py`` of this
+#: package that defines a :class:`TranslationModel` subclass whose ``family`` is that name
+#: (registering a family means writing its file; it is imported only when used).
+FAMILY_PACKAGE = "latent.translate.models"
 OutputSpace = Literal["ct_latent", "ct_full"]
 
 
@@ -69,6 +63,8 @@ class ModelConfig(BaseModel):
 class TranslationModel(nn.Module):
     """Base class: subclasses set the class variables and implement forward and translate."""
 
+    #: The family name: the name of the module that defines the class (see :data:`FAMILY_PACKAGE`).
+    family: ClassVar[str] = ""
     config_class: ClassVar[type[ModelConfig]] = ModelConfig
     #: Batch key the model translates from (``mr_mu`` for latent models, ``mr_pixels`` for pixel ones).
     input_key: ClassVar[str] = "mr_mu"
@@ -159,16 +155,39 @@ class TranslationModel(nn.Module):
         return write_model_folder(directory, self.config.model_dump(mode="json"), self.state_dict())
 
 
+def family_class(name: str) -> type[TranslationModel] | None:
+    """The family class defined by module ``name`` of :data:`FAMILY_PACKAGE` (None: no family there)."""
+    module_name = f"{FAMILY_PACKAGE}.{name}"
+    if not name.isidentifier() or importlib.util.find_spec(module_name) is None:
+        return None
+    module = importlib.import_module(module_name)
+    return next((value for value in vars(module).values()
+                 if isinstance(value, type) and issubclass(value, TranslationModel)
+                 and value.__module__ == module_name and value.__dict__.get("family") == name), None)
+
+
+def model_families() -> dict[str, type[TranslationModel]]:
+    """Every family of :data:`FAMILY_PACKAGE`, by name (imports each module of the package)."""
+    package = importlib.import_module(FAMILY_PACKAGE)
+    names = sorted(info.name for info in pkgutil.iter_modules(package.__path__))
+    return {name: cls for name in names if (cls := family_class(name)) is not None}
+
+
+def translating_families() -> list[str]:
+    """The families that translate an MR into a CT (what ``latent bench`` can train and compare)."""
+    return [name for name, cls in model_families().items() if cls.input_key.startswith("mr_")]
+
+
 def model_class(family: str) -> type[TranslationModel]:
     """The model class of a family name.
 
     Raises:
-        ValueError: unknown family (lists the known ones).
+        BadConfigError: unknown family (lists the known ones).
     """
-    if family not in MODEL_FAMILIES:
-        raise BadConfigError(f"unknown model family {family!r}; known: {', '.join(MODEL_FAMILIES)}")
-    module_name, class_name = MODEL_FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    cls = family_class(family) if isinstance(family, str) else None
+    if cls is None:
+        raise BadConfigError(f"unknown model family {family!r}; known: {', '.join(model_families())}")
+    return cls
 
 
 def build_model(config: dict[str, Any] | ModelConfig) -> TranslationModel:

@@ -15,7 +15,7 @@ to k slices so outputs can be re-encoded; translation keeps the centre slice.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import model_validator
@@ -76,6 +76,7 @@ class CUTConfig(PixelGANConfig):
 class CUT(PixelGAN):
     """Unpaired MR -> CT translation with patchwise contrastive learning."""
 
+    family: ClassVar[str] = "cut"
     config_class = CUTConfig
 
     def __init__(self, config: CUTConfig) -> None:

@@ -18,7 +18,7 @@ of the original recipe).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -58,6 +58,7 @@ class CycleGANConfig(PixelGANConfig):
 class CycleGAN(PixelGAN):
     """Unpaired MR <-> CT translation; :meth:`translate` runs the MR -> CT generator."""
 
+    family: ClassVar[str] = "cyclegan"
     config_class = CycleGANConfig
 
     def __init__(self, config: CycleGANConfig) -> None:

@@ -29,6 +29,7 @@ class DecoderAdaptConfig(ExactDecoderFields):
 class DecoderAdapt(TranslationModel):
     """Standardised CT latent -> full-range CT through the VAE's own (fine-tuned) decode path."""
 
+    family: ClassVar[str] = "decoder_adapt"
     config_class: ClassVar[type[DecoderAdaptConfig]] = DecoderAdaptConfig
     input_key: ClassVar[str] = "ct_mu"
     output_space: ClassVar[str] = "ct_full"

@@ -57,6 +57,7 @@ class LatentControlNetConfig(DiffusionConfig):
 class LatentControlNet(TranslationModel):
     """Frozen (at stage 2) CT-latent prior + trainable MR-conditioned ControlNet."""
 
+    family: ClassVar[str] = "l2l_controlnet"
     config_class: ClassVar[type[LatentControlNetConfig]] = LatentControlNetConfig
     input_key: ClassVar[str] = "mr_mu"
     output_space: ClassVar[str] = "ct_latent"

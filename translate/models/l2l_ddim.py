@@ -215,6 +215,7 @@ class LatentDiffusionConfig(DiffusionConfig):
 class LatentDiffusion(TranslationModel):
     """Conditional latent diffusion: UNet(noisy CT latent ++ MR latent, t) -> prediction target."""
 
+    family: ClassVar[str] = "l2l_ddim"
     config_class: ClassVar[type[LatentDiffusionConfig]] = LatentDiffusionConfig
     input_key: ClassVar[str] = "mr_mu"
     output_space: ClassVar[str] = "ct_latent"

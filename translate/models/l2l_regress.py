@@ -39,6 +39,7 @@ def weighted_error(prediction: torch.Tensor, target: torch.Tensor, weight: torch
 class LatentRegression(TranslationModel):
     """UNet(MR latent, t=0) -> standardised CT latent."""
 
+    family: ClassVar[str] = "l2l_regress"
     config_class: ClassVar[type[LatentRegressionConfig]] = LatentRegressionConfig
     input_key: ClassVar[str] = "mr_mu"
     output_space: ClassVar[str] = "ct_latent"

@@ -140,6 +140,7 @@ class LatentToSCTConfig(LatentUNetConfig, ExactDecoderFields):
 class LatentToSCT(TranslationModel):
     """Translator (latent resolution) + x4 decoder -> sCT in [-1, 1]."""
 
+    family: ClassVar[str] = "l2sct"
     config_class: ClassVar[type[LatentToSCTConfig]] = LatentToSCTConfig
     input_key: ClassVar[str] = "mr_mu"
     output_space: ClassVar[str] = "ct_full"

@@ -19,7 +19,7 @@ give it in steps: 2 x steps per epoch). The step count is the buffer ``generator
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -70,6 +70,7 @@ class Pix2PixConfig(PixelGANConfig):
 class Pix2Pix(PixelGAN):
     """Conditional GAN MR -> sCT on 2D slices, 2.5D stacks (k slices in, centre out) or 3D patches."""
 
+    family: ClassVar[str] = "pix2pix"
     config_class = Pix2PixConfig
 
     def __init__(self, config: Pix2PixConfig) -> None:

@@ -278,6 +278,7 @@ def split_heads(stacked: torch.Tensor, scales: list[tuple[int, int, int]]) -> li
 class Regress3D(TranslationModel):
     """Planned residual 3D U-Net (DynUNet) MR -> sCT, deep supervision in training, sliding windows at inference."""
 
+    family: ClassVar[str] = "regress3d"
     config_class: ClassVar[type[Regress3DConfig]] = Regress3DConfig
     input_key: ClassVar[str] = "mr_pixels"
     output_space: ClassVar[str] = "ct_full"

@@ -6,6 +6,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latent.errors import BadConfigError
+from latent.translate.models.base import model_class, translating_families
+
+
+def learned_methods() -> list[str]:
+    """The trained families the bench compares: every family that translates MR into CT (its class
+    says so), each with a shipped recipe ``<family>_<size>.yaml`` (``--size demo|full``)."""
+    return translating_families()
+
+
+def samples_per_case(family: str, samples: int) -> int:
+    """``samples`` for a family whose translation is stochastic (mean + ``<pid>_std.mha``), else 1."""
+    return samples if model_class(family).stochastic else 1
+
+
+def known_methods() -> list[str]:
+    """Every method name ``--methods`` accepts (learned variants aside)."""
+    return [*BASELINES, *ORACLES, VAE_FLOOR, *learned_methods()]
 
 #: Baselines without a model or a cache.
 BASELINES = ("water", "bulk")
@@ -13,13 +30,8 @@ BASELINES = ("water", "bulk")
 ORACLES = ("grid_floor", "grid_floor_vae")
 #: decode(encode(CT)) through the cache's VAE.
 VAE_FLOOR = "vae_floor"
-#: Trained families, each with a shipped recipe ``<family>_<size>.yaml`` (``--size demo|full``).
-LEARNED = ("l2sct", "l2l_regress", "l2l_ddim", "l2l_controlnet", "regress3d", "pix2pix", "cyclegan", "cut")
-#: Families that sample: predicted with ``samples`` samples (mean + ``<pid>_std.mha``).
-DIFFUSION = ("l2l_ddim", "l2l_controlnet")
 #: The DDIM step sweep runs on this family's trained run.
 SWEPT = "l2l_ddim"
-KNOWN_METHODS = (*BASELINES, *ORACLES, VAE_FLOOR, *LEARNED)
 #: Variants of a learned family, appended to its name: ``+tta`` (flip test-time augmentation) and
 #: ``+ensK`` (K fold runs, ``data.fold=k/K``, averaged in HU), e.g. ``regress3d+ens3+tta``.
 VARIANT_HELP = "a learned family with +tta and/or +ensK (K >= 2), e.g. regress3d+tta, l2sct+ens3+tta"
@@ -41,7 +53,7 @@ class Variant:
 def parse_variant(name: str) -> Variant | None:
     """The :class:`Variant` of ``family[+tta][+ensK]`` (None when ``name`` is no such variant)."""
     family, *suffixes = name.split("+")
-    if family not in LEARNED or not suffixes or len(set(suffixes)) != len(suffixes):
+    if not suffixes or family not in learned_methods() or len(set(suffixes)) != len(suffixes):
         return None
     tta, folds = False, 1
     for suffix in suffixes:
@@ -55,17 +67,17 @@ def parse_variant(name: str) -> Variant | None:
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
-    """Comma-separated method names from :data:`KNOWN_METHODS` or learned variants (order kept,
+    """Comma-separated method names from :func:`known_methods` or learned variants (order kept,
     duplicates dropped).
 
     Raises:
         BadConfigError: naming ``--methods`` and the unknown names.
     """
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
-    unknown = [name for name in names if name not in KNOWN_METHODS and parse_variant(name) is None]
+    unknown = [name for name in names if name not in known_methods() and parse_variant(name) is None]
     if unknown or not names:
         raise BadConfigError(f"--methods: unknown method(s) {', '.join(unknown) or '(none given)'}; "
-                             f"known: {', '.join(KNOWN_METHODS)}, or {VARIANT_HELP}")
+                             f"known: {', '.join(known_methods())}, or {VARIANT_HELP}")
     return names
 
 
@@ -95,8 +107,9 @@ def parse_recipes(pairs: list[str]) -> dict[str, str]:
         method, separator, recipe = pair.partition("=")
         if not separator or not recipe.strip():
             raise BadConfigError(f"--recipe {pair!r}: expected METHOD=RECIPE, e.g. l2sct=configs/l2sct_demo.yaml")
-        if method.strip() not in LEARNED:
-            raise BadConfigError(f"--recipe {pair!r}: {method!r} is not a trained method ({', '.join(LEARNED)})")
+        if method.strip() not in learned_methods():
+            raise BadConfigError(f"--recipe {pair!r}: {method!r} is not a trained method "
+                                 f"({', '.join(learned_methods())})")
         recipes[method.strip()] = recipe.strip()
     return recipes
 
@@ -109,7 +122,7 @@ class BenchConfig:
         data: SynthRAD-layout data set root.
         cache: latent cache (built with ``vae`` and ``grid`` when missing and a method needs it).
         out: report folder (``report.md``, ``report.html``, ``results.{json,csv}``, ``figures/``).
-        methods: names from :data:`KNOWN_METHODS`, in report order.
+        methods: names from :func:`known_methods`, in report order.
         split_file: split JSON; default: a stratified split of ``data`` (seed 0) written to the work folder.
         runs: training-run folder: ``<runs>/<method>`` is reused when complete, trained otherwise.
         work: predictions, scores and panels (default ``<out>/work``); ``runs`` defaults to ``<work>/runs``.

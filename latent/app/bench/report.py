@@ -20,24 +20,19 @@ from pathlib import Path
 
 from latent.app.bench import figures as bench_figures
 from latent.app.bench.stats import compare_to_best, method_table
-from latent.evaluate import METRIC_COLUMNS, write_rows_csv
-from latent.metrics import TISSUE_CLASSES
+from latent.evaluate import write_rows_csv
+from latent.metrics import METRICS, metric_digits, metric_names
 from latent.provenance import git_revision, machine_description
 
-#: Image-similarity metrics of the overall table, with their column titles.
-METRIC_LABELS = {"mae": "MAE (HU)", "psnr": "PSNR (dB)", "ms_ssim": "MS-SSIM", "ssim": "SSIM",
-                 "bone_dice": "bone Dice", "bone_hd95": "bone HD95 (mm)"}
-#: Per-tissue columns (latent.metrics.tissue_errors), titled by their HU range of the true CT.
-TISSUE_LABELS = {**{f"mae_{name}": f"MAE {name} [{low:.0f}, {high:.0f})"
-                    for name, (low, high) in TISSUE_CLASSES.items()},
-                 **{f"bias_{name}": f"bias {name}" for name in TISSUE_CLASSES}}
-#: Per-case Spearman correlation of a std map with the absolute error (latent.evaluate), where a
-#: method writes one (diffusion samples, flip TTA, ensembles).
-UNCERTAINTY = "std_error_spearman"
+#: Image-similarity metrics of the overall table, per-tissue columns and the std-map Spearman, with
+#: their titles (one table: latent.metrics.METRICS).
+METRIC_LABELS = {name: METRICS[name].label for name in metric_names("image")}
+TISSUE_LABELS = {name: METRICS[name].label for name in metric_names("tissue")}
+UNCERTAINTY = metric_names("uncertainty")[0]
 UNCERTAINTY_TITLE = ("Uncertainty: Spearman correlation of the per-voxel std with |sCT - CT| inside the mask "
                      "(mean +- std [95 % CI] over the test cases; methods with a std map)")
 #: Metrics the methods are paired against the best on: True where lower is better.
-PAIRED_METRICS = {"mae": True, "psnr": False, "ms_ssim": False}
+PAIRED_METRICS = {name: metric.lower_is_better for name, metric in METRICS.items() if metric.paired}
 #: Compute columns with their titles; any other key of a method's compute dict is appended.
 COMPUTE_LABELS = {"train_seconds": "train s", "seconds_per_volume": "s/volume", "encode_s": "encode s",
                   "translate_s": "translate s", "decode_s": "decode s", "parameters": "params (M)",
@@ -88,7 +83,7 @@ def _p_value(value: float) -> str:
 
 def _cell(entry: Mapping, metric: str, with_std: bool = True) -> str:
     """``mean +- std [CI low, CI high]`` of ``metric`` in a method-table entry."""
-    digits = METRIC_COLUMNS.get(metric, 3 if metric == UNCERTAINTY else 1)
+    digits = metric_digits(metric)
     text = _number(entry.get(metric), digits)
     if with_std and not math.isnan(float(entry.get(f"{metric}_std", math.nan))):
         text += f" +- {_number(entry[f'{metric}_std'], digits)}"
@@ -157,9 +152,9 @@ def build_tables(table: list[dict], paired: Mapping[str, tuple[str | None, list[
         direction = "lower" if PAIRED_METRICS.get(metric, True) else "higher"
         best_mean = next((e[metric] for e in overall if e["method"] == best), math.nan)
         title = (f"Paired against the best on {METRIC_LABELS.get(metric, metric)} ({direction} is better): "
-                 f"{best} ({_number(best_mean, METRIC_COLUMNS.get(metric, 3))})")
+                 f"{best} ({_number(best_mean, metric_digits(metric))})")
         tables[title] = (PAIRED_HEADERS, [
-            [c["method"], str(c["n"]), _number(c["mean_difference"], METRIC_COLUMNS.get(metric, 3)),
+            [c["method"], str(c["n"]), _number(c["mean_difference"], metric_digits(metric)),
              _p_value(c["wilcoxon_p"]), _p_value(c["wilcoxon_p_holm"]), _p_value(c["ttest_p"]),
              _number(c["cohens_dz"], 2)] for c in comparisons])
     extras = list(dict.fromkeys(k for name in methods for k in compute.get(name, {}) if k not in COMPUTE_LABELS))

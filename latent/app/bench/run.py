@@ -21,8 +21,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from latent.app.bench.config import (BASELINES, DIFFUSION, ORACLES, SWEPT, VAE_FLOOR, BenchConfig, Variant,
-                                     parse_variant)
+from latent.app.bench.config import (BASELINES, ORACLES, SWEPT, VAE_FLOOR, BenchConfig, Variant,
+                                     parse_variant, samples_per_case)
 from latent.app.bench.memory import PeakMemory
 from latent.app.methods import (MethodResult, baseline_result, grid_floor_result, predict_method, train_recipe,
                                 vae_floor_result)
@@ -261,7 +261,7 @@ def run_method(config: BenchConfig, name: str, splits: dict[str, list[str]], spl
         elif name == VAE_FLOOR:
             result = vae_floor_result(config.data, work, facts.vae, facts.path, test, 0.0)
         else:
-            samples = config.samples if variant.family in DIFFUSION else 1
+            samples = samples_per_case(variant.family, config.samples)
             result = predict_method(name, run_dirs if len(run_dirs) > 1 else run_dirs[0], config.data, work, test,
                                     train.seconds, samples=samples, vae_spec=facts.vae,
                                     tta="flip" if variant.tta else "none", quiet=config.quiet)
