@@ -58,13 +58,14 @@ def predict_grid_floor(
     pids: Iterable[str] | None = None,
     quiet: bool = False,
     allow_truncation: bool = False,
+    fmt: str = "mha",
 ) -> CaseRun[Path]:
-    """Write ``out_dir/<pid>.mha``, the grid floor of every case with a CT (or only ``pids``)."""
+    """Write ``out_dir/<pid>.<fmt>``, the grid floor of every case with a CT (or only ``pids``)."""
     out_dir = Path(out_dir)
     selection = select_cases(data_root, pids, need_ct=True)
 
     def work(case: Case) -> Path:
         hu, properties = grid_floor_sct(case, grid, window, allow_truncation)
-        return write_prediction(out_dir, case.pid, hu, properties)
+        return write_prediction(out_dir, case.pid, hu, properties, fmt=fmt)
 
     return run_over_cases(None, work, f"grid floor ({window})", quiet, selection=selection)

@@ -13,7 +13,7 @@ import pytest
 from latent.cases import discover_cases
 from latent.evaluate import default_evaluate_workers, evaluate_predictions, format_summary
 from latent.io import VolumeProperties, read_volume, write_volume
-from latent.predict import predict_baseline
+from latent.decode.baseline_predict import predict_baseline
 from latent.runner import default_workers, run_over_cases
 
 
@@ -138,3 +138,29 @@ def test_a_broken_worker_pool_falls_back_to_this_process(phantom_root: Path, cap
     assert "worker pool broke" in caplog.text
     with pytest.raises(ValueError, match="workers"):
         run_over_cases(cases, work, "test", quiet=True, workers=0)
+
+
+@pytest.mark.parametrize("method, fmt", [("water", "dicom"), ("bulk", "nii.gz"), ("grid_floor", "dicom")])
+def test_baselines_and_grid_floors_write_every_format(method: str, fmt: str, phantom_root: Path,
+                                                      tmp_path: Path) -> None:
+    """`latent predict --method M --format F` writes F, like a trained run (no silent .mha)."""
+    import SimpleITK as sitk
+    from typer.testing import CliRunner
+
+    from latent.app.cli import app
+
+    case = discover_cases(phantom_root)[0]
+    out = tmp_path / "pred"
+    grid = ["--grid", "6x6x6:32x64x64"] if method == "grid_floor" else []
+    result = CliRunner().invoke(app, ["predict", "--method", method, "--data", str(phantom_root), "--out", str(out),
+                                      "--format", fmt, "-q", *grid])
+    assert result.exit_code == 0, result.output
+    if fmt == "dicom":
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(out / case.pid))
+        image = sitk.ReadImage(files)
+    else:
+        assert not (out / f"{case.pid}.mha").exists()
+        image = sitk.ReadImage(str(out / f"{case.pid}.{fmt}"))
+    reference = sitk.ReadImage(str(case.mr))
+    assert image.GetSize() == reference.GetSize()
+    assert np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-3)

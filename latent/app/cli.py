@@ -131,7 +131,7 @@ def predict(
     try:
         pids = split_pids(split_file, split)
         if method is not None:
-            from latent.predict import predict_baseline
+            from latent.decode.baseline_predict import predict_baseline
 
             if data is None:
                 fail("--method needs --data ROOT")
@@ -143,10 +143,10 @@ def predict(
                     fail(f"--method {method} needs --grid (the canonical grid whose round trip is measured)")
                 window = "vae" if method == "grid_floor_vae" else "full"
                 run = predict_grid_floor(data, out, parse_grid_spec(grid), window, pids=pids, quiet=quiet,
-                                         allow_truncation=allow_truncation)
+                                         allow_truncation=allow_truncation, fmt=fmt)
             else:
                 fit_pids = split_pids(split_file, "train") if split_file and method == "bulk" else None
-                run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet)
+                run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet, fmt=fmt)
         elif model is not None or ensemble is not None:
             from latent.decode.combine import check_tta
             from latent.app import predict_run as runner

@@ -48,7 +48,7 @@ def score_method(name: str, data: Path, pred_dir: Path, out: Path, test: list[st
 
 def baseline_result(method: str, data: Path, out: Path, splits: dict[str, list[str]]) -> MethodResult:
     """Water or bulk (classes fitted on the training split) on the test split."""
-    from latent.predict import predict_baseline
+    from latent.decode.baseline_predict import predict_baseline
 
     started = time.perf_counter()
     pred_dir = out / "predictions" / method

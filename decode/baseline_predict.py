@@ -1,4 +1,5 @@
-"""`latent predict` for the baselines: one sCT per case on the MR's exact native grid."""
+"""`latent predict --method water|bulk`: one sCT per case on the MR's exact native grid, written like
+every other method's (:func:`latent.decode.writers.write_prediction`, every ``--format``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 from latent.baselines import BulkModel, fit_bulk_model, water_sct
 from latent.cases import Case, CaseError
 from latent.errors import InputError, one_line
-from latent.io import VolumeProperties, read_volume, write_volume
+from latent.decode.writers import write_prediction
+from latent.io import VolumeProperties, read_volume
 from latent.prepare import check_body
 from latent.runner import CaseRun, run_over_cases, select_cases
 
@@ -62,8 +64,9 @@ def predict_baseline(
     pids: Iterable[str] | None = None,
     fit_pids: Iterable[str] | None = None,
     quiet: bool = False,
+    fmt: str = "mha",
 ) -> CaseRun[Path]:
-    """Write ``out_dir/<pid>.mha`` for every case (or only ``pids``) with a baseline.
+    """Write ``out_dir/<pid>.<fmt>`` for every case (or only ``pids``) with a baseline.
 
     Args:
         method: ``water`` or ``bulk``.
@@ -72,6 +75,7 @@ def predict_baseline(
         pids: cases to predict (default: all).
         fit_pids: cases whose CT fits the bulk class values (default: every case with a CT
             that is not being predicted; all cases with a CT if that leaves none).
+        fmt: one of :data:`latent.decode.writers.PREDICTION_FORMATS`.
     """
     if method not in ("water", "bulk"):
         raise ValueError(f"unknown baseline method {method!r}; choose water or bulk")
@@ -97,6 +101,6 @@ def predict_baseline(
     def work(case: Case) -> Path:
         mr, mask, properties = read_mr_and_mask(case)
         sct = water_sct(mask) if model is None else model.predict(mr, mask)
-        return write_volume(out_dir / f"{case.pid}.mha", sct, properties, dtype=np.int16)
+        return write_prediction(out_dir, case.pid, sct, properties, fmt=fmt)
 
     return run_over_cases(None, work, f"predict {method}", quiet, selection=selection)
