@@ -349,11 +349,7 @@ CORPUS: dict[str, Bad] = {
 
 def run_command(arguments: list[str], capsys) -> tuple[int, str]:
     if arguments[0] == "TRAIN":
-        from latent.translate.train import main
-
-        code = main(arguments[1:])
-        captured = capsys.readouterr()
-        return code, captured.out + captured.err
+        arguments = ["train", *arguments[1:]]
     result = runner.invoke(app, arguments)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a bug: show its traceback

@@ -25,7 +25,7 @@ from latent.cases import fold_of_splits, make_folds, parse_fold, read_split
 from latent.evaluate import evaluate_predictions, std_error_spearman
 from latent.io import read_volume
 from latent.translate.models.base import build_model
-from latent.translate.train import main as train_main, parse_config, train
+from latent.translate.train import parse_config, train
 
 from test_predict_run import FAMILIES, LATENT_UNET, _mask_of, runs  # noqa: F401 - runs is a fixture
 
@@ -218,8 +218,9 @@ def test_evaluate_without_std_map_has_no_spearman_column(runs, tmp_path: Path) -
 def test_bad_fold_is_one_line_naming_the_field(value: str, tmp_path: Path, capsys) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"model": {"family": "l2l_regress"}, "run_dir": str(tmp_path / "run")}))
-    assert train_main(["--config", str(recipe), f"data.fold={value}", "--quiet"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    result = cli.invoke(app, ["train", "--config", str(recipe), f"data.fold={value}", "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: invalid training config: data.fold: expected k/K"), lines
     assert not (tmp_path / "run").exists()
 
@@ -229,8 +230,9 @@ def test_a_fold_needs_enough_cases(runs, tmp_path: Path, capsys) -> None:  # noq
     recipe.write_text(yaml.safe_dump({
         "data": {"cache": str(runs.cache), "split_file": str(runs.split_file), "fold": "1/9"},
         "model": {"family": "l2l_regress", **LATENT_UNET}, "run_dir": str(tmp_path / "run")}))
-    assert train_main(["--config", str(recipe), "--quiet"]) == 2
-    lines = capsys.readouterr().err.strip().splitlines()
+    result = cli.invoke(app, ["train", "--config", str(recipe), "--quiet"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
     assert lines == ["error: data.fold: 9 folds need at least 9 train + val cases, got 4"], lines
 
 

@@ -28,7 +28,8 @@ from latent.app.cli import app
 from latent.evaluate import evaluate_predictions
 from latent.intensity import AIR_HU
 from latent.io import VolumeProperties, read_volume
-from latent.translate.train import parse_config, train
+from latent.app.validation import train_run
+from latent.translate.train import parse_config
 
 #: Canonical grid (spacing x, y, z : shape z, y, x): 32 x 32 x 32 voxels (multiples of 32), latents 8 x 8 x 8.
 GRID = "10x10x6:32x32x32"
@@ -57,7 +58,7 @@ FAMILIES = {
 PRIOR = {"family": "l2l_controlnet", "stage": "prior", **DIFFUSION}
 #: The run that also validates with the native-grid validator (HU metrics inside ``train()``).
 NATIVE_VALIDATED = "l2sct"
-NATIVE_VALIDATOR = "latent.app.validation:native_validator"
+NATIVE_VALIDATOR = "native"
 
 cli = CliRunner()
 
@@ -94,7 +95,7 @@ class _Runs:
                       "mixed_precision": "no", "tensorboard": False, **train_changes},
             "run_dir": str(self.root / "runs" / name),
         })
-        return train(config, quiet=True)
+        return train_run(config, quiet=True)
 
     def run(self, family: str) -> Path:
         """Run folder of ``family`` (trained now if this module has not trained it yet)."""

@@ -243,3 +243,21 @@ def test_two_process_cpu_launch_writes_one_checkpoint(tmp_path):
     assert (state["num_processes"], state["epoch"]) == (2, 1)  # 4 cases / (2 processes x batch 1) = 2 steps an epoch
     assert sorted(losses_by_step(run_dir)) == [1, 2, 3, 4]  # logged once, by the main process
     assert (run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_validator_names_of_earlier_recipes_load_and_native_needs_the_app(tmp_path):
+    """`train.validator` is `canonical` or `native`; earlier spellings load as them (no code is loaded
+    by name), and the translate stage alone refuses `native` in one line naming the field."""
+    from latent.errors import BadConfigError
+
+    def validator_of(value):
+        return parse_config({"model": TINY_MODEL, "run_dir": str(tmp_path / "r"),
+                             "train": {"validator": value}}).train.validator
+
+    assert validator_of("default") == "canonical"
+    assert validator_of("latent.app.validation:native_validator") == "native"
+    with pytest.raises(ConfigError, match=r"train\.validator"):
+        validator_of("some.module:factory")
+    config = tiny_config(tmp_path / "run", validator="native", max_steps=1)
+    with pytest.raises(BadConfigError, match=r"^train\.validator: native .* `latent train"):
+        train(config, train_dataset=ToyLatents(2), val_dataset=ToyLatents(1), quiet=True)

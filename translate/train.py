@@ -3,7 +3,9 @@
     accelerate launch translate/train.py --config configs/l2l_ddim_demo.yaml train.max_steps=20
     python translate/train.py --config configs/l2sct_demo.yaml --resume model.lr=1e-4
 
-or in-process: ``train(load_config("configs/x.yaml", ["train.max_steps=20"]))``. The loop is the
+run ``latent train`` with the same arguments (as a script this file only hands over to that
+command, in the same process, so Accelerate's environment is kept); in-process:
+``train(load_config("configs/x.yaml", ["train.max_steps=20"]))``. The loop is the
 project's one training loop (:mod:`latent.training`, shared with ``latent vae fit``); this module
 builds the data, the model and one optimizer per phase and hands the loop a task that, for each
 phase in turn, zeroes that phase's optimizer, calls ``model(batch, phase=...)``,
@@ -21,24 +23,24 @@ so a resumed run logs the same losses as an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
+if __name__ == "__main__":  # `accelerate launch translate/train.py ...`: the one `latent train` command
+    import os
+    import sys
+
+    os.execv(sys.executable, [sys.executable, "-m", "latent", "train", *sys.argv[1:]])
+
 import json
 import logging
 import os
-import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
-
-if __package__ in (None, ""):  # run as a script: `translate/` is sys.path[0], the repo root is not
-    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+from typing import Any
 
 import torch
 import yaml
 from torch.utils.data import Dataset
 
 from latent.accelerator import make_accelerator
-from latent.errors import InputError, one_line
 from latent.training import LoopSettings, resume_point, run_loop, scheduled_lr
 from latent.translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
 from latent.translate.models.base import build_model, model_class
@@ -51,7 +53,7 @@ from latent.translate.train_config import (  # noqa: F401 - re-exported: the con
     load_config,
     parse_config,
 )
-from latent.translate.validation import Validator, describe_validator, load_validator
+from latent.translate.validation import Validator, builtin_validator, describe_validator
 
 logger = logging.getLogger("latent.translate.train")
 
@@ -196,7 +198,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     epoch_sampler = loader.sampler
     val_batches = None if val_dataset is None else val_loader(val_dataset, config.data.val_batch_size, section.num_workers)
     if validator is None and val_batches is not None:
-        validator = load_validator(section.validator, config)
+        validator = builtin_validator(config)
 
     # -- model and one optimizer per phase
     model = build_model(model_config_for_grid(config.model, config.data, model_cls, producer))
@@ -225,30 +227,3 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
-
-
-# ----------------------------------------------------------------------------- command line
-def main(argv: Sequence[str] | None = None) -> int:
-    """``translate/train.py --config recipe.yaml [--resume] [--quiet] [a.b=value ...]``."""
-    parser = argparse.ArgumentParser(description="Train a latent translation model (Accelerate).")
-    parser.add_argument("--config", help="YAML recipe (configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of run_dir")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 model.lr=1e-4")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
-    try:
-        config = load_config(args.config, overrides)
-        run_dir = train(config, quiet=args.quiet)
-    except (InputError, FileNotFoundError, PermissionError, yaml.YAMLError) as error:
-        # Input errors in one line (docs/architecture.md); anything else is a bug: traceback.
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(run_dir)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

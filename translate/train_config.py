@@ -63,6 +63,10 @@ class DataConfig(_Section):
         return value
 
 
+#: Names of ``train.validator`` in recipes and runs of earlier versions.
+VALIDATOR_ALIASES = {"default": "canonical", "latent.app.validation:native_validator": "native"}
+
+
 class TrainSection(_Section):
     """Budget, schedule, precision, checkpoints."""
 
@@ -90,12 +94,19 @@ class TrainSection(_Section):
     val_every: int | None = Field(500, ge=1)
     #: Samples averaged per case by the default validator for stochastic models.
     val_samples: int = Field(1, ge=1)
-    #: "default" (canonical-grid MAE) or "package.module:factory" with factory(config) -> Validator.
-    validator: str = "default"
+    #: "canonical": the stage's own validator (MAE on the canonical grid, latent units for latent
+    #: outputs); "native": masked MAE in HU on each case's native grid, after decoding, which the
+    #: application layer passes in (``latent train``). Earlier spellings load as these two.
+    validator: Literal["canonical", "native"] = "canonical"
     #: False: fresh run; True: continue from the latest checkpoint in run_dir (fresh if none);
     #: a path: continue from that checkpoint folder.
     resume: bool | str = False
     tensorboard: bool = True
+
+    @field_validator("validator", mode="before")
+    @classmethod
+    def _earlier_validator_names(cls, value: Any) -> Any:
+        return VALIDATOR_ALIASES.get(value, value) if isinstance(value, str) else value
 
 
 class TrainConfig(_Section):

@@ -5,18 +5,19 @@ the unwrapped model in eval mode and the validation batches (an iterable of batc
 one case per batch by default, ``"pid"`` a list of case ids). The returned metrics are logged and
 ``metrics["mae"]`` (lower is better) selects ``run_dir/best/``.
 
-The real validator (decode -> native grid -> SynthRAD metrics) needs the VAE and the native
-files; it plugs in through ``train(config, validator=...)`` or ``train.validator:
-"package.module:factory"`` where ``factory(config: TrainConfig) -> Validator``.
+The validator on what users are scored on (decode -> native grid -> SynthRAD metrics) needs the
+VAE and the decode stage, which come after this one: a recipe asks for it with ``train.validator:
+native`` and the application layer passes it in (``train(config, validator=...)``, what
+``latent train`` does). This stage loads no code by name.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 import torch
 
+from latent.errors import BadConfigError
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.translate.models.base import TranslationModel
 
@@ -99,19 +100,14 @@ def describe_validator(validator: Validator, model: TranslationModel) -> str:
     return f"val/mae of the validator {getattr(validator, '__qualname__', type(validator).__qualname__)}"
 
 
-def load_validator(spec: str, config: "TrainConfig") -> Validator:
-    """``"default"`` -> :class:`CanonicalValidator`; ``"module:factory"`` -> ``factory(config)``.
+def builtin_validator(config: "TrainConfig") -> Validator:
+    """The validator this stage builds itself for ``train.validator``: :class:`CanonicalValidator`.
 
     Raises:
-        ValueError: malformed spec or a factory that does not return a callable.
+        BadConfigError: ``native``, which only the application layer can build (it decodes).
     """
-    if spec == "default":
-        return CanonicalValidator(num_samples=config.train.val_samples, seed=config.train.seed)
-    module_name, sep, attribute = spec.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ValueError(f"train.validator: expected 'default' or 'package.module:factory', got {spec!r}")
-    factory = getattr(importlib.import_module(module_name), attribute)
-    validator = factory(config)
-    if not callable(validator):
-        raise ValueError(f"train.validator: {spec} returned {type(validator).__name__}, not a callable")
-    return validator
+    if config.train.validator == "native":
+        raise BadConfigError("train.validator: native decodes each validation case to its native grid, which "
+                             "needs the VAE and the decode stage: train with `latent train --config ...` (or pass "
+                             "train(config, validator=...)), or set train.validator=canonical")
+    return CanonicalValidator(num_samples=config.train.val_samples, seed=config.train.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -250,8 +251,8 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train any model with the project's one training loop: a translation recipe (the loop of
-    `accelerate launch translate/train.py`) or a VAE recipe (`family: vae`, as `latent vae fit`).
+    """Train any model with the project's one training loop: a translation recipe (also launched as
+    `accelerate launch translate/train.py ...`) or a VAE recipe (`family: vae`, as `latent vae fit`).
     Extra arguments are dotted overrides, e.g. `train.max_steps=20 model.lr=1e-4` or
     `data.root=/data run_dir=runs/vae fit.max_steps=100`."""
     from latent.recipes import apply_overrides, read_recipe
@@ -264,12 +265,16 @@ def train(
             recipe = parse_vae_recipe(apply_overrides(raw, ctx.args))
             typer.echo(train_vae_recipe(recipe, resume=resume, quiet=quiet))
             return
+        from latent.app.validation import train_run
+        from latent.translate.train import load_config
+
+        setup_logging(quiet)
+        recipe = load_config(config, [*ctx.args, *(["train.resume=true"] if resume else [])])
+        run_dir = train_run(recipe, quiet=quiet)
     except USER_ERRORS as error:
         user_error(error, ctx)
-    from latent.translate.train import main as train_main
-
-    arguments = ["--config", config, *(["--resume"] if resume else []), *(["--quiet"] if quiet else []), *ctx.args]
-    raise typer.Exit(train_main(arguments))
+    if int(os.environ.get("RANK", "0")) == 0:
+        typer.echo(run_dir)
 
 
 @app.command()

@@ -229,7 +229,8 @@ def vae_adapt(
 
     Latent routes decode through the result with latent predict --decoder; l2sct starts from it with init_decoder_from.
     """
-    from latent.translate.train import load_config, train
+    from latent.app.validation import train_run
+    from latent.translate.train import load_config
 
     setup_logging(quiet)
     changes = [f"data.cache={cache}", f"data.split_file={split_file}", f"run_dir={out}",
@@ -239,7 +240,7 @@ def vae_adapt(
         recipe = load_config(config, changes)
         if recipe.model.family != "decoder_adapt":
             fail(f"--config {config}: a {recipe.model.family} recipe; latent vae adapt trains model.family: decoder_adapt")
-        run_dir = train(recipe, quiet=quiet)
+        run_dir = train_run(recipe, quiet=quiet)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {run_dir}")

@@ -94,7 +94,8 @@ def train_recipe(recipe: str | Path, run_dir: Path, cache: Path, split_file: Pat
     ``seconds`` sets ``train.max_seconds`` (None keeps the recipe's budget); ``overrides`` are
     dotted ``key=value`` changes applied after the data paths and the budget.
     """
-    from latent.translate.train import load_config, train
+    from latent.app.validation import train_run
+    from latent.translate.train import load_config
 
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -102,7 +103,7 @@ def train_recipe(recipe: str | Path, run_dir: Path, cache: Path, split_file: Pat
     config = load_config(recipe, [f"data.cache={cache}", f"data.split_file={split_file}", f"run_dir={run_dir}",
                                   *budget, *overrides])
     started = time.perf_counter()
-    train(config, quiet=quiet)
+    train_run(config, quiet=quiet)
     return time.perf_counter() - started
 
 
