@@ -15,6 +15,7 @@ from latent.baselines import BulkModel, fit_bulk_model, water_sct
 from latent.cases import Case, CaseError
 from latent.errors import InputError, one_line
 from latent.decode.writers import write_prediction
+from latent.intensity import check_ct_range, check_mask_values
 from latent.io import VolumeProperties, read_volume
 from latent.prepare import check_body
 from latent.runner import CaseRun, run_over_cases, select_cases
@@ -32,6 +33,7 @@ def read_mr_and_mask(case: Case) -> tuple[np.ndarray, np.ndarray, VolumeProperti
     differences = mr_properties.grid_differences(mask_properties)
     if differences:
         raise CaseError(f"{case.pid}: mask {case.mask} is on another grid than the MR: {'; '.join(differences)}")
+    check_mask_values(case.mask, mask)
     mask = (mask > 0).astype(np.uint8)
     check_body(case, mr, mask)
     return mr, mask, mr_properties
@@ -47,6 +49,7 @@ def fit_bulk_on_cases(cases: Iterable[Case]) -> BulkModel:
         try:
             mr, mask, _ = read_mr_and_mask(case)
             ct, _ = read_volume(case.ct, dtype=np.float32)
+            check_ct_range(case.ct, ct)
         except (InputError, FileNotFoundError) as error:
             logger.warning("bulk fit: skipped %s (%s)", case.pid, one_line(error))
             continue

@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from latent.cases import Case, CaseError, discover_cases
+from latent.intensity import check_ct_range, check_mask_values
 from latent.io import VolumeError, read_volume
 from latent.metrics import metric_digits, metric_names, score_case
 from latent.runner import CaseRun, default_workers, run_over_cases, select_cases
@@ -86,7 +87,9 @@ def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
     if case.ct is None or case.mask is None:
         raise CaseError(f"{case.pid}: needs ct and mask to be scored")
     ct, ct_properties = read_volume(case.ct, dtype=np.float32)
+    check_ct_range(case.ct, ct)
     mask, mask_properties = read_volume(case.mask)
+    check_mask_values(case.mask, mask)
     sct, sct_properties = read_volume(prediction, dtype=np.float32)
     std_path = find_std_map(prediction)
     std, std_properties = read_volume(std_path, dtype=np.float32) if std_path is not None else (None, None)

@@ -92,3 +92,35 @@ def normalisation_record() -> dict[str, object]:
         "ct_full_hu": [FULL_CT_MIN_HU, FULL_CT_MAX_HU],
         "mr": f"divide by p{MR_PERCENTILE} inside mask",
     }
+
+
+#: Physically plausible CT values (HU, after the file's rescale slope/intercept). SynthRAD CTs
+#: lie in [-1024, 3071]; a volume with any voxel outside this range is refused
+#: (:func:`check_ct_range`, docs/intensities.md).
+PLAUSIBLE_CT_MIN_HU, PLAUSIBLE_CT_MAX_HU = -2000.0, 4000.0
+
+
+def check_ct_range(path: object, ct: np.ndarray) -> None:
+    """Refuse a CT with any voxel outside [PLAUSIBLE_CT_MIN_HU, PLAUSIBLE_CT_MAX_HU].
+
+    Raises:
+        BadFileError: naming ``path``, the CT's minimum and maximum and how many voxels lie outside.
+    """
+    low, high = float(ct.min()), float(ct.max())
+    if low >= PLAUSIBLE_CT_MIN_HU and high <= PLAUSIBLE_CT_MAX_HU:
+        return
+    outside = int(np.count_nonzero((ct < PLAUSIBLE_CT_MIN_HU) | (ct > PLAUSIBLE_CT_MAX_HU)))
+    raise BadFileError(f"{path}: CT values from {low:g} to {high:g} HU, {outside} voxel(s) outside the plausible "
+                       f"range [{PLAUSIBLE_CT_MIN_HU:g}, {PLAUSIBLE_CT_MAX_HU:g}] HU; is it a CT in HU?")
+
+
+def check_mask_values(path: object, mask: np.ndarray) -> None:
+    """Refuse a body mask with negative values (a mask holds 0 outside, 1 (or > 0) inside).
+
+    Raises:
+        BadFileError: naming ``path`` and up to three of the offending values.
+    """
+    if mask.size and mask.min() < 0:
+        values = ", ".join(f"{float(v):g}" for v in np.unique(mask[mask < 0])[:3])
+        raise BadFileError(f"mask {path}: values other than 0 and 1 ({values}); a body mask holds 0 outside "
+                           "the body and 1 inside")

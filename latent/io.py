@@ -17,16 +17,13 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from latent.errors import BadFileError
+from latent.volume_files import VolumeError, VolumeGeometryError, verify_volume_file
 
 #: File suffixes read as single files (a folder is read as a DICOM series).
 VOLUME_SUFFIXES = (".mha", ".mhd", ".nii.gz", ".nii", ".nrrd")
 #: Suffixes the writer produces (compressed by default).
 WRITE_SUFFIXES = (".mha", ".nii.gz", ".nii", ".nrrd")
-
-
-class VolumeError(BadFileError, ValueError):
-    """A volume file is missing, unreadable or not a usable 3D scalar image."""
+__all__ = ["VolumeError", "VolumeGeometryError", "VolumeProperties", "read_image", "read_volume", "write_volume"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +82,7 @@ class VolumeProperties:
         for name in ("spacing", "origin", "direction"):
             mine, theirs = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
             if not np.allclose(mine, theirs, atol=tolerance, rtol=0):
-                differences.append(
-                    f"{name} {tuple(np.round(mine, 4))} vs {tuple(np.round(theirs, 4))}"
-                )
+                differences.append(f"{name} {_mm(mine)} vs {_mm(theirs)}")
         return differences
 
 
@@ -110,7 +105,9 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     """Read a 3D scalar image (file or DICOM series folder) as a SimpleITK image.
 
     Raises:
-        VolumeError: missing, unreadable, not 3D, vector-valued, or holding NaN/inf voxels.
+        VolumeError: missing, unreadable, corrupted (``latent.volume_files``), not 3D,
+            vector-valued, or holding NaN/inf voxels.
+        VolumeGeometryError: non-finite origin, spacing or direction.
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -123,13 +120,13 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         if path.is_dir():
             image = _read_dicom_series(path)
         else:
+            verify_volume_file(path)
             image = sitk.ReadImage(str(path))
     except VolumeError:
         raise
     except RuntimeError as error:
-        reason = str(error).strip().splitlines()
-        detail = next((line for line in reason if "ERROR" in line or "Exception" in line), "")
-        raise VolumeError(f"{path}: cannot be read as an image (truncated or not an image) {detail.strip()}".strip()) from None
+        # ITK's own lines stay out of the one line; `latent --debug` shows them as the cause
+        raise VolumeError(f"{path}: cannot be read as an image (truncated or not an image)") from error
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(
             f"{path}: vector image with {image.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -156,8 +153,13 @@ DIRECTION_TOLERANCE = 1e-3
 
 
 def _check_geometry(path: Path, image: sitk.Image) -> None:
+    for name in ("origin", "spacing", "direction"):
+        values = np.asarray(getattr(image, f"Get{name.title()}")(), float)
+        if not np.all(np.isfinite(values)):
+            raise VolumeGeometryError(f"{path}: {name} {_mm(values)} is not finite; origin, spacing and direction "
+                                      "must be finite numbers")
     spacing = np.asarray(image.GetSpacing(), float)
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+    if np.any(spacing <= 0):
         raise VolumeError(f"{path}: spacing (x, y, z) {_mm(spacing)} mm; every voxel size must be positive")
     if np.any(spacing > MAX_SPACING_MM):
         raise VolumeError(f"{path}: spacing (x, y, z) {_mm(spacing)} mm exceeds {MAX_SPACING_MM:g} mm; "

@@ -112,8 +112,9 @@ def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
 
 
 def is_hub_spec(spec: str | os.PathLike) -> bool:
-    """True for ``hf://owner/name[@revision]`` (also after ``Path()`` folded it to ``hf:/owner/name``)."""
-    return str(spec).startswith("hf:/")
+    """True for ``hf://owner/name[@revision]`` (also after ``Path()`` folded it to ``hf:/owner/name``,
+    or an empty ``hf://`` to ``hf:``)."""
+    return str(spec) == "hf:" or str(spec).startswith("hf:/")
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str | None]:
@@ -123,8 +124,12 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None]:
         BadFileError: not of that form.
     """
     repo_id, _, revision = str(spec).removeprefix("hf:").lstrip("/").partition("@")
+    if not repo_id:
+        raise BadFileError(f"{HUB_PREFIX}{str(spec).removeprefix('hf:').lstrip('/')}: empty hub name; expected "
+                           f"{HUB_PREFIX}owner/name[@revision]")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise BadFileError(f"{spec}: expected {HUB_PREFIX}owner/name[@revision]")
+        raise BadFileError(f"{HUB_PREFIX}{str(spec).removeprefix('hf:').lstrip('/')}: expected "
+                           f"{HUB_PREFIX}owner/name[@revision]")
     return repo_id, revision or None
 
 

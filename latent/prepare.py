@@ -16,7 +16,8 @@ from latent.errors import BadFileError, InputError
 from latent.cases import Case, CaseError, check_case_grid
 from latent.grid import (CanonicalGrid, GridMapping, auto_grid, body_extent_mm, missing_mm, parse_grid_spec, plan_mapping,
                          to_canonical)
-from latent.intensity import CT_PAD_HU, MRScaling, ct_to_full, ct_to_vae, fit_mr_scaling, mr_to_unit
+from latent.intensity import (CT_PAD_HU, MRScaling, check_ct_range, check_mask_values, ct_to_full, ct_to_vae,
+                              fit_mr_scaling, mr_to_unit)
 from latent.io import VolumeError, VolumeProperties, read_volume
 
 #: Input problems a batch job records per case (anything else is a bug and propagates).
@@ -52,9 +53,13 @@ def read_native(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, 
         raise CaseError(f"{case.pid}: no mask file in {case.folder}")
     properties = check_case_grid(case)
     mr, _ = read_volume(case.mr, dtype=np.float32)
-    mask = (read_volume(case.mask)[0] > 0).astype(np.uint8)
+    mask = read_volume(case.mask)[0]
+    check_mask_values(case.mask, mask)
+    mask = (mask > 0).astype(np.uint8)
     check_body(case, mr, mask)
     ct = read_volume(case.ct, dtype=np.float32)[0] if case.ct is not None else None
+    if ct is not None:
+        check_ct_range(case.ct, ct)
     return mr, mask, ct, properties
 
 

@@ -289,6 +289,66 @@ def predict_ensemble_of_one(world: World, data: Path, tmp: Path) -> list[str]:
             "--out", str(world.pred), "-q"]
 
 
+# --------------------------------------------------------------------------- issue 32: inputs verified, messages
+
+
+def flip_bytes(name: str, count: int) -> Callable[[Path], None]:
+    """Invert ``count`` bytes in the middle of a compressed file (its header stays intact)."""
+    def apply(case: Path) -> None:
+        data = bytearray((case / name).read_bytes())
+        middle = len(data) // 2
+        data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+        (case / name).write_bytes(bytes(data))
+    return apply
+
+
+def as_nii_gz(role: str, then: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Give ``<role>.mha`` as ``<role>.nii.gz`` (the readers accept both), then break it with ``then``."""
+    def apply(case: Path) -> None:
+        sitk.WriteImage(_image(case / f"{role}.mha"), str(case / f"{role}.nii.gz"), True)
+        (case / f"{role}.mha").unlink()
+        then(case)
+    return apply
+
+
+def detached_header(data_file: str | None) -> Callable[[Path], None]:
+    """Give the MR as ``mr.mhd`` + ``mr.raw``; ``data_file`` moves the data there (None: delete it)."""
+    def apply(case: Path) -> None:
+        sitk.WriteImage(_image(case / "mr.mha"), str(case / "mr.mhd"), False)
+        (case / "mr.mha").unlink()
+        if data_file is None:
+            (case / "mr.raw").unlink()
+            return
+        target = (case / data_file).resolve()
+        (case / "mr.raw").rename(target)
+        header = (case / "mr.mhd").read_text().replace("ElementDataFile = mr.raw", f"ElementDataFile = {data_file}")
+        (case / "mr.mhd").write_text(header)
+    return apply
+
+
+def ct_of(value: float) -> Callable[[Path], None]:
+    return lambda case: _with_array(case / "ct.mha", lambda a: np.full_like(a, value))
+
+
+def predict_with_model_config(change: Callable[[dict], None]) -> Callable[[World, Path, Path], list[str]]:
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        run = Path(shutil.copytree(world.run, tmp / "run_copy"))
+        config = json.loads((run / "best" / "config.json").read_text())
+        change(config)
+        (run / "best" / "config.json").write_text(json.dumps(config))
+        return ["predict", "--model", str(run), "--vae", str(world.vae), "--data", str(data), "--out",
+                str(world.pred), "-q"]
+    return command
+
+
+def encode_with_vae(spec: str) -> Callable[[World, Path, Path], list[str]]:
+    return lambda world, data, tmp: encode(world, data, tmp, vae=spec)
+
+
+def predict_with_run(spec: str) -> Callable[[World, Path, Path], list[str]]:
+    return lambda world, data, tmp: ["predict", "--model", spec, "--data", str(data), "--out", str(world.pred), "-q"]
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -344,6 +404,44 @@ CORPUS: dict[str, Bad] = {
     "fold out of range": Bad(nothing, train_with({"data.fold": "6/5"}),
                              r"invalid training config: data\.fold: expected k/K .* got '6/5'", 2),
     "ensemble of one run": Bad(nothing, predict_ensemble_of_one, r"--ensemble: .* names one run", 2),
+    # issue 32, inputs are verified, not trusted; messages for people
+    "corrupted .nii.gz mr": Bad(as_nii_gz("mr", flip_bytes("mr.nii.gz", 64)), predict,
+                                r"{case}/mr\.nii\.gz: corrupted compressed data \(gzip (CRC check failed|stream is damaged)\)",
+                                1),
+    "truncated .nii.gz mr": Bad(as_nii_gz("mr", truncate("mr.nii.gz")), predict,
+                                r"{case}/mr\.nii\.gz: cannot be read as an image: truncated", 1),
+    "corrupted compressed .mha ct": Bad(flip_bytes("ct.mha", 16), evaluate,
+                                        r"{case}/ct\.mha: corrupted compressed data \(the zlib stream", 1),
+    ".mhd data file outside the case": Bad(detached_header("../../outside.raw"), predict,
+                                           r"{case}/mr\.mhd: ElementDataFile \.\./\.\./outside\.raw lies outside {case}", 1),
+    ".mhd data file missing": Bad(detached_header(None), predict,
+                                  r"{case}/mr\.mhd: its data file {case}/mr\.raw is missing", 1),
+    "origin nan": Bad(header_field("mr.mha", "Offset", "nan nan nan"), predict,
+                      r"{case}/mr\.mha: Offset = nan nan nan: non-finite geometry", 1),
+    "spacing inf": Bad(header_field("mr.mha", "ElementSpacing", "inf 2 3"), predict,
+                       r"{case}/mr\.mha: ElementSpacing = inf 2 3: non-finite geometry", 1),
+    "direction nan": Bad(header_field("ct.mha", "TransformMatrix", "1 0 0 0 nan 0 0 0 1"), evaluate,
+                         r"{case}/ct\.mha: TransformMatrix = 1 0 0 0 nan 0 0 0 1: non-finite geometry", 1),
+    "ct of 1e9 HU scored": Bad(ct_of(1e9), evaluate,
+                               r"{case}/ct\.mha: CT values from 1e\+09 to 1e\+09 HU, \d+ voxel\(s\) outside the "
+                               r"plausible range \[-2000, 4000\] HU", 1),
+    "ct of -5000 HU encoded": Bad(ct_of(-5000), encode, r"{case}/ct\.mha: CT values from -5000 to -5000 HU", 1),
+    "impossible allocation": Bad(header_field("mr.mha", "DimSize", "100000 100000 100000"), predict,
+                                 r"{case}/mr\.mha: header asks for 1000000000000000 voxels", 1),
+    "mask of -1": Bad(mask_values(-1), predict, r"mask {case}/mask\.mha: values other than 0 and 1 \(-1\)", 1),
+    "mask of -1 scored": Bad(mask_values(-1), evaluate, r"mask {case}/mask\.mha: values other than 0 and 1 \(-1\)", 1),
+    "grid mismatch in plain numbers": Bad(shift_origin("mask.mha"), predict,
+                                          r"mask {case}/mask\.mha is on another grid than the MR: origin "
+                                          r"\(-?[\d.]+, -?[\d.]+, -?[\d.]+\) vs \(-?[\d.]+, -?[\d.]+, -?[\d.]+\)$", 1),
+    "zero-byte mr, no ITK lines": Bad(zero_bytes("mr.mha"), predict,
+                                      r"{case}/mr\.mha: cannot be read as an image \(truncated or not an image\)$", 1),
+    "run config.json of an unknown family": Bad(nothing, predict_with_model_config(lambda c: c.update(family="nosuch")),
+                                                r"run_copy/best/config\.json: unknown model family 'nosuch'", 2),
+    "run config.json with an extra key": Bad(nothing, predict_with_model_config(lambda c: c.update(trunk_chanels=8)),
+                                             r"run_copy/best/config\.json: .*trunk_chanels: Extra inputs are not "
+                                             r"permitted", 2),
+    "--vae hf:// alone": Bad(nothing, encode_with_vae("hf://"), r"hf://: empty hub name; expected hf://owner/name", 2),
+    "--model hf:// alone": Bad(nothing, predict_with_run("hf://"), r"hf://: empty hub name; expected hf://owner/name", 2),
 }
 
 

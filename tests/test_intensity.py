@@ -37,3 +37,15 @@ def test_mr_percentile_scaling_inverts_and_ignores_outside_mask() -> None:
 def test_mr_scaling_refuses_empty_mask() -> None:
     with pytest.raises(ValueError, match="empty body mask"):
         fit_mr_scaling(np.ones((3, 3, 3)), np.zeros((3, 3, 3)))
+
+
+def test_ct_range_rule_and_mask_values() -> None:
+    from latent.errors import BadFileError
+    from latent.intensity import check_ct_range, check_mask_values
+
+    check_ct_range("ct.mha", np.array([-2000.0, -1024.0, 3071.0, 4000.0]))  # the bounds are allowed
+    with pytest.raises(BadFileError, match=r"ct\.mha: CT values from -2001 to 0 HU, 1 voxel\(s\) outside"):
+        check_ct_range("ct.mha", np.array([-2001.0, 0.0]))
+    check_mask_values("mask.mha", np.array([0, 1, 255], np.int16))
+    with pytest.raises(BadFileError, match=r"mask mask\.mha: values other than 0 and 1 \(-2, -1\)"):
+        check_mask_values("mask.mha", np.array([0, -1, -2, 1], np.int16))

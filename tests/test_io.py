@@ -104,3 +104,57 @@ def test_nan_voxels(tmp_path: Path) -> None:
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
     with pytest.raises(VolumeError, match=r"nan\.mha: 2 NaN/inf voxels"):
         read_volume(path)
+
+
+# --------------------------------------------------------------------------- issue 32: verified inputs
+
+
+def _compressed(tmp_path: Path, name: str) -> Path:
+    rng = np.random.default_rng(1)
+    return write_volume(tmp_path / name, rng.integers(-1024, 3071, size=(5, 6, 7)).astype(np.int16),
+                        _properties())
+
+
+def test_good_compressed_files_and_a_detached_header_in_a_subfolder_pass(tmp_path: Path) -> None:
+    from latent.volume_files import verify_volume_file
+
+    for name in ("a.mha", "a.nii.gz"):
+        verify_volume_file(_compressed(tmp_path, name))
+    (tmp_path / "data").mkdir()
+    sitk.WriteImage(_properties().apply_to(sitk.GetImageFromArray(np.zeros((5, 6, 7), np.int16))),
+                    str(tmp_path / "vol.mhd"), True)
+    (tmp_path / "vol.zraw").rename(tmp_path / "data" / "vol.zraw")
+    header = tmp_path / "vol.mhd"
+    header.write_text(header.read_text().replace("ElementDataFile = vol.zraw", "ElementDataFile = data/vol.zraw"))
+    assert read_volume(header)[0].shape == (5, 6, 7)
+
+
+def test_a_gzip_file_of_two_members_passes_and_a_crc_mismatch_does_not(tmp_path: Path) -> None:
+    import gzip
+
+    from latent.volume_files import verify_volume_file
+
+    path = tmp_path / "two.gz"
+    path.write_bytes(gzip.compress(b"a" * 1000) + gzip.compress(b"b" * 1000))
+    verify_volume_file(path)
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0xFF  # the last member's CRC-32 trailer
+    path.write_bytes(bytes(data))
+    with pytest.raises(VolumeError, match=r"two\.gz: corrupted compressed data \(gzip CRC check failed\)"):
+        verify_volume_file(path)
+
+
+def test_non_finite_geometry_is_a_geometry_error(tmp_path: Path) -> None:
+    from latent.errors import BadGeometryError
+
+    path = _compressed(tmp_path, "a.mha")
+    data = path.read_bytes()
+    head, sep, body = data.partition(b"\nElementSpacing = ")
+    path.write_bytes(head + sep + b"nan " + body)
+    with pytest.raises(BadGeometryError, match=r"a\.mha: ElementSpacing = nan .*non-finite geometry"):
+        read_volume(path)
+
+
+def test_grid_differences_print_plain_numbers() -> None:
+    other = VolumeProperties((0.9, 1.1, 3.0), (0.0, 40.25, 7.0), ROTATED, (7, 6, 5))
+    assert _properties().grid_differences(other) == ["origin (-12.5, 40.25, 7.0) vs (0.0, 40.25, 7.0)"]

@@ -25,6 +25,7 @@ from latent.decode.writers import write_prediction
 from latent.cases import Case, CaseError
 from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid
+from latent.intensity import check_mask_values
 from latent.io import read_volume, write_volume
 from latent.prepare import PreparedCase, body_mask_from_mr, prepare_case, prepare_mr_only
 from latent.runner import CaseRun, run_over_cases, select_cases
@@ -206,6 +207,7 @@ def predict_files(run: TrainedRun | Ensemble, vae, mr: Path, mask: Path | None, 
         differences = properties.grid_differences(mask_properties)
         if differences:
             raise CaseError(f"{mask}: mask is on another grid than {mr}: {'; '.join(differences)}")
+        check_mask_values(mask, mask_array)
         if not mask_array.any():
             raise CaseError(f"{mask}: empty mask")
     else:

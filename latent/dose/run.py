@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from latent.cases import Case, CaseError
+from latent.intensity import check_ct_range, check_mask_values
 from latent.io import VolumeProperties, read_volume, write_volume
 from latent.runner import run_over_cases
 from latent.dose.dose_grid import PlanningGrid, crop_to_body, hu_to_planning_grid, mask_to_planning_grid
@@ -97,6 +98,8 @@ def _case_volumes(case: Case, prediction: Path):
         differences = grid.grid_differences(other)
         if differences:
             raise CaseError(f"{case.pid}: {name} {path} is not on the CT grid: {'; '.join(differences)}")
+    check_ct_range(case.ct, ct)
+    check_mask_values(case.mask, mask)
     body = mask > 0
     if not body.any():
         raise CaseError(f"{case.pid}: empty mask {case.mask}")

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from latent.errors import BadConfigError
+from latent.errors import BadConfigError, one_line
 from latent.model_folder import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -194,7 +194,7 @@ def build_model(config: dict[str, Any] | ModelConfig) -> TranslationModel:
     """Build a model from a config dict (validated by the family's config class) or object."""
     family = config.family if isinstance(config, ModelConfig) else config.get("family")
     if family is None:
-        raise ValueError("model config has no 'family' field")
+        raise BadConfigError("model config has no 'family' field")
     cls = model_class(family)
     typed = config if isinstance(config, cls.config_class) else cls.config_class.model_validate(
         config.model_dump() if isinstance(config, ModelConfig) else config)
@@ -204,7 +204,10 @@ def build_model(config: dict[str, Any] | ModelConfig) -> TranslationModel:
 def load_pretrained(directory: str | os.PathLike, map_location: str = "cpu") -> TranslationModel:
     """Load a model saved by :meth:`TranslationModel.save_pretrained` (a folder or ``hf://owner/name``)."""
     directory = resolve_folder(directory)
-    model = build_model(read_model_config(directory))
+    try:
+        model = build_model(read_model_config(directory))
+    except (BadConfigError, ValidationError) as error:  # an unknown family or field: name the file
+        raise BadConfigError(f"{directory / CONFIG_NAME}: {one_line(error)}") from None
     state = read_model_weights(directory, map_location)
     check_state_fits(state, model.state_dict(),
                      f"{directory / WEIGHTS_NAME}: does not fit the model of {directory / CONFIG_NAME}")
