@@ -248,6 +248,10 @@ def train(
     ctx: typer.Context,
     config: str = typer.Option(..., help="Recipe: a YAML file or a shipped recipe's name (e.g. l2sct_demo, vae_standin)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=(
+        "Replace the run that run_dir holds (its run files are removed just before training starts).")),
+    resume_inexact: bool = typer.Option(False, "--resume-inexact", help=(
+        "Resume even if the checkpoint's random state cannot be restored (the run is then not exact).")),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train any model with the project's one training loop: a translation recipe (the loop of
@@ -262,13 +266,16 @@ def train(
         if is_vae_recipe(raw):
             setup_logging(quiet)
             recipe = parse_vae_recipe(apply_overrides(raw, ctx.args))
-            typer.echo(train_vae_recipe(recipe, resume=resume, quiet=quiet))
+            typer.echo(train_vae_recipe(recipe, resume=resume or resume_inexact, quiet=quiet, overwrite=overwrite,
+                                        resume_inexact=resume_inexact))
             return
     except USER_ERRORS as error:
         user_error(error, ctx)
     from latent.translate.train import main as train_main
 
-    arguments = ["--config", config, *(["--resume"] if resume else []), *(["--quiet"] if quiet else []), *ctx.args]
+    flags = [name for name, on in (("--resume", resume), ("--overwrite", overwrite),
+                                   ("--resume-inexact", resume_inexact), ("--quiet", quiet)) if on]
+    arguments = ["--config", config, *flags, *ctx.args]
     raise typer.Exit(train_main(arguments))
 
 
