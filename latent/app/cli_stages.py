@@ -59,6 +59,8 @@ def encode(
     bf16: bool = typer.Option(False, help="bfloat16 autocast."),
     allow_truncation: bool = typer.Option(False, "--allow-truncation", help=(
         "Keep cases whose body a fixed --grid cuts (a warning, and the share cut off in the manifest).")),
+    recompute_stats: bool = typer.Option(False, "--recompute-stats", help=(
+        "Recompute the cache's frozen latent statistics from this split (old values kept in the producer's history).")),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     keep_going: bool = typer.Option(False, help="Exit 0 even if some cases failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -72,7 +74,7 @@ def encode(
         loaded = load_vae(vae, device=device)
         report = encode_dataset(data, cache, loaded, grid, max_shape=parse_shape(max_shape), shard=parse_shard(shard),
                                 split_file=split_file, tile=parse_shape(tile), bf16=bf16,
-                                allow_truncation=allow_truncation, quiet=quiet)
+                                allow_truncation=allow_truncation, recompute_stats=recompute_stats, quiet=quiet)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"producer {report.producer_key}, grid {report.grid.spec()}"
