@@ -158,7 +158,9 @@ def training_kills(work: Path, cache: Path, split: Path, kills: int, rng: random
     run_dir = work / "train_killed_0"
     recipe = _train_recipe(work, cache, split, run_dir, max_steps)
     while True:
-        resume = ["--resume"] if (run_dir / "checkpoints").exists() else []
+        # killed before its first complete checkpoint: the run's records are there, nothing to resume
+        complete = any(run_dir.glob("checkpoints/step_*/trainer_state.json"))
+        resume = ["--resume"] if complete else ["--overwrite"] if run_dir.exists() else []
         if landed < kills:
             killed, code = _kill_after(train + [str(recipe)] + resume, rng.uniform(2.0, full_seconds))
         else:

@@ -18,11 +18,15 @@ class CacheReports:
 
     # ------------------------------------------------------------------ statistics
 
-    def update_latent_stats(self, pids: Iterable[str]) -> dict:
+    def update_latent_stats(self, pids: Iterable[str], split: str | None = None) -> dict:
         """Per-channel mean/std and scale factor 1/std of ``mr_mu`` and ``ct_mu``.
 
         Pooled over every latent voxel of the given (training) cases, in float64. A modality
-        no given case holds is stored as None. The result is stored in the producer group.
+        no given case holds is stored as None. The result is stored in the producer group with
+        ``split`` (where the training cases came from); statistics it replaces are appended to
+        the group's ``latent_stats_history`` (``{"replaced_at", "latent_stats"}``), so the values
+        earlier runs were trained with stay on record (a run's ``producer.json`` holds the
+        ``computed_at`` of the statistics it used).
         """
         self._require_writable()
         pids = sorted(set(pids))
@@ -37,8 +41,14 @@ class CacheReports:
             if stats[key] is not None:
                 stats[key]["pids"] = holders
         stats["fingerprint"] = _fingerprint(write_ids)
+        stats["split"] = split
         stats["computed_at"] = _now()
-        self._update_producer_attrs(latent_stats=stats)
+        changes: dict[str, Any] = {"latent_stats": stats}
+        old = self.latent_stats()
+        if old is not None:
+            history = list((_node_attrs(self.group_dir) or {}).get("latent_stats_history", []))
+            changes["latent_stats_history"] = [*history, {"replaced_at": stats["computed_at"], "latent_stats": old}]
+        self._update_producer_attrs(**changes)
         return stats
 
     def latent_stats(self) -> dict | None:
@@ -142,6 +152,7 @@ class CacheReports:
                     isinstance(k, str) and is_sha256(v) for k, v in hashes.items()):
                 problems.append(f"{pid}: malformed source_sha256 {hashes!r}")
         problems += _cross_case_problems(shapes)
+        problems += self._unreadable_cases()
         for pid, files in (source_paths or {}).items():
             problems += self._source_problems(pid, files)
         stats = self.latent_stats()
@@ -153,6 +164,20 @@ class CacheReports:
                 current = None
             if current != stats.get("fingerprint"):
                 problems.append("latent_stats are stale: their cases were rewritten or removed")
+        return problems
+
+    def _unreadable_cases(self) -> list[str]:
+        """Case folders whose metadata cannot be read: invisible to every reader, so named here."""
+        listed, problems = set(self.case_ids()), []
+        for entry in _entries(self.group_dir / "cases"):
+            if entry.name in listed:
+                continue
+            meta = entry / "zarr.json"
+            attrs = _node_attrs(entry) if meta.is_file() else None
+            reason = ("missing" if not meta.is_file() else "not valid JSON (truncated?)" if attrs is None
+                      else f"status {attrs.get('status')!r}, not 'complete'")
+            problems.append(f"{entry.name}: case metadata unreadable: {meta} is {reason}; "
+                            "the case is skipped by every reader (encode again to rewrite it)")
         return problems
 
     def _source_problems(self, pid: str, files: dict[str, str | Path]) -> list[str]:

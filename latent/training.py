@@ -10,8 +10,9 @@ weights); :func:`run_loop` owns everything that must behave the same for all of 
 - checkpoints: ``run_dir/checkpoints/step_NNNNNNN/`` (``accelerator.save_state`` plus
   ``trainer_state.json``, written last: a folder without it is incomplete and never resumed),
   the oldest removed beyond ``keep_checkpoints``;
-- resume: ``False`` refuses to overwrite a run that has checkpoints, ``True`` continues from the
-  latest complete one (fresh when none), a path continues from that folder;
+- resume: ``False`` refuses a folder that holds a run (:mod:`latent.run_folder`; ``overwrite``
+  replaces it), ``True`` continues from the latest complete checkpoint (fresh when the folder holds
+  no run), a path continues from that folder; every checkpoint file is read before anything is written;
 - logging: ``run_dir/metrics.jsonl`` (window means of the losses, validation metrics; records
   past the resumed step are dropped) and optionally TensorBoard through Accelerate;
 - validation: every ``val_every`` steps and at the end; the lowest ``selection_metric`` wins
@@ -29,29 +30,23 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
 from latent.errors import BadConfigError, BadFileError
+from latent.run_folder import (  # noqa: F401 - re-exported: the loop's names for run folders
+    CHECKPOINT_DIR, TRAINER_STATE, NoCheckpointError, RunExistsError, check_resume_flags, clear_run_records,
+    read_trainer_state, refuse_finished_run, run_records, validate_checkpoint,
+)
 
-CHECKPOINT_DIR = "checkpoints"
-TRAINER_STATE = "trainer_state.json"
 METRICS_FILE = "metrics.jsonl"
 #: Checkpoint folders sort by step when zero-padded to this width.
 STEP_DIGITS = 7
 
 
-class RunExistsError(BadFileError, FileExistsError):
-    """A fresh run would overwrite a run folder that has checkpoints."""
-
-
 class NonFiniteLossError(BadConfigError, ArithmeticError):
     """A training loss became NaN or infinite; the run stops before saving that step."""
-
-
-class NoCheckpointError(BadFileError, FileNotFoundError):
-    """The folder named to resume from holds no complete checkpoint."""
 
 
 def scheduled_lr(base_lr: float, step: int, *, warmup_steps: int, schedule: str, max_steps: int | None,
@@ -75,31 +70,54 @@ def micro_step_seed(seed: int, micro_step: int) -> int:
     return (seed * 1_000_003 + micro_step * 7_919) % (2**31 - 1)
 
 
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    folders = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*"))
+    return [folder for folder in folders if (folder / TRAINER_STATE).is_file()]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """Newest complete checkpoint (one whose ``trainer_state.json`` was written) or None."""
-    folders = sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step_*"))
-    complete = [folder for folder in folders if (folder / TRAINER_STATE).is_file()]
+    complete = _complete_checkpoints(run_dir)
     return complete[-1] if complete else None
 
 
-def resume_point(resume: bool | str, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from (None: start fresh).
+def resume_point(resume: bool | str, run_dir: Path, *, overwrite: bool = False, inexact: bool = False) -> Path | None:
+    """The checkpoint to continue from (None: start fresh), its files read whole; nothing is written.
+
+    Args:
+        resume: False (a fresh run), True (the latest complete checkpoint of ``run_dir``) or a folder.
+        overwrite: a fresh run may replace the run ``run_dir`` holds (see :func:`clear_run_records`).
+        inexact: accept a checkpoint whose random state cannot be restored (warned).
 
     Raises:
         NoCheckpointError: ``resume`` names a folder without a complete checkpoint.
-        RunExistsError: a fresh run would overwrite a run that has checkpoints.
+        RunExistsError: a fresh run would overwrite a run (or ``--resume`` finds only a finished one).
+        DamagedCheckpointError: a checkpoint file cannot be read.
     """
+    check_resume_flags(resume, overwrite)
     if isinstance(resume, str):
         folder = Path(resume)
         if not (folder / TRAINER_STATE).is_file():
             raise NoCheckpointError(f"resume: {folder} is not a complete checkpoint (no {TRAINER_STATE})")
+        validate_checkpoint(folder, inexact=inexact)
         return folder
+    if not resume:
+        refuse_finished_run(run_dir, overwrite=overwrite)
+        return None
     found = latest_checkpoint(run_dir)
-    if resume:
-        return found
-    if found is not None:
-        raise RunExistsError(f"{run_dir} already has checkpoints: resume (--resume) or choose another output folder")
-    return None
+    if found is None:
+        held = run_records(run_dir)
+        if held:
+            raise RunExistsError(f"{run_dir}: --resume: no complete checkpoint to continue from, but the folder holds "
+                                 f"a run ({', '.join(held)}); choose another folder, or --overwrite to replace it")
+        return None
+    try:
+        validate_checkpoint(found, inexact=inexact)
+    except BadFileError as error:
+        older = [c for c in _complete_checkpoints(run_dir) if c != found]
+        hint = f"; an older checkpoint can be resumed with train.resume={older[-1]}" if older else ""
+        raise type(error)(f"{error}{hint}") from None
+    return found
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -133,7 +151,7 @@ class LoopState:
     @classmethod
     def read(cls, checkpoint: Path) -> "LoopState":
         """The state stored in a checkpoint folder."""
-        values = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+        values = read_trainer_state(checkpoint)
         values.setdefault("best_metric", values.get("best_mae"))  # checkpoints written before the shared loop
         known = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
         return cls(**known)
@@ -155,6 +173,8 @@ class LoopSettings:
     #: the validation metric whose lowest value selects the weights the task saves as best.
     selection_metric: str = "mae"
     tensorboard: bool = False
+    #: a fresh run removes the earlier run's records first (``--overwrite``; :func:`clear_run_records`).
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps is None and self.max_seconds is None:
@@ -190,7 +210,7 @@ class TrainingTask(Protocol):
 
 
 def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, checkpoint: Path | None = None, *,
-             quiet: bool = False, desc: str = "train") -> LoopState:
+             quiet: bool = False, desc: str = "train", before_start: Callable[[], None] | None = None) -> LoopState:
     """Train ``task`` until its step or time budget is spent; return the final state.
 
     Args:
@@ -201,6 +221,9 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
         checkpoint: a complete checkpoint to continue from (see :func:`resume_point`), or None.
         quiet: no progress bar.
         desc: progress-bar label.
+        before_start: called on the main process once the checkpoint has loaded (and, with
+            ``settings.overwrite``, the earlier run's records are gone), before the loop writes
+            anything: the task writes its run records here, so a failed resume leaves them untouched.
 
     Returns:
         The state after the last step; a checkpoint of it is in ``run_dir/checkpoints``. The
@@ -213,12 +236,20 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
     run_dir, is_main = Path(settings.run_dir), accelerator.is_main_process
     state = LoopState(num_processes=accelerator.num_processes)
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except (OSError, RuntimeError, ValueError, KeyError, EOFError) as error:  # files were read whole before
+            raise BadFileError(f"{checkpoint}: cannot be loaded into this run ({type(error).__name__}); "
+                               "the checkpoint does not fit the recipe") from error
         state = LoopState.read(checkpoint)
         task.load_extra_state(state.extra)
     metrics_path = run_dir / METRICS_FILE
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None and settings.overwrite:
+            clear_run_records(run_dir)
+        if before_start is not None:
+            before_start()
         if checkpoint is None:
             metrics_path.write_text("")
         else:

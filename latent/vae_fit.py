@@ -44,7 +44,7 @@ import torch
 from latent.accelerator import make_accelerator
 from latent.errors import InputError
 from latent.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU
-from latent.training import LoopSettings, LoopState, resume_point, run_loop
+from latent.training import LoopSettings, LoopState, latest_checkpoint, resume_point, run_loop
 from latent.vae import LAYOUT_CANONICAL, LoadedVAE, build_vae, save_vae_dir
 from latent.vae_fit_config import VAE_LEVELS, VAEFitConfig, learning_rate  # noqa: F401 - re-exported
 from latent.vae_fit_data import _BatchSampler, _check_masks, _check_volumes
@@ -212,12 +212,13 @@ class _VAEFitTask:
         self.history, self.val_history = list(extra.get("history", [])), list(extra.get("val_history", []))
 
 
-def _checkpoint_to_resume(out_dir: Path, resume: bool, architecture: dict[str, Any]) -> Path | None:
+def _checkpoint_to_resume(out_dir: Path, resume: bool, architecture: dict[str, Any], *, overwrite: bool = False,
+                          inexact: bool = False) -> Path | None:
     """The shared loop's resume rule, plus the VAE's checks (architecture, pre-loop checkpoints)."""
-    checkpoint = resume_point(resume, out_dir)
-    if checkpoint is None and resume and (out_dir / LEGACY_CHECKPOINT_DIRNAME).is_dir():
+    if resume is True and latest_checkpoint(out_dir) is None and (out_dir / LEGACY_CHECKPOINT_DIRNAME).is_dir():
         raise InputError(f"{out_dir / LEGACY_CHECKPOINT_DIRNAME}: a checkpoint of an earlier version of fit_vae, "
                          f"not resumable here; start a fresh fit in another folder")
+    checkpoint = resume_point(resume, out_dir, overwrite=overwrite, inexact=inexact)
     if checkpoint is not None and LoopState.read(checkpoint).extra.get("architecture") != architecture:
         raise ValueError(f"the checkpoint in {out_dir} is of another architecture than this config: use another dir")
     return checkpoint
@@ -233,6 +234,8 @@ def fit_vae(
     val_ct: Sequence[np.ndarray] = (),
     val_masks: Sequence[np.ndarray] = (),
     quiet: bool = False,
+    overwrite: bool = False,
+    resume_inexact: bool = False,
 ) -> Path:
     """Train a small ``AutoencoderKL`` with L1 + kl_weight * KL (+ optional patch adversarial loss).
 
@@ -249,12 +252,15 @@ def fit_vae(
         val_ct / val_masks: validation CT volumes in the VAE window with their body masks; the
             EMA weights with the lowest :func:`validation_mae_hu` are kept. Empty: the last.
         quiet: no progress bar.
+        overwrite: a fresh fit may replace the run ``out_dir`` holds (removed just before training).
+        resume_inexact: resume even when the random state cannot be restored (warned).
 
     Returns:
         ``out_dir``, loadable with ``latent.vae.load_vae(str(out_dir))``.
 
     Raises:
-        FileExistsError: ``out_dir`` already holds a checkpoint and ``resume`` is False.
+        FileExistsError: ``out_dir`` already holds a run (a model or a run record) and neither
+            ``resume`` nor ``overwrite`` is given.
         ValueError: bad volumes, or a checkpoint of another architecture.
     """
     from accelerate.utils import set_seed
@@ -278,7 +284,8 @@ def fit_vae(
             f"discriminator_layers={config.discriminator_layers} needs every volume side >= "
             f"{2 ** (config.discriminator_layers + 2)}, smallest is {smallest}: use fewer layers"
         )
-    checkpoint = _checkpoint_to_resume(out_dir, resume, config.architecture())
+    checkpoint = _checkpoint_to_resume(out_dir, resume, config.architecture(), overwrite=overwrite,
+                                       inexact=resume_inexact)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     set_seed(config.seed)
@@ -309,7 +316,7 @@ def fit_vae(
     settings = LoopSettings(run_dir=out_dir, seed=config.seed, max_steps=config.max_steps,
                             max_seconds=config.time_budget_s, log_every=config.log_every,
                             checkpoint_every=config.checkpoint_every, keep_checkpoints=1, val_every=config.val_every,
-                            selection_metric="mae", tensorboard=config.tensorboard)
+                            selection_metric="mae", tensorboard=config.tensorboard, overwrite=overwrite)
     model.train()
     start_time = time.monotonic()
     state = run_loop(accelerator, task, settings, checkpoint, quiet=quiet, desc="vae fit")

@@ -80,10 +80,12 @@ def load_fit_config(path: str | os.PathLike | None, **overrides) -> VAEFitConfig
         raise ConfigError(format_validation_errors(error, f"VAE fit config {path}")) from None
 
 
-def train_vae_recipe(recipe: VAERecipe, resume: bool = False, quiet: bool = False) -> Path:
+def train_vae_recipe(recipe: VAERecipe, resume: bool = False, quiet: bool = False, *, overwrite: bool = False,
+                     resume_inexact: bool = False) -> Path:
     """Fit the VAE a recipe describes (``latent train --config vae_standin ...``); return its folder."""
     return fit_vae_on_dataset(recipe.data.root, recipe.run_dir, recipe.data.grid, split_file=recipe.data.split_file,
-                              config=recipe.fit, resume=resume, quiet=quiet)
+                              config=recipe.fit, resume=resume, quiet=quiet, overwrite=overwrite,
+                              resume_inexact=resume_inexact)
 
 
 @dataclass
@@ -153,13 +155,21 @@ def fit_vae_on_dataset(
     max_steps: int | None = None,
     resume: bool = False,
     quiet: bool = False,
+    overwrite: bool = False,
+    resume_inexact: bool = False,
 ) -> Path:
     """Fit the small VAE on the training cases' MR and CT at the canonical grid; return its folder.
 
     With a split file, the ``val`` cases' CTs select the kept weights (masked MAE in HU). The
     settings are ``config``, else read from ``config_path``, with ``seconds`` and ``max_steps``
-    (when given) replacing the budget.
+    (when given) replacing the budget. A folder that holds a run is refused before any volume is
+    read, unless ``resume`` or ``overwrite`` (see :func:`latent.vae_fit.fit_vae`).
     """
+    from latent.run_folder import check_resume_flags, refuse_finished_run
+
+    check_resume_flags(resume, overwrite)
+    if not resume:
+        refuse_finished_run(Path(out_dir), overwrite=overwrite)
     if config is None:
         config = load_fit_config(config_path, time_budget_s=seconds, max_steps=max_steps)
     else:
@@ -169,6 +179,6 @@ def fit_vae_on_dataset(
     logger.info("vae fit: %d volumes of shape %s, %d validation CTs", len(fit.volumes), tuple(fit.grid["shape"]),
                 len(fit.val_ct))
     path = Path(fit_vae(fit.volumes, out_dir, config, resume=resume, masks=fit.masks, val_ct=fit.val_ct,
-                        val_masks=fit.val_masks, quiet=quiet))
+                        val_masks=fit.val_masks, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact))
     (path / "training_grid.json").write_text(json.dumps(fit.grid) + "\n")
     return path

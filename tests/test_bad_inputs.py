@@ -349,6 +349,20 @@ def predict_with_run(spec: str) -> Callable[[World, Path, Path], list[str]]:
     return lambda world, data, tmp: ["predict", "--model", spec, "--data", str(data), "--out", str(world.pred), "-q"]
 
 
+def train_into_finished_run(*flags: str) -> Callable[[World, Path, Path], list[str]]:
+    """The tiny recipe aimed at the world's finished run (best/ and producer.json, no checkpoints)."""
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        arguments = train_with({})(world, data, tmp)
+        recipe = json.loads((tmp / "recipe.json").read_text())
+        (tmp / "recipe.json").write_text(json.dumps({**recipe, "run_dir": str(world.run)}))
+        return arguments + list(flags)
+    return command
+
+
+def vae_fit_over_finished_vae(world: World, data: Path, tmp: Path) -> list[str]:
+    return ["vae", "fit", "--data", str(data), "--out", str(world.vae), "--grid", GRID, "--max-steps", "1", "-q"]
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -442,6 +456,17 @@ CORPUS: dict[str, Bad] = {
                                              r"permitted", 2),
     "--vae hf:// alone": Bad(nothing, encode_with_vae("hf://"), r"hf://: empty hub name; expected hf://owner/name", 2),
     "--model hf:// alone": Bad(nothing, predict_with_run("hf://"), r"hf://: empty hub name; expected hf://owner/name", 2),
+    # -- issue 32, item 2: finished work is never overwritten (more in tests/test_finished_runs.py)
+    "train over a finished run": Bad(nothing, train_into_finished_run(),
+                                     r"written/run: already holds a run \(best/, producer\.json\): resume it "
+                                     r"\(--resume\), choose another folder, or pass --overwrite to replace it", 2),
+    "resume a run without checkpoints": Bad(nothing, train_into_finished_run("--resume"),
+                                            r"written/run: --resume: no complete checkpoint to continue from, but the "
+                                            r"folder holds a run \(best/, producer\.json\)", 2),
+    "resume and overwrite together": Bad(nothing, train_into_finished_run("--resume", "--overwrite"),
+                                         r"--resume and --overwrite exclude each other", 2),
+    "vae fit over a finished VAE": Bad(nothing, vae_fit_over_finished_vae,
+                                       r"written/vae: already holds a run \(model\.safetensors, config\.json\)", 2),
 }
 
 

@@ -206,7 +206,11 @@ def test_rerun_skips_complete_cases_and_a_changed_source_reencodes_only_its_case
     assert np.abs(after[changed]["mr_mu"].astype(np.float32) - before[changed]["mr_mu"]).max() > 1e-2
     np.testing.assert_array_equal(after[changed]["ct_mu"], before[changed]["ct_mu"])  # CT untouched
     assert_same_arrays({p: after[p] for p in pids if p != changed}, {p: before[p] for p in pids if p != changed})
-    assert cache.verify({pid: cache.case_attrs(pid)["source_paths"] for pid in pids}) == []
+    sources = {pid: cache.case_attrs(pid)["source_paths"] for pid in pids}
+    # the statistics are frozen: re-encoding one of their cases makes them stale, never silently new
+    assert cache.verify(sources) == ["latent_stats are stale: their cases were rewritten or removed"]
+    encode_dataset(root, path, vae_a, GRID, recompute_stats=True, quiet=True)
+    assert cache.verify(sources) == []
     assert invoke("cache", "verify", path, "--sources").exit_code == 0
 
 
@@ -468,9 +472,11 @@ def test_latent_statistics_cover_the_split_train_cases(tmp_path, encoded, data_r
     train = [pids[0], pids[2]]
     split = save_splits({"train": train, "val": [], "test": [pids[1]]}, tmp_path / "split.json")
     report = encode_dataset(data_root, path, vae_a, GRID, split_file=split, quiet=True)
+    cache = LatentCache.open(path, report.producer_key)
+    assert cache.latent_stats() == base_stats  # frozen: another split alone changes nothing
+    report = encode_dataset(data_root, path, vae_a, GRID, split_file=split, recompute_stats=True, quiet=True)
     assert report.skipped == pids  # nothing re-encoded; only the statistics change
 
-    cache = LatentCache.open(path, report.producer_key)
     stats = cache.latent_stats()
     for key in ("mr_mu", "ct_mu"):
         assert stats[key]["pids"] == train and stats[key]["n_cases"] == 2

@@ -11,8 +11,11 @@ builds the data, the model and one optimizer per phase and hands the loop a task
 phase in turn, zeroes that phase's optimizer, calls ``model(batch, phase=...)``,
 back-propagates ``losses["loss"]`` and steps. It knows nothing of a model's maths.
 
-A run directory holds ``config.yaml`` / ``config.json`` (the resolved config), ``producer.json``
-(the cache producer the latents came from), ``metrics.jsonl`` (losses and validation metrics),
+A fresh run refuses a ``run_dir`` that already holds a run (a model or a run record, see
+:mod:`latent.run_folder`) unless ``--overwrite`` is given; ``--resume`` reads the checkpoint whole
+before anything is written. A run directory holds ``config.yaml`` / ``config.json`` (the resolved
+config), ``producer.json`` (the cache producer the latents came from), ``metrics.jsonl`` (losses
+and validation metrics),
 ``checkpoints/step_NNNNNNN/`` (``accelerator.save_state`` + ``trainer_state.json``), ``best/``
 (lowest validation MAE) and ``final/`` (both ``save_pretrained`` folders), and TensorBoard logs.
 
@@ -82,13 +85,14 @@ def write_run_records(run_dir: Path, config: TrainConfig, producer: dict[str, An
     (run_dir / "producer.json").write_text(json.dumps(producer, indent=2) + "\n")
 
 
-def loop_settings(config: TrainConfig) -> LoopSettings:
+def loop_settings(config: TrainConfig, overwrite: bool = False) -> LoopSettings:
     """The shared loop's settings from a translation recipe."""
     section = config.train
     return LoopSettings(run_dir=Path(config.run_dir), seed=section.seed, max_steps=section.max_steps,
                         max_seconds=section.max_seconds, log_every=section.log_every,
                         checkpoint_every=section.checkpoint_every, keep_checkpoints=section.keep_checkpoints,
-                        val_every=section.val_every, selection_metric="mae", tensorboard=section.tensorboard)
+                        val_every=section.val_every, selection_metric="mae", tensorboard=section.tensorboard,
+                        overwrite=overwrite)
 
 
 class TranslationTask:
@@ -154,7 +158,8 @@ class TranslationTask:
 
 # ----------------------------------------------------------------------------- the run
 def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
-          validator: Validator | None = None, quiet: bool = False) -> Path:
+          validator: Validator | None = None, quiet: bool = False, overwrite: bool = False,
+          resume_inexact: bool = False) -> Path:
     """Train ``config.model`` on the cache (or on the given datasets) and return the run directory.
 
     Args:
@@ -163,9 +168,16 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
             cache named in ``config.data`` (tests, demos).
         validator: overrides ``config.train.validator``.
         quiet: no progress bar.
+        overwrite: a fresh run may replace the run ``run_dir`` holds (its records are removed
+            just before training starts); without it such a folder is refused.
+        resume_inexact: resume even when the checkpoint's random state cannot be restored (warned).
 
     Returns:
         ``Path(config.run_dir)`` holding ``final/`` (and ``best/`` when validation ran).
+
+    Raises:
+        RunExistsError: ``run_dir`` holds a run, and neither resume nor ``overwrite`` is asked for.
+        DamagedCheckpointError: the checkpoint to resume cannot be read (nothing was written).
     """
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
@@ -184,7 +196,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     if launched != accelerator.num_processes:
         raise RuntimeError(f"{launched} processes were launched but Accelerate runs {accelerator.num_processes}: "
                            "they would train independently and overwrite each other's run_dir")
-    checkpoint = resume_point(section.resume, run_dir)
+    checkpoint = resume_point(section.resume, run_dir, overwrite=overwrite, inexact=resume_inexact)
     set_seed(section.seed)
 
     # -- data
@@ -209,14 +221,12 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
                                   lr=config.model.lr, betas=config.model.betas, weight_decay=section.weight_decay)
                   for phase in model.phases]
     model, loader, *optimizers = accelerator.prepare(model, loader, *optimizers)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_records(run_dir, config, producer, accelerator.mixed_precision)
     task = TranslationTask(config, accelerator, model, loader, epoch_sampler, dict(zip(model_cls.phases, optimizers)),
                            phase_params, validator, val_batches)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
-    state = run_loop(accelerator, task, loop_settings(config), checkpoint, quiet=quiet, desc="train")
+    state = run_loop(accelerator, task, loop_settings(config, overwrite), checkpoint, quiet=quiet, desc="train",
+                     before_start=lambda: write_run_records(run_dir, config, producer, accelerator.mixed_precision))
     if state.num_processes != accelerator.num_processes:
         logger.warning("checkpoint written by %d processes, resumed with %d: the data order differs from an "
                        "uninterrupted run", state.num_processes, accelerator.num_processes)

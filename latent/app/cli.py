@@ -249,6 +249,10 @@ def train(
     ctx: typer.Context,
     config: str = typer.Option(..., help="Recipe: a YAML file or a shipped recipe's name (e.g. l2sct_demo, vae_standin)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's latest checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=(
+        "Replace the run that run_dir holds (its run files are removed just before training starts).")),
+    resume_inexact: bool = typer.Option(False, "--resume-inexact", help=(
+        "Resume even if the checkpoint's random state cannot be restored (the run is then not exact).")),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train any model with the project's one training loop: a translation recipe (also launched as
@@ -263,14 +267,15 @@ def train(
         if is_vae_recipe(raw):
             setup_logging(quiet)
             recipe = parse_vae_recipe(apply_overrides(raw, ctx.args))
-            typer.echo(train_vae_recipe(recipe, resume=resume, quiet=quiet))
+            typer.echo(train_vae_recipe(recipe, resume=resume or resume_inexact, quiet=quiet, overwrite=overwrite,
+                                        resume_inexact=resume_inexact))
             return
         from latent.app.validation import train_run
         from latent.translate.train import load_config
 
         setup_logging(quiet)
-        recipe = load_config(config, [*ctx.args, *(["train.resume=true"] if resume else [])])
-        run_dir = train_run(recipe, quiet=quiet)
+        recipe = load_config(config, [*ctx.args, *(["train.resume=true"] if resume or resume_inexact else [])])
+        run_dir = train_run(recipe, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact)
     except USER_ERRORS as error:
         user_error(error, ctx)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -59,6 +59,8 @@ def encode(
     bf16: bool = typer.Option(False, help="bfloat16 autocast."),
     allow_truncation: bool = typer.Option(False, "--allow-truncation", help=(
         "Keep cases whose body a fixed --grid cuts (a warning, and the share cut off in the manifest).")),
+    recompute_stats: bool = typer.Option(False, "--recompute-stats", help=(
+        "Recompute the cache's frozen latent statistics from this split (old values kept in the producer's history).")),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     keep_going: bool = typer.Option(False, help="Exit 0 even if some cases failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -72,7 +74,7 @@ def encode(
         loaded = load_vae(vae, device=device)
         report = encode_dataset(data, cache, loaded, grid, max_shape=parse_shape(max_shape), shard=parse_shard(shard),
                                 split_file=split_file, tile=parse_shape(tile), bf16=bf16,
-                                allow_truncation=allow_truncation, quiet=quiet)
+                                allow_truncation=allow_truncation, recompute_stats=recompute_stats, quiet=quiet)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"producer {report.producer_key}, grid {report.grid.spec()}"
@@ -155,6 +157,8 @@ def vae_fit(
     seconds: Optional[float] = typer.Option(None, min=1.0, help="Time budget in seconds."),
     max_steps: Optional[int] = typer.Option(None, help="Step budget."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the VAE run --out holds (removed first)."),
+    resume_inexact: bool = typer.Option(False, "--resume-inexact", help="Resume without the random state (inexact)."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a small VAE of the MAISI family (4 latent channels, x4) on your own MR and CT."""
@@ -163,7 +167,8 @@ def vae_fit(
     setup_logging(quiet)
     try:
         path = fit_vae_on_dataset(data, out, grid, split_file=split_file, config_path=config, seconds=seconds,
-                                  max_steps=max_steps, resume=resume, quiet=quiet)
+                                  max_steps=max_steps, resume=resume or resume_inexact, quiet=quiet,
+                                  overwrite=overwrite, resume_inexact=resume_inexact)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {path}")
@@ -220,6 +225,8 @@ def vae_adapt(
     config: str = typer.Option("decoder_adapt_demo", help="Recipe: a YAML file or a shipped recipe's name."),
     seconds: Optional[float] = typer.Option(None, min=1.0, help="Time budget in seconds (train.max_seconds)."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run --out holds (removed before training)."),
+    resume_inexact: bool = typer.Option(False, "--resume-inexact", help="Resume even without the random state (not exact)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted recipe overrides, e.g. model.lr=1e-4."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -235,12 +242,12 @@ def vae_adapt(
     setup_logging(quiet)
     changes = [f"data.cache={cache}", f"data.split_file={split_file}", f"run_dir={out}",
                *([f"train.max_seconds={seconds}"] if seconds is not None else []),
-               *(["train.resume=true"] if resume else []), *(overrides or [])]
+               *(["train.resume=true"] if resume or resume_inexact else []), *(overrides or [])]
     try:
         recipe = load_config(config, changes)
         if recipe.model.family != "decoder_adapt":
             fail(f"--config {config}: a {recipe.model.family} recipe; latent vae adapt trains model.family: decoder_adapt")
-        run_dir = train_run(recipe, quiet=quiet)
+        run_dir = train_run(recipe, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {run_dir}")

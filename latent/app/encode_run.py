@@ -3,6 +3,11 @@
 Resumable (a case already in the cache with the same source hashes is skipped), shardable
 (``--shard i/n`` for array jobs; under ``accelerate launch`` each process takes its share),
 and tolerant: a bad case is written to a failure manifest and the others are encoded.
+
+The latent statistics are computed once, when every case is first in the cache, from a stated
+training split (``--split-file``, else the data set's default split), and then frozen: encoding
+more cases never changes them. ``recompute_stats`` (``--recompute-stats``) recomputes them and keeps
+the old values in the producer group's ``latent_stats_history``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from latent.cache import LatentCache, producer_record
+from latent.cache import LatentCache, producer_record, sha256_file
 from latent.encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
 from latent.cases import Case, discover_cases, load_splits, make_splits
 from latent.grid import CanonicalGrid
@@ -69,6 +74,7 @@ def encode_dataset(
     tile: Sequence[int] | None = None,
     bf16: bool = False,
     allow_truncation: bool = False,
+    recompute_stats: bool = False,
     quiet: bool = False,
 ) -> EncodeReport:
     """Encode every case of ``data_root`` into the cache at ``cache_path``.
@@ -86,6 +92,8 @@ def encode_dataset(
         bf16: bfloat16 autocast.
         allow_truncation: keep cases whose body the grid cuts (warned; recorded in the report, the
             manifest and each case's geometry) instead of failing them.
+        recompute_stats: recompute frozen latent statistics from this run's split (the old values
+            are kept in the producer's ``latent_stats_history``).
 
     Returns:
         An :class:`EncodeReport`; failures are also written to a JSON manifest beside the cache.
@@ -122,7 +130,8 @@ def encode_dataset(
             logger.error(report.failures[case.pid])
     report.seconds = time.perf_counter() - started  # the manifest records the encoding time
     report.manifest = _write_manifest(Path(cache_path), report, index, count)
-    _update_statistics(cache, cases, split_file, set(report.failures), Path(cache_path))
+    _update_statistics(cache, cases, split_file, set(report.failures), Path(cache_path),
+                       recompute=recompute_stats, encoded=set(report.encoded))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -153,18 +162,43 @@ def _recorded_failures(cache_path: Path, producer_key: str) -> set[str]:
     return failed
 
 
-def _update_statistics(cache: LatentCache, cases: Sequence[Case], split_file: str | os.PathLike | None,
-                       failed: set[str], cache_path: Path) -> None:
-    """Recompute latent statistics once every usable case with a CT is in the cache (main process).
+def _split_label(split_file: str | os.PathLike | None) -> str:
+    """How the statistics' training cases were chosen, as recorded with them."""
+    if split_file is None:
+        return "default split of the data set (latent split --seed 0, 70/10/20 by region and centre)"
+    return f"{Path(split_file).resolve()} (sha256 {sha256_file(split_file)[:16]})"
 
-    A case another shard or process failed on (its manifest says so) does not count as
-    missing, so the outcome does not depend on which shard finishes last.
+
+def _scales(stats: dict) -> str:
+    return ", ".join(f"{key} scale {stats[key]['scale_factor']:.4g}" for key in ("mr_mu", "ct_mu") if stats.get(key))
+
+
+def _update_statistics(cache: LatentCache, cases: Sequence[Case], split_file: str | os.PathLike | None,
+                       failed: set[str], cache_path: Path, *, recompute: bool = False,
+                       encoded: set[str] = frozenset()) -> None:
+    """Compute latent statistics once every usable case with a CT is in the cache (main process).
+
+    Statistics already stored are frozen: kept as they are (whatever cases were added, whatever
+    split is passed) unless ``recompute``. A case another shard or process failed on (its manifest
+    says so) does not count as missing, so the outcome does not depend on which shard finishes last.
     """
     from accelerate import PartialState
 
     state = PartialState()
     state.wait_for_everyone()
     if not state.is_main_process:
+        return
+    frozen, label = cache.latent_stats(), _split_label(split_file)
+    if frozen is not None and not recompute:
+        used = {pid for key in ("mr_mu", "ct_mu") for pid in (frozen.get(key) or {}).get("pids", [])}
+        if split_file is not None and frozen.get("split") != label:
+            logger.warning("latent statistics kept as computed on %s from %s: --split-file %s is not used for them "
+                           "(--recompute-stats recomputes them)", frozen.get("computed_at"),
+                           frozen.get("split") or "an unrecorded split", split_file)
+        if used & encoded:
+            logger.warning("latent statistics are stale: %d of their cases were encoded again (--recompute-stats "
+                           "recomputes them)", len(used & encoded))
+        logger.info("latent statistics frozen (%s, computed %s)", _scales(frozen), frozen.get("computed_at"))
         return
     with_ct = [case.pid for case in cases if case.ct is not None and case.pid not in failed]
     if split_file:
@@ -179,6 +213,10 @@ def _update_statistics(cache: LatentCache, cases: Sequence[Case], split_file: st
     failed_elsewhere = _recorded_failures(cache_path, cache.key)
     complete = all(cache.has_case(pid, need=["ct_mu"]) or pid in failed_elsewhere for pid in with_ct)
     if pids and complete:
-        cache.update_latent_stats(pids)
+        stats = cache.update_latent_stats(pids, split=label)
+        if frozen is not None:
+            logger.warning("latent statistics recomputed (--recompute-stats): %s -> %s; the old values (computed %s) "
+                           "are kept in the producer's latent_stats_history", _scales(frozen), _scales(stats),
+                           frozen.get("computed_at"))
     elif not complete:
         logger.info("latent statistics not updated: some cases are not encoded yet (other shards?)")

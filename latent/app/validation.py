@@ -98,9 +98,10 @@ def native_validator(config) -> NativeValidator:
     return NativeValidator(config, samples=config.train.val_samples, seed=config.train.seed)
 
 
-def train_run(config, quiet: bool = False) -> Path:
-    """Train a translation recipe with the validator it asks for (``native``: built here)."""
+def train_run(config, quiet: bool = False, overwrite: bool = False, resume_inexact: bool = False) -> Path:
+    """Train a translation recipe with the validator it asks for (``native``: built here);
+    ``overwrite`` and ``resume_inexact`` as in ``latent.translate.train.train``."""
     from latent.translate.train import train
 
     validator = native_validator(config) if config.train.validator == "native" and config.data.cache else None
-    return train(config, validator=validator, quiet=quiet)
+    return train(config, validator=validator, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact)
