@@ -7,14 +7,17 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from typer.testing import CliRunner
+
+from latent.app.cli import app
 from latent.run_folder import RUN_RECORDS, file_problem, validate_checkpoint
-from latent.translate.train import main
 
 TINY_MODEL = {"family": "l2l_regress", "channels": [8, 8], "norm_num_groups": 4}
 
@@ -35,7 +38,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(autouse=True)
 def in_memory_data(monkeypatch):
-    """``main()`` trains on two in-memory cases (no cache needed); one thread."""
+    """``latent train`` trains on two in-memory cases (no cache needed); one thread."""
     import latent.translate.train as trainer
 
     real_train = trainer.train
@@ -44,6 +47,15 @@ def in_memory_data(monkeypatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def main(arguments: list[str]) -> int:
+    """``latent train ARGUMENTS`` (what ``translate/train.py`` hands over to); its output to stderr."""
+    result = CliRunner().invoke(app, ["train", *arguments])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    sys.stderr.write(result.output)
+    return result.exit_code
 
 
 def recipe(tmp_path: Path, run_dir: Path, steps: int = 2) -> list[str]:
