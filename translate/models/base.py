@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,18 +50,25 @@ MODEL_FAMILIES: dict[str, str] = {
     "regress3d": "latent.translate.models.regress3d:Regress3D",
 }
 OutputSpace = Literal["ct_latent", "ct_full"]
+#: A rate (learning rate, ...): a finite number above 0; nan, inf, 0 and negatives are refused.
+PositiveRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: A size in voxels: a whole number of at least 1.
+Size = Annotated[int, Field(ge=1)]
+#: A (d, h, w) size in voxels.
+Size3 = tuple[Size, Size, Size]
 
 
 class ModelConfig(BaseModel):
     """Base of every model config: unknown fields are refused with their name."""
 
-    model_config = ConfigDict(extra="forbid")
+    # nan and inf are refused in every float field of every family (named with its dotted path).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     family: str
-    lr: float = 1e-4
+    lr: PositiveRate = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     #: Sliding window (d, h, w) in input voxels for :meth:`TranslationModel.translate_volume`;
     #: None = one pass over the whole input. Training fills it with ``data.crop`` on fitted grids.
-    window: tuple[int, int, int] | None = None
+    window: Size3 | None = None
     #: Overlap of neighbouring windows (gaussian blending, MONAI ``SlidingWindowInferer``).
     window_overlap: float = Field(0.25, ge=0.0, lt=1.0)
 
