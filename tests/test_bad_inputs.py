@@ -289,6 +289,38 @@ def predict_ensemble_of_one(world: World, data: Path, tmp: Path) -> list[str]:
             "--out", str(world.pred), "-q"]
 
 
+# -- issue 32, items 5 and 7 (environment failures, tidy): helpers
+
+
+def predict_into_a_file(world: World, data: Path, tmp: Path) -> list[str]:
+    (tmp / "pred_file").write_text("a file, not a folder")
+    return ["predict", "--method", "water", "--data", str(data), "--out", str(tmp / "pred_file"), "-q"]
+
+
+def encode_into_a_file(world: World, data: Path, tmp: Path) -> list[str]:
+    (tmp / "cache_file").write_text("a file, not a cache")
+    return encode(world, data, tmp)[:4] + [str(tmp / "cache_file")] + encode(world, data, tmp)[5:]
+
+
+def encode_fit_to_tmp(world: World, data: Path, tmp: Path) -> list[str]:
+    command = encode(world, data, tmp, grid="10x10x6:fit")
+    return command[:4] + [str(tmp / "cache.zarr")] + command[5:]
+
+
+def encode_huge_grid(world: World, data: Path, tmp: Path) -> list[str]:
+    return encode(world, data, tmp, grid="1x1x1:32000x32000x32000")
+
+
+def tiny_volumes(case: Path) -> None:
+    """MR, CT and mask of 2 x 2 x 2 voxels (the body: two of them)."""
+    for name, values in (("mr.mha", np.arange(8.0) * 10 + 5), ("ct.mha", np.full(8, 40.0)),
+                         ("mask.mha", np.array([0, 0, 0, 1, 0, 0, 0, 1.0]))):
+        image = sitk.GetImageFromArray(values.reshape(2, 2, 2).astype(np.uint8 if name == "mask.mha" else np.float32))
+        image.SetSpacing((10.0, 10.0, 6.0))
+        _write(image, case / name)
+
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -344,6 +376,21 @@ CORPUS: dict[str, Bad] = {
     "fold out of range": Bad(nothing, train_with({"data.fold": "6/5"}),
                              r"invalid training config: data\.fold: expected k/K .* got '6/5'", 2),
     "ensemble of one run": Bad(nothing, predict_ensemble_of_one, r"--ensemble: .* names one run", 2),
+    # -- issue 32, items 5 and 7: environment failures and invalid numbers are input errors
+    "lr nan": Bad(nothing, train_with({"model.lr": "nan"}), r"invalid training config: model\.lr: Input should be a finite number", 2),
+    "lr inf": Bad(nothing, train_with({"model.lr": "inf"}), r"invalid training config: model\.lr: Input should be a finite number", 2),
+    "lr negative": Bad(nothing, train_with({"model.lr": -1e-4}), r"model\.lr: Input should be greater than 0", 2),
+    "crop of zeros": Bad(nothing, train_with({"data.crop": [0, 0, 0]}),
+                         r"data\.crop: every size must be at least 1 voxel, got \[0, 0, 0\]", 2),
+    "negative crop": Bad(nothing, train_with({"data.crop": -8}), r"data\.crop: every size must be at least 1 voxel, got -8", 2),
+    "weight decay nan": Bad(nothing, train_with({"train.weight_decay": "nan"}),
+                            r"train\.weight_decay: Input should be a finite number", 2),
+    "--out names a file": Bad(nothing, predict_into_a_file, r"--out .*pred_file: exists and is a file, not a folder", 2),
+    "--cache names a file": Bad(nothing, encode_into_a_file, r"--cache .*cache_file: exists and is a file, not a cache folder", 2),
+    "2x2x2 volume on a fitted grid": Bad(tiny_volumes, encode_fit_to_tmp,
+                                         r"{case}/mr\.mha: a 2x2x2-voxel volume gets a 4x4x4 box on grid 10x10x6:fit", 1),
+    "grid larger than memory": Bad(nothing, encode_huge_grid,
+                                   r"grid 1x1x1:32000x32000x32000: one 32000x32000x32000 float32 volume needs 122070\.3 GiB", 2),
 }
 
 

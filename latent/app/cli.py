@@ -120,7 +120,7 @@ def predict(
     device: str = typer.Option("cpu", rich_help_panel=PANEL_MODEL),
     # -- output
     out: Optional[Path] = typer.Option(None, help=("Prediction folder (<pid>.mha per case; <pid>_std.mha for K > 1 "
-                                                   "samples, --tta flip or --ensemble); not with --gc-io."),
+                                                   "samples, --tta flip or --ensemble); not used with --gc-io."),
                                        rich_help_panel=PANEL_OUTPUT),
     fmt: str = typer.Option("mha", "--format", help="mha, nii.gz, nii, nrrd or dicom.", rich_help_panel=PANEL_OUTPUT),
     allow_truncation: bool = typer.Option(False, "--allow-truncation", rich_help_panel=PANEL_OUTPUT, help=(
@@ -135,7 +135,7 @@ def predict(
         if gc_io is None and out is None:
             fail("--out FOLDER is needed (only --gc-io INPUT OUTPUT writes into its OUTPUT)")
         if gc_io is not None and out is not None:
-            fail("--out: --gc-io writes into its OUTPUT folder; leave --out out")
+            typer.echo(f"warning: --out {out} is not used: --gc-io writes into its OUTPUT folder", err=True)
         destination = out if gc_io is None else gc_io[1]
         check_output_folder(destination, "--out" if gc_io is None else "--gc-io OUTPUT")
         remove_stale_temporaries(destination)
