@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from latent.atomic import write_text_atomic
 from latent.io import VolumeError, VolumeProperties, is_volume_path, read_image
 from latent.errors import BadConfigError, InputError
 
@@ -281,11 +282,7 @@ def fold_of_splits(splits: Mapping[str, Sequence[str]], pool: Sequence[str], lab
 def save_splits(splits: dict[str, list[str]], path: str | os.PathLike) -> Path:
     """Write splits as JSON (atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(splits, indent=2) + "\n")
-    os.replace(temporary, path)
-    return path
+    return write_text_atomic(path, json.dumps(splits, indent=2) + "\n")
 
 
 def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:

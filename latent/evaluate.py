@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from latent.atomic import write_atomic
 from latent.cases import Case, CaseError, discover_cases
 from latent.intensity import check_ct_range, check_mask_values
 from latent.io import VolumeError, read_volume
@@ -187,14 +188,15 @@ class Evaluation:
 def write_rows_csv(rows: list[dict], path: Path) -> Path:
     """Write rows as CSV atomically (columns from the first row)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
-    return path
+
+    def write(temporary: Path) -> None:
+        with temporary.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return write_atomic(path, write)
 
 
 def evaluate_predictions(

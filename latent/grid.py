@@ -10,6 +10,7 @@ the round trip restores the geometry exactly. See docs/grids.md.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,8 @@ class CanonicalGrid:
             raise GridError(f"grid spacing must be three positive numbers, got {self.spacing}")
         if self.shape is not None and (len(self.shape) != 3 or any(s <= 0 or s % self.multiple for s in self.shape)):
             raise GridError(f"grid shape must be three positive multiples of {self.multiple}, got {self.shape}")
+        if self.shape is not None:
+            check_allocation(self.shape, np.float32, f"grid {self.spec()}")
 
     @property
     def is_fit(self) -> bool:
@@ -102,6 +105,23 @@ class CanonicalGrid:
         """``'1.5x1.5x3:96x320x320'`` or ``'1.5x1.5x3:fit'``, accepted by :func:`parse_grid_spec`."""
         shape = "fit" if self.shape is None else "x".join(str(v) for v in self.shape)
         return "x".join(f"{v:g}" for v in self.spacing) + ":" + shape
+
+
+def check_allocation(shape: tuple[int, ...], dtype, what: str) -> None:
+    """Refuse, before allocating, an array of ``shape`` and ``dtype`` larger than this machine's memory.
+
+    Raises:
+        GridError: naming ``what``, the shape and the sizes in GiB.
+    """
+    needed = float(np.prod([float(v) for v in shape])) * np.dtype(dtype).itemsize
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return  # unknown on this platform: the allocation itself decides
+    if needed > memory:
+        shown = "x".join(str(int(v)) for v in shape)
+        raise GridError(f"{what}: one {shown} {np.dtype(dtype).name} volume needs {needed / 2**30:.1f} GiB, "
+                        f"more than this machine's {memory / 2**30:.1f} GiB of memory")
 
 
 def parse_grid_spec(spec: str) -> CanonicalGrid:

@@ -9,7 +9,6 @@ geometry. Every failure is a :class:`VolumeError` whose one-line message names t
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from latent.atomic import write_atomic
+from latent.errors import BadFileError
 from latent.volume_files import VolumeError, VolumeGeometryError, verify_volume_file
 
 #: File suffixes read as single files (a folder is read as a DICOM series).
@@ -245,12 +246,4 @@ def write_volume(
         array = np.clip(np.rint(array), info.min, info.max)
     image = array_to_image(np.ascontiguousarray(array.astype(target_dtype, copy=False)), properties)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temporary, compress)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
+    return write_atomic(path, lambda temporary: sitk.WriteImage(image, str(temporary), compress), suffix)

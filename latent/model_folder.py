@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from latent.atomic import publish, remove_stale_temporaries, temporary_path, write_atomic
 from latent.errors import BadFileError, WeightsError, one_line
 
 CONFIG_NAME = "config.json"
@@ -44,23 +45,20 @@ def write_model_folder(directory: str | os.PathLike, config: Mapping[str, Any],
         (CONFIG_NAME, lambda path: path.write_text(text)),
     )
     directory.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(directory.parent)
     if not directory.exists():
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        staging = temporary_path(directory)
+        staging.mkdir()
         try:
             for name, write in writers:
                 write(staging / name)
-            os.replace(staging, directory)
+            publish(staging, directory)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return directory
+    remove_stale_temporaries(directory)
     for name, write in writers:
-        handle, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-        os.close(handle)
-        try:
-            write(Path(temporary))
-            os.replace(temporary, directory / name)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        write_atomic(directory / name, write)
     return directory
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from latent.errors import BadFileError, InputError
 from latent.cases import Case, CaseError, check_case_grid
-from latent.grid import (CanonicalGrid, GridMapping, auto_grid, body_extent_mm, missing_mm, parse_grid_spec, plan_mapping,
+from latent.grid import (FIT_MULTIPLE, CanonicalGrid, GridMapping, auto_grid, body_extent_mm, missing_mm, parse_grid_spec, plan_mapping,
                          to_canonical)
 from latent.intensity import (CT_PAD_HU, MRScaling, check_ct_range, check_mask_values, ct_to_full, ct_to_vae,
                               fit_mr_scaling, mr_to_unit)
@@ -23,6 +23,8 @@ from latent.io import VolumeError, VolumeProperties, read_volume
 #: Input problems a batch job records per case (anything else is a bug and propagates).
 CASE_ERRORS = (InputError, FileNotFoundError, PermissionError)
 logger = logging.getLogger(__name__)
+#: Smallest canonical size per axis of a case on a fitted grid: two latent voxels (VAE factor 4).
+MIN_FITTED_SIZE = 2 * FIT_MULTIPLE
 
 
 class TruncationError(CaseError):
@@ -101,6 +103,19 @@ def check_truncation(pid: str, mask: np.ndarray, mapping: GridMapping, allow: bo
     logger.warning("%s; kept because truncation is allowed", message)
 
 
+def check_fitted_size(case: Case, mapping: GridMapping, grid: CanonicalGrid) -> None:
+    """Refuse a case whose body is so small that its fitted box holds under two latent voxels per axis.
+
+    Raises:
+        CaseError: naming the MR file, its size in voxels and the box it gets.
+    """
+    shape = mapping.canonical.shape
+    if grid.is_fit and min(shape) < MIN_FITTED_SIZE:
+        native = "x".join(str(v) for v in mapping.native.size[::-1])
+        raise CaseError(f"{case.mr}: a {native}-voxel volume gets a {'x'.join(map(str, shape))} box on grid "
+                        f"{grid.spec()}; at least {MIN_FITTED_SIZE} voxels per axis (two latent voxels) are needed")
+
+
 def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True, allow_truncation: bool = False) -> PreparedCase:
     """Resample a case onto ``grid`` (a fixed grid or a fitted rule) centred on its body and normalise it.
 
@@ -110,6 +125,7 @@ def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True, allow_tr
     """
     mr, mask, ct, properties = read_native(case)
     mapping = plan_mapping(mask, properties, grid)
+    check_fitted_size(case, mapping, grid)
     check_truncation(case.pid, mask, mapping, allow_truncation)
     scaling = fit_mr_scaling(mr, mask)
     prepared = PreparedCase(
@@ -129,6 +145,7 @@ def prepare_mr_only(mr: np.ndarray, mask: np.ndarray, properties: VolumeProperti
     """Like :func:`prepare_case` for in-memory MR and mask arrays (prediction from files)."""
     mask = (mask > 0).astype(np.uint8)
     mapping = plan_mapping(mask, properties, grid)
+    check_fitted_size(case, mapping, grid)
     check_truncation(case.pid, mask, mapping, allow_truncation)
     scaling = fit_mr_scaling(mr, mask)
     return PreparedCase(

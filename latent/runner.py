@@ -13,14 +13,15 @@ from typing import Callable, Generic, Iterable, TypeVar
 from tqdm import tqdm
 
 from latent.cases import Case, scan_cases
-from latent.errors import InputError, one_line
+from latent.errors import InputError, user_message
 
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
-#: Exceptions that mean "this case's input is bad": reported in one line, the other cases go
-#: on. Anything else is a bug and stops the run with its traceback.
-INPUT_ERRORS = (InputError, FileNotFoundError, PermissionError)
+#: Exceptions that may mean "this case's input is bad" or "the machine refused" (a full disk, a
+#: name too long, out of memory): reported in one line (:func:`latent.errors.user_message`), the
+#: other cases go on. Anything else, and an OSError of another errno, is a bug and keeps its traceback.
+INPUT_ERRORS = (InputError, OSError, MemoryError)
 
 
 @dataclass
@@ -31,6 +32,8 @@ class CaseRun(Generic[Result]):
     failures: dict[str, str] = field(default_factory=dict)
     #: cases (or case folders) not attempted, with the reason: no MR, no CT to score, not found.
     skipped: dict[str, str] = field(default_factory=dict)
+    #: set when Ctrl-C stopped the walk: (cases done, cases planned).
+    interrupted: tuple[int, int] | None = None
 
     @property
     def ok(self) -> bool:
@@ -45,8 +48,11 @@ class CaseRun(Generic[Result]):
 
     def manifest(self) -> dict:
         """The run's outcome per case, for a JSON manifest."""
-        return {"processed": sorted(self.results), "skipped": dict(sorted(self.skipped.items())),
-                "failures": dict(sorted(self.failures.items()))}
+        outcome = {"processed": sorted(self.results), "skipped": dict(sorted(self.skipped.items())),
+                   "failures": dict(sorted(self.failures.items()))}
+        if self.interrupted is not None:
+            outcome["interrupted"] = {"done": self.interrupted[0], "planned": self.interrupted[1]}
+        return outcome
 
 
 @dataclass
@@ -95,7 +101,9 @@ def _record(run: CaseRun, case: Case, attempt: Callable[[], Result]) -> None:
     try:
         run.results[case.pid] = attempt()
     except INPUT_ERRORS as error:
-        message = one_line(error)
+        message = user_message(error)
+        if message is None:
+            raise
         if case.pid not in message:
             message = f"{case.pid}: {message}"
         run.failures[case.pid] = message
@@ -134,8 +142,13 @@ def run_over_cases(
         run = CaseRun()
     cases = list(cases)
     if workers == 1 or len(cases) < 2:
-        for case in tqdm(cases, desc=description, unit="case", disable=quiet, leave=False):
-            _record(run, case, lambda case=case: work(case))
+        for done, case in enumerate(tqdm(cases, desc=description, unit="case", disable=quiet, leave=False)):
+            try:
+                _record(run, case, lambda case=case: work(case))
+            except KeyboardInterrupt:
+                # Ctrl-C: stop here; the caller writes the summary of the cases done.
+                run.interrupted = (done, len(cases))
+                break
         return run
     try:
         with _pool(min(workers, len(cases))) as pool:

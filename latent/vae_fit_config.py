@@ -18,7 +18,7 @@ VAE_LEVELS = 3
 class VAEFitConfig(BaseModel):
     """Typed settings of :func:`fit_vae`; unknown fields are refused, errors name the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     channels: tuple[int, ...] = Field((16, 32, 64), description="channels per level; 3 levels = x4 downsampling")
     latent_channels: int = Field(4, ge=1)

@@ -362,6 +362,37 @@ def train_into_finished_run(*flags: str) -> Callable[[World, Path, Path], list[s
 def vae_fit_over_finished_vae(world: World, data: Path, tmp: Path) -> list[str]:
     return ["vae", "fit", "--data", str(data), "--out", str(world.vae), "--grid", GRID, "--max-steps", "1", "-q"]
 
+# -- issue 32, items 5 and 7 (environment failures, tidy): helpers
+
+
+def predict_into_a_file(world: World, data: Path, tmp: Path) -> list[str]:
+    (tmp / "pred_file").write_text("a file, not a folder")
+    return ["predict", "--method", "water", "--data", str(data), "--out", str(tmp / "pred_file"), "-q"]
+
+
+def encode_into_a_file(world: World, data: Path, tmp: Path) -> list[str]:
+    (tmp / "cache_file").write_text("a file, not a cache")
+    return encode(world, data, tmp)[:4] + [str(tmp / "cache_file")] + encode(world, data, tmp)[5:]
+
+
+def encode_fit_to_tmp(world: World, data: Path, tmp: Path) -> list[str]:
+    command = encode(world, data, tmp, grid="10x10x6:fit")
+    return command[:4] + [str(tmp / "cache.zarr")] + command[5:]
+
+
+def encode_huge_grid(world: World, data: Path, tmp: Path) -> list[str]:
+    return encode(world, data, tmp, grid="1x1x1:32000x32000x32000")
+
+
+def tiny_volumes(case: Path) -> None:
+    """MR, CT and mask of 2 x 2 x 2 voxels (the body: two of them)."""
+    for name, values in (("mr.mha", np.arange(8.0) * 10 + 5), ("ct.mha", np.full(8, 40.0)),
+                         ("mask.mha", np.array([0, 0, 0, 1, 0, 0, 0, 1.0]))):
+        image = sitk.GetImageFromArray(values.reshape(2, 2, 2).astype(np.uint8 if name == "mask.mha" else np.float32))
+        image.SetSpacing((10.0, 10.0, 6.0))
+        _write(image, case / name)
+
+
 
 @dataclass(frozen=True)
 class Bad:
@@ -467,6 +498,21 @@ CORPUS: dict[str, Bad] = {
                                          r"--resume and --overwrite exclude each other", 2),
     "vae fit over a finished VAE": Bad(nothing, vae_fit_over_finished_vae,
                                        r"written/vae: already holds a run \(model\.safetensors, config\.json\)", 2),
+    # -- issue 32, items 5 and 7: environment failures and invalid numbers are input errors
+    "lr nan": Bad(nothing, train_with({"model.lr": "nan"}), r"invalid training config: model\.lr: Input should be a finite number", 2),
+    "lr inf": Bad(nothing, train_with({"model.lr": "inf"}), r"invalid training config: model\.lr: Input should be a finite number", 2),
+    "lr negative": Bad(nothing, train_with({"model.lr": -1e-4}), r"model\.lr: Input should be greater than 0", 2),
+    "crop of zeros": Bad(nothing, train_with({"data.crop": [0, 0, 0]}),
+                         r"data\.crop: every size must be at least 1 voxel, got \[0, 0, 0\]", 2),
+    "negative crop": Bad(nothing, train_with({"data.crop": -8}), r"data\.crop: every size must be at least 1 voxel, got -8", 2),
+    "weight decay nan": Bad(nothing, train_with({"train.weight_decay": "nan"}),
+                            r"train\.weight_decay: Input should be a finite number", 2),
+    "--out names a file": Bad(nothing, predict_into_a_file, r"--out .*pred_file: exists and is a file, not a folder", 2),
+    "--cache names a file": Bad(nothing, encode_into_a_file, r"--cache .*cache_file: exists and is a file, not a cache folder", 2),
+    "2x2x2 volume on a fitted grid": Bad(tiny_volumes, encode_fit_to_tmp,
+                                         r"{case}/mr\.mha: a 2x2x2-voxel volume gets a 4x4x4 box on grid 10x10x6:fit", 1),
+    "grid larger than memory": Bad(nothing, encode_huge_grid,
+                                   r"grid 1x1x1:32000x32000x32000: one 32000x32000x32000 float32 volume needs 122070\.3 GiB", 2),
 }
 
 

@@ -20,7 +20,8 @@ from latent.translate.models.base import ModelConfig, model_class
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # nan and inf are refused in every float field (named with its dotted path).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -54,6 +55,15 @@ class DataConfig(_Section):
     fold: str | None = None
     #: Seed of the fold assignment (keep it fixed across the K runs of one cross-validation).
     fold_seed: int = 0
+
+    @field_validator("crop", "val_crop", mode="before")
+    @classmethod
+    def _crop(cls, value: Any) -> Any:
+        sizes = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1 for v in sizes):
+            shown = list(value) if isinstance(value, (list, tuple)) else value
+            raise ValueError(f"every size must be at least 1 voxel, got {shown}")
+        return value
 
     @field_validator("fold", mode="before")
     @classmethod

@@ -20,7 +20,10 @@ def options(
     """MR -> synthetic CT in a VAE latent space. Input errors end with one line and exit status 2."""
     ctx.obj = {"debug": debug}
 
-from latent.app.cli_common import USER_ERRORS, fail, report_failures, report_run, setup_logging, split_pids, user_error
+from latent.app.cli_common import (
+    USER_ERRORS, check_output_folder, fail, report_failures, report_run, setup_logging, split_pids, user_error,
+)
+from latent.atomic import remove_stale_temporaries
 from latent.app.bench.config import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from latent.app.cli_stages import cache_app, encode, vae_app
 
@@ -117,9 +120,9 @@ def predict(
     seed: int = typer.Option(0, rich_help_panel=PANEL_MODEL),
     device: str = typer.Option("cpu", rich_help_panel=PANEL_MODEL),
     # -- output
-    out: Path = typer.Option(..., help=("Prediction folder (<pid>.mha per case; <pid>_std.mha for K > 1 samples, "
-                                        "--tta flip or --ensemble)."),
-                             rich_help_panel=PANEL_OUTPUT),
+    out: Optional[Path] = typer.Option(None, help=("Prediction folder (<pid>.mha per case; <pid>_std.mha for K > 1 "
+                                                   "samples, --tta flip or --ensemble); not used with --gc-io."),
+                                       rich_help_panel=PANEL_OUTPUT),
     fmt: str = typer.Option("mha", "--format", help="mha, nii.gz, nii, nrrd or dicom.", rich_help_panel=PANEL_OUTPUT),
     allow_truncation: bool = typer.Option(False, "--allow-truncation", rich_help_panel=PANEL_OUTPUT, help=(
         "Predict cases whose body a fixed canonical grid cuts (a warning; the share in timings.json).")),
@@ -130,6 +133,13 @@ def predict(
     """Write one sCT per case on the MR's exact native grid (baseline or trained model)."""
     setup_logging(quiet)
     try:
+        if gc_io is None and out is None:
+            fail("--out FOLDER is needed (only --gc-io INPUT OUTPUT writes into its OUTPUT)")
+        if gc_io is not None and out is not None:
+            typer.echo(f"warning: --out {out} is not used: --gc-io writes into its OUTPUT folder", err=True)
+        destination = out if gc_io is None else gc_io[1]
+        check_output_folder(destination, "--out" if gc_io is None else "--gc-io OUTPUT")
+        remove_stale_temporaries(destination)
         pids = split_pids(split_file, split)
         if method is not None:
             from latent.decode.baseline_predict import predict_baseline
@@ -179,10 +189,12 @@ def predict(
             fail("give --method water|bulk|grid_floor|grid_floor_vae, --model RUN_DIR or --ensemble RUN1,RUN2,...")
     except USER_ERRORS as error:
         user_error(error, ctx)
-    destination = out if gc_io is None else gc_io[1]
     typer.echo(f"wrote {len(run.results)} predictions to {destination}")
-    # No manifest in a Grand Challenge output folder: it must hold only the expected outputs.
-    report_run(run, keep_going, out / "predict_manifest.json" if gc_io is None else None)
+    try:
+        # No manifest in a Grand Challenge output folder: it must hold only the expected outputs.
+        report_run(run, keep_going, out / "predict_manifest.json" if gc_io is None else None)
+    except USER_ERRORS as error:
+        user_error(error, ctx)
 
 
 @app.command()

@@ -10,12 +10,16 @@ from typing import NoReturn, Optional
 import typer
 from pydantic import ValidationError
 
-from latent.errors import InputError, one_line
+from latent.atomic import write_text_atomic
+from latent.errors import BadFileError, InputError, one_line, user_message
 
-#: Errors that end a command with one line on stderr and exit status 2 (no traceback): the
-#: project's own input errors (latent/errors.py), a recipe that fails validation, and a path the
-#: user gave that is missing or unreadable. Anything else is a bug and keeps its traceback.
-USER_ERRORS = (InputError, ValidationError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+#: Errors that may end a command with one line on stderr and exit status 2 (no traceback): the
+#: project's own input errors (latent/errors.py), a recipe that fails validation, and what the
+#: machine refuses (a full disk, a read-only or non-folder target, a name too long, out of
+#: memory; :func:`latent.errors.user_message` decides). Anything else is a bug and keeps its traceback.
+USER_ERRORS = (InputError, ValidationError, OSError, MemoryError)
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED_EXIT = 130
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -32,10 +36,37 @@ def debug_requested(ctx: typer.Context) -> bool:
 
 
 def user_error(error: BaseException, ctx: typer.Context) -> NoReturn:
-    """Report an input error on one line (exit 2); with ``--debug`` re-raise it with its traceback."""
-    if debug_requested(ctx):
+    """Report an input or environment error on one line (exit 2); with ``--debug``, or when it is
+    a bug (:func:`latent.errors.user_message` has no line for it), re-raise it with its traceback."""
+    message = user_message(error)
+    if message is None or debug_requested(ctx):
         raise error
-    fail(one_line(error))
+    fail(message)
+
+
+def check_output_folder(path: Path, option: str) -> Path:
+    """Refuse an output folder that is an existing file, or that cannot be written (read-only).
+
+    Raises:
+        BadFileError: naming the option and the path.
+    """
+    import os
+
+    if path.exists() and not path.is_dir():
+        raise BadFileError(f"{option} {path}: exists and is a file, not a folder")
+    existing = next((parent for parent in (path, *path.parents) if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise BadFileError(f"{option} {path}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise BadFileError(f"{option} {path}: {existing} is not writable (read-only or no permission)")
+    return path
+
+
+def report_interrupted(done: int, planned: int, summary: Path | None) -> NoReturn:
+    """After Ctrl-C: one line (cases done, where the summary is) and exit status 130."""
+    where = f"; summary in {summary}" if summary is not None else ""
+    typer.echo(f"interrupted: {done} of {planned} case(s) done{where}; rerun to continue", err=True)
+    raise typer.Exit(INTERRUPTED_EXIT)
 
 
 def setup_logging(quiet: bool) -> None:
@@ -60,16 +91,14 @@ def report_run(run, keep_going: bool = False, manifest: Path | None = None) -> N
     the outcome written to ``manifest`` (JSON, atomic), exit 1 when a case failed unless
     ``keep_going``."""
     import json
-    import os
 
     typer.echo(run.summary(), err=True)
     for message in run.skipped.values():
         typer.echo(f"skipped: {message}", err=True)
     if manifest is not None:
-        manifest.parent.mkdir(parents=True, exist_ok=True)
-        temporary = manifest.with_name(f".{manifest.name}.tmp")
-        temporary.write_text(json.dumps(run.manifest(), indent=2) + "\n")
-        os.replace(temporary, manifest)
+        write_text_atomic(manifest, json.dumps(run.manifest(), indent=2) + "\n")
+    if run.interrupted is not None:
+        report_interrupted(*run.interrupted, manifest)
     report_failures(run.failures, exit_code=0 if keep_going else 1)
 
 

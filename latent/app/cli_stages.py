@@ -8,8 +8,10 @@ from typing import Optional
 
 import typer
 
-from latent.errors import BadConfigError
-from latent.app.cli_common import USER_ERRORS, fail, user_error, report_failures, setup_logging, split_pids
+from latent.errors import BadConfigError, BadFileError
+from latent.app.cli_common import (
+    USER_ERRORS, check_output_folder, fail, report_failures, report_interrupted, setup_logging, split_pids, user_error,
+)
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and check a latent cache.")
 vae_app = typer.Typer(no_args_is_help=True, help="Fit, load and check the VAE.")
@@ -71,6 +73,9 @@ def encode(
 
     setup_logging(quiet)
     try:
+        if cache.exists() and not cache.is_dir():
+            raise BadFileError(f"--cache {cache}: exists and is a file, not a cache folder")
+        check_output_folder(cache.parent, "--cache")
         loaded = load_vae(vae, device=device)
         report = encode_dataset(data, cache, loaded, grid, max_shape=parse_shape(max_shape), shard=parse_shard(shard),
                                 split_file=split_file, tile=parse_shape(tile), bf16=bf16,
@@ -84,6 +89,8 @@ def encode(
     if report.truncated:
         typer.echo(f"body cut off by the grid (kept, --allow-truncation): "
                    + ", ".join(f"{pid} {share:.1%}" for pid, share in sorted(report.truncated.items())), err=True)
+    if report.interrupted is not None:
+        report_interrupted(*report.interrupted, report.manifest)
     if report.failures:
         typer.echo(f"failure manifest: {report.manifest}", err=True)
         report_failures(report.failures, exit_code=0 if keep_going else 1)

@@ -22,12 +22,15 @@ from typing import Sequence
 
 from tqdm import tqdm
 
+from latent.atomic import remove_stale_temporaries, write_text_atomic
 from latent.cache import LatentCache, producer_record, sha256_file
 from latent.encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
 from latent.cases import Case, discover_cases, load_splits, make_splits
 from latent.grid import CanonicalGrid
 from latent.intensity import normalisation_record
-from latent.prepare import CASE_ERRORS, prepare_case, resolve_grid
+from latent.errors import user_message
+from latent.prepare import prepare_case, resolve_grid
+from latent.runner import INPUT_ERRORS
 from latent.vae import LoadedVAE
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class EncodeReport:
     coverage: float = 1.0
     seconds: float = 0.0
     manifest: Path | None = None
+    #: set when Ctrl-C stopped the walk: (cases done, cases planned).
+    interrupted: tuple[int, int] | None = None
 
 
 def _is_current(cache: LatentCache, case: Case, hashes: dict[str, str]) -> bool:
@@ -107,52 +112,69 @@ def encode_dataset(
     index, count = _process_share(*shard)
     mine = shard_cases(cases, index, count)
     logger.info("encode: %d of %d cases in shard %d/%d, grid %s, producer %s", len(mine), len(cases), index, count, grid.spec(), cache.key)
-    for case in tqdm(mine, desc="encode", unit="case", disable=quiet):
+    remove_stale_temporaries(_manifest_folder(Path(cache_path)))
+    for done, case in enumerate(tqdm(mine, desc="encode", unit="case", disable=quiet)):
         try:
-            hashes = source_hashes(case)
-            if _is_current(cache, case, hashes):
-                report.skipped.append(case.pid)
-                continue
-            prepared = prepare_case(case, grid, allow_truncation=allow_truncation)
-            if prepared.mapping.mask_fraction_outside > 0:
-                report.truncated[case.pid] = prepared.mapping.mask_fraction_outside
-            arrays = encode_prepared(vae, prepared, tile, bf16)
-            attrs = {
-                "region": case.region, "centre": case.centre, "geometry": prepared.mapping.to_dict(),
-                "mr_scaling": prepared.scaling.to_dict(), "source_sha256": hashes,
-                "source_paths": {role: str(getattr(case, role)) for role in hashes},
-            }
-            cache.write_case(case.pid, arrays, attrs, overwrite=True)
-            report.encoded.append(case.pid)
-        except CASE_ERRORS as error:
-            message = str(error).splitlines()[0]
+            _encode_case(cache, vae, case, grid, report, tile, bf16, allow_truncation)
+        except INPUT_ERRORS as error:
+            message = user_message(error)
+            if message is None:
+                raise
             report.failures[case.pid] = message if case.pid in message else f"{case.pid}: {message}"
             logger.error(report.failures[case.pid])
+        except KeyboardInterrupt:
+            # Ctrl-C: the case being written is dropped whole (LatentCache.write_case is atomic).
+            report.interrupted = (done, len(mine))
+            break
     report.seconds = time.perf_counter() - started  # the manifest records the encoding time
     report.manifest = _write_manifest(Path(cache_path), report, index, count)
-    _update_statistics(cache, cases, split_file, set(report.failures), Path(cache_path),
-                       recompute=recompute_stats, encoded=set(report.encoded))
+    if report.interrupted is None:
+        _update_statistics(cache, cases, split_file, set(report.failures), Path(cache_path),
+                           recompute=recompute_stats, encoded=set(report.encoded))
     report.seconds = time.perf_counter() - started
     return report
 
 
+def _encode_case(cache: LatentCache, vae: LoadedVAE, case: Case, grid: CanonicalGrid, report: EncodeReport,
+                 tile: Sequence[int] | None, bf16: bool, allow_truncation: bool) -> None:
+    """Encode one case into the cache (skipped when it is there with the same source hashes)."""
+    hashes = source_hashes(case)
+    if _is_current(cache, case, hashes):
+        report.skipped.append(case.pid)
+        return
+    prepared = prepare_case(case, grid, allow_truncation=allow_truncation)
+    if prepared.mapping.mask_fraction_outside > 0:
+        report.truncated[case.pid] = prepared.mapping.mask_fraction_outside
+    arrays = encode_prepared(vae, prepared, tile, bf16)
+    attrs = {
+        "region": case.region, "centre": case.centre, "geometry": prepared.mapping.to_dict(),
+        "mr_scaling": prepared.scaling.to_dict(), "source_sha256": hashes,
+        "source_paths": {role: str(getattr(case, role)) for role in hashes},
+    }
+    cache.write_case(case.pid, arrays, attrs, overwrite=True)
+    report.encoded.append(case.pid)
+
+
+def _manifest_folder(cache_path: Path) -> Path:
+    return cache_path.with_name(cache_path.name + ".manifests")
+
+
 def _write_manifest(cache_path: Path, report: EncodeReport, index: int, count: int) -> Path:
-    folder = cache_path.with_name(cache_path.name + ".manifests")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _manifest_folder(cache_path)
     path = folder / f"encode_{report.producer_key}_shard{index}of{count}.json"
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps({
+    write_text_atomic(path, json.dumps({
         "producer_key": report.producer_key, "grid": report.grid.to_dict(), "coverage": report.coverage,
         "encoded": report.encoded, "skipped": report.skipped, "failures": report.failures,
         "body_outside_fraction": report.truncated, "seconds": round(report.seconds, 3),
+        **({"interrupted": {"done": report.interrupted[0], "planned": report.interrupted[1]}}
+           if report.interrupted is not None else {}),
     }, indent=2) + "\n")
-    os.replace(temporary, path)
     return path
 
 
 def _recorded_failures(cache_path: Path, producer_key: str) -> set[str]:
     """Cases that some shard or process of this producer recorded as failed in its manifest."""
-    folder = cache_path.with_name(cache_path.name + ".manifests")
+    folder = _manifest_folder(cache_path)
     failed: set[str] = set()
     for path in folder.glob(f"encode_{producer_key}_shard*.json"):
         try:

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from latent.atomic import write_text_atomic
 from latent.cases import Case, CaseError
 from latent.intensity import check_ct_range, check_mask_values
 from latent.io import VolumeProperties, read_volume, write_volume
@@ -254,9 +255,7 @@ def _json_ready(value):
 
 
 def _write_json(path: Path, data) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(_json_ready(data), indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
+    write_text_atomic(path, json.dumps(_json_ready(data), indent=2, allow_nan=False) + "\n")
 
 
 def run_dose(

@@ -22,7 +22,7 @@ import importlib.util
 import os
 import pkgutil
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -44,18 +44,25 @@ from latent.model_folder import (
 #: (registering a family means writing its file; it is imported only when used).
 FAMILY_PACKAGE = "latent.translate.models"
 OutputSpace = Literal["ct_latent", "ct_full"]
+#: A rate (learning rate, ...): a finite number above 0; nan, inf, 0 and negatives are refused.
+PositiveRate = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: A size in voxels: a whole number of at least 1.
+Size = Annotated[int, Field(ge=1)]
+#: A (d, h, w) size in voxels.
+Size3 = tuple[Size, Size, Size]
 
 
 class ModelConfig(BaseModel):
     """Base of every model config: unknown fields are refused with their name."""
 
-    model_config = ConfigDict(extra="forbid")
+    # nan and inf are refused in every float field of every family (named with its dotted path).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     family: str
-    lr: float = 1e-4
+    lr: PositiveRate = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     #: Sliding window (d, h, w) in input voxels for :meth:`TranslationModel.translate_volume`;
     #: None = one pass over the whole input. Training fills it with ``data.crop`` on fitted grids.
-    window: tuple[int, int, int] | None = None
+    window: Size3 | None = None
     #: Overlap of neighbouring windows (gaussian blending, MONAI ``SlidingWindowInferer``).
     window_overlap: float = Field(0.25, ge=0.0, lt=1.0)
 

@@ -19,7 +19,7 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from latent.intensity import AIR_HU, ct_to_full
-from latent.translate.models.base import ModelConfig, TranslationModel
+from latent.translate.models.base import ModelConfig, PositiveRate, Size3, TranslationModel
 from latent.translate.models.gan_losses import build_discriminator, check_discriminator_input
 from latent.translate.models.gan_views import (  # noqa: F401 - re-exported: the GAN families import them from here
     SIGNED_BACKGROUND, avoid_same, body_slices, centre_channel, gather_patches, gather_stacks, make_inferer, pad_to_multiple,
@@ -60,12 +60,12 @@ class PixelGANConfig(ModelConfig):
         sw_overlap, sw_batch_size, sw_sigma_scale: 3D sliding-window inference (gaussian blending).
     """
 
-    lr: float = 2e-4
+    lr: PositiveRate = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     mode: Literal["2d", "2.5d", "3d"] = "2.5d"
     context_slices: int = 3
     slices_per_volume: int = 8
-    patch_size: tuple[int, int, int] = (32, 64, 64)
+    patch_size: Size3 = (32, 64, 64)
     patches_per_volume: int = 2
     channels: tuple[int, ...] = (32, 64, 128, 256)
     strides: tuple[int, ...] | None = None

@@ -31,7 +31,7 @@ from pydantic import field_validator, model_validator
 from torch import nn
 
 from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
-from latent.translate.models.base import ModelConfig, TranslationModel
+from latent.translate.models.base import ModelConfig, PositiveRate, Size3, TranslationModel
 from latent.translate.models.gan_common import pad_volume_to
 from latent.translate.models.gan_views import make_inferer, sliding_window_translate
 from latent.translate.models.l2sct import AIR_VALUE, START_VALUE
@@ -130,8 +130,8 @@ class Regress3DConfig(ModelConfig):
 
     family: Literal["regress3d"] = "regress3d"
     #: A common Adam rate for instance-normalised U-Nets.
-    lr: float = 3e-4
-    patch_size: tuple[int, int, int] = (64, 128, 128)
+    lr: PositiveRate = 3e-4
+    patch_size: Size3 = (64, 128, 128)
     spacing_zyx: tuple[float, float, float] = (3.0, 1.5, 1.5)
     max_levels: int = 6
     min_feature_size: int = 4
