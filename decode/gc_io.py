@@ -27,10 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from latent.errors import BadFileError
-from latent.io import VolumeProperties, is_volume_path, read_volume, strip_volume_suffix
+from latent.io import is_volume_path, strip_volume_suffix
 
 MRI_FOLDER = Path("images") / "mri"
 BODY_FOLDER = Path("images") / "body"
@@ -57,15 +55,6 @@ class GCInput:
     mri_path: Path
     mask_path: Path
     region: str
-
-    def read(self) -> tuple[np.ndarray, np.ndarray, VolumeProperties]:
-        """``(mr float32, mask uint8, properties)``, arrays (z, y, x); the mask must share the MR's grid."""
-        mr, properties = read_volume(self.mri_path, dtype=np.float32)
-        mask, mask_properties = read_volume(self.mask_path)
-        differences = properties.grid_differences(mask_properties)
-        if differences:
-            raise GCInputError(f"{self.mask_path}: body mask grid differs from the MR's ({'; '.join(differences)})")
-        return mr, (mask > 0).astype(np.uint8), properties
 
 
 def parse_region(value: object, source: str = REGION_FILE) -> str:

@@ -1,9 +1,9 @@
-"""End-to-end prediction with a trained run: MR files (or cached latents) -> sCT on the native grid.
+"""A trained run for prediction: loading it, checking it against its VAE, and translating one
+model input to canonical HU (samples, flip TTA, ensembles combined).
 
-``latent predict --model RUN_DIR`` lands here. The run records the cache producer it was
-trained on (VAE weights hash, VAE config, canonical grid, normalisation) and the latent
-statistics; prediction from raw MR files re-creates exactly that input and refuses a VAE whose
-weights differ.
+The run records the cache producer it was trained on (VAE weights hash, VAE config, canonical
+grid, normalisation) and the latent statistics; prediction from raw MR files re-creates exactly
+that input (:mod:`latent.decode.run_predictor`) and refuses a VAE whose weights differ.
 """
 
 from __future__ import annotations
@@ -20,14 +20,11 @@ import numpy as np
 import torch
 
 from latent.decode.combine import Moments, combine_volumes, flip_variants, mirror
-from latent.decode.native import canonical_to_native_sct, std_to_native
 from latent.decode.sct import output_to_canonical_hu
 from latent.cases import Case
 from latent.errors import BadConfigError
-from latent.grid import CanonicalGrid, GridMapping
+from latent.grid import CanonicalGrid
 from latent.model_folder import resolve_folder
-from latent.prepare import PreparedCase
-from latent.standardise import standardise
 from latent.translate.models.base import TranslationModel, load_pretrained
 
 
@@ -211,56 +208,6 @@ def combine_predictions(predictions: Sequence[CasePrediction]) -> CasePrediction
     return CasePrediction(hu, std, seconds)
 
 
-def predict_prepared(run: TrainedRun, vae, prepared: PreparedCase, samples: int = 1, seed: int = 0,
-                     tile: Sequence[int] | None = None, tta: str = "none") -> CasePrediction:
-    """Encode (if the model reads the MR latent), translate, decode and map one prepared case to its native grid."""
-    from latent.vae_inference import encode_mu
-
-    seconds: dict[str, float] = {"encode": 0.0}
-    device = next(run.model.parameters()).device
-    mr_unit = np.ascontiguousarray(prepared.mr_unit, dtype=np.float32)
-    arrays = {"mr_pixels": torch.from_numpy(mr_unit)[None, None].to(device)}
-    if "mr_mu" in run.model.input_keys:
-        started = time.perf_counter()
-        with torch.no_grad():
-            latent = encode_mu(vae, arrays["mr_pixels"], tile=tile)
-        mean, std = run.latent_stats("mr_mu")
-        arrays["mr_mu"] = standardise(latent, mean, std)
-        seconds["encode"] = time.perf_counter() - started
-    hu, std_map, stage_seconds = predict_canonical(run, vae, run.model.model_input(arrays), samples, seed, tile, tta)
-    seconds.update(stage_seconds)
-    started = time.perf_counter()
-    native = canonical_to_native_sct(hu, prepared.mapping, prepared.native_mask)
-    native_std = None if std_map is None else std_to_native(std_map, prepared.mapping, prepared.native_mask)
-    seconds["decode"] += time.perf_counter() - started
-    return CasePrediction(native, native_std, seconds)
-
-
-def predict_cached(run: TrainedRun, vae, cache, pid: str, samples: int = 1, seed: int = 0,
-                   tile: Sequence[int] | None = None, tta: str = "none") -> tuple[CasePrediction, GridMapping]:
-    """Predict one case from the cache's stored MR latent / pixels (no re-encoding)."""
-    from latent.io import read_volume
-
-    attrs = cache.case_attrs(pid)
-    mapping = GridMapping.from_dict(attrs["geometry"])
-    device = next(run.model.parameters()).device
-    arrays = {}
-    for key, array in cache.read_case(pid, list(run.model.input_keys)).items():
-        tensor = torch.from_numpy(array)[None].to(device)
-        if key == "mr_mu":
-            mean, std = run.latent_stats("mr_mu")
-            tensor = standardise(tensor, mean, std)
-        elif tensor.ndim == 4:
-            tensor = tensor[None]
-        arrays[key] = tensor
-    hu, std_map, seconds = predict_canonical(run, vae, run.model.model_input(arrays), samples, seed, tile, tta)
-    mask_path = attrs.get("source_paths", {}).get("mask")
-    native_mask = read_volume(mask_path)[0] if mask_path else None
-    native = canonical_to_native_sct(hu, mapping, native_mask)
-    native_std = None if std_map is None else std_to_native(std_map, mapping, native_mask)
-    return CasePrediction(native, native_std, {"encode": 0.0, **seconds}), mapping
-
-
 def case_from_files(mr: Path, mask: Path | None, pid: str | None = None) -> Case:
     """A :class:`Case` for a lone MR file (``--mr FILE [--mask FILE]``)."""
     from latent.io import strip_volume_suffix
@@ -270,5 +217,5 @@ def case_from_files(mr: Path, mask: Path | None, pid: str | None = None) -> Case
 
 __all__ = [
     "CasePrediction", "RunMismatchError", "TrainedRun", "case_from_files", "check_grid_matches", "combine_predictions",
-    "check_vae_matches", "load_run", "predict_cached", "predict_canonical", "predict_prepared",
+    "check_vae_matches", "load_run", "predict_canonical",
 ]

@@ -165,7 +165,7 @@ def check_case_grid(case: Case) -> VolumeProperties:
         other = VolumeProperties.from_image(read_image(path))
         differences = reference.grid_differences(other)
         if differences:
-            raise CaseError(f"{case.pid}: {role} grid differs from mr: {'; '.join(differences)}")
+            raise CaseError(f"{case.pid}: {role} {path} is on another grid than the MR: {'; '.join(differences)}")
     return reference
 
 

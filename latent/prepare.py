@@ -49,17 +49,27 @@ class PreparedCase:
     ct_full: np.ndarray | None = None
 
 
-def read_native(case: Case) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, VolumeProperties]:
-    """Read MR, mask and (if present) CT of a case after checking they share one grid."""
-    if case.mask is None:
+def read_native(case: Case, with_ct: bool = True, derive_mask: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, VolumeProperties]:
+    """Read MR, mask and (with ``with_ct``, if present) CT of a case after checking they share one
+    grid: the project's one reader of a case's volumes.
+
+    ``derive_mask``: a case without a mask file gets a body mask thresholded from its MR (``latent
+    predict --mr FILE`` without ``--mask``); otherwise a missing mask is an error.
+    """
+    if case.mask is None and not derive_mask:
         raise CaseError(f"{case.pid}: no mask file in {case.folder}")
-    properties = check_case_grid(case)
-    mr, _ = read_volume(case.mr, dtype=np.float32)
-    mask = read_volume(case.mask)[0]
-    check_mask_values(case.mask, mask)
+    if case.mask is None:
+        mr, properties = read_volume(case.mr, dtype=np.float32)
+        mask = body_mask_from_mr(mr, min(properties.spacing[:2]))
+    else:
+        properties = check_case_grid(case)
+        mr, _ = read_volume(case.mr, dtype=np.float32)
+        mask = read_volume(case.mask)[0]
+        check_mask_values(case.mask, mask)
     mask = (mask > 0).astype(np.uint8)
     check_body(case, mr, mask)
-    ct = read_volume(case.ct, dtype=np.float32)[0] if case.ct is not None else None
+    ct = read_volume(case.ct, dtype=np.float32)[0] if with_ct and case.ct is not None else None
     if ct is not None:
         check_ct_range(case.ct, ct)
     return mr, mask, ct, properties
@@ -116,14 +126,17 @@ def check_fitted_size(case: Case, mapping: GridMapping, grid: CanonicalGrid) -> 
                         f"{grid.spec()}; at least {MIN_FITTED_SIZE} voxels per axis (two latent voxels) are needed")
 
 
-def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True, allow_truncation: bool = False) -> PreparedCase:
+def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True, allow_truncation: bool = False,
+                 derive_mask: bool = False) -> PreparedCase:
     """Resample a case onto ``grid`` (a fixed grid or a fitted rule) centred on its body and normalise it.
+
+    ``derive_mask``: see :func:`read_native`.
 
     Raises:
         CaseError / VolumeError: unreadable or inconsistent inputs.
         TruncationError: body voxels outside the canonical grid, unless ``allow_truncation``.
     """
-    mr, mask, ct, properties = read_native(case)
+    mr, mask, ct, properties = read_native(case, with_ct=with_ct, derive_mask=derive_mask)
     mapping = plan_mapping(mask, properties, grid)
     check_fitted_size(case, mapping, grid)
     check_truncation(case.pid, mask, mapping, allow_truncation)
@@ -133,26 +146,11 @@ def prepare_case(case: Case, grid: CanonicalGrid, with_ct: bool = True, allow_tr
         mr_unit=mr_to_unit(to_canonical(mr, mapping, pad_value=0.0), scaling),
         mask=to_canonical(mask, mapping, is_mask=True), native_mask=mask,
     )
-    if with_ct and ct is not None:
+    if ct is not None:
         ct_canonical = to_canonical(ct, mapping, pad_value=CT_PAD_HU)
         prepared.ct_vae = ct_to_vae(ct_canonical)
         prepared.ct_full = ct_to_full(ct_canonical)
     return prepared
-
-
-def prepare_mr_only(mr: np.ndarray, mask: np.ndarray, properties: VolumeProperties, case: Case,
-                    grid: CanonicalGrid, allow_truncation: bool = False) -> PreparedCase:
-    """Like :func:`prepare_case` for in-memory MR and mask arrays (prediction from files)."""
-    mask = (mask > 0).astype(np.uint8)
-    mapping = plan_mapping(mask, properties, grid)
-    check_fitted_size(case, mapping, grid)
-    check_truncation(case.pid, mask, mapping, allow_truncation)
-    scaling = fit_mr_scaling(mr, mask)
-    return PreparedCase(
-        case=case, mapping=mapping, scaling=scaling,
-        mr_unit=mr_to_unit(to_canonical(mr, mapping, pad_value=0.0), scaling),
-        mask=to_canonical(mask, mapping, is_mask=True), native_mask=mask,
-    )
 
 
 def latent_mask(mask: np.ndarray, factor: int = 4) -> np.ndarray:

@@ -414,7 +414,7 @@ CORPUS: dict[str, Bad] = {
     "4D mr": Bad(four_d, predict, r"{case}/mr\.mha: 4D image; a 3D volume is needed", 1),
     "RGB mr": Bad(rgb, predict, r"{case}/mr\.mha: vector image with 3 components per voxel", 1),
     "complex mr": Bad(complex_voxels, predict, r"{case}/mr\.mha: (vector image with 2 components|complex64 voxels)", 1),
-    "ct on another grid": Bad(shift_origin("ct.mha"), encode, r"ct grid differs from mr: origin", 1),
+    "ct on another grid": Bad(shift_origin("ct.mha"), encode, r"ct {case}/ct\.mha is on another grid than the MR: origin", 1),
     "mask on another grid": Bad(shift_origin("mask.mha"), predict, r"mask {case}/mask\.mha is on another grid than the MR", 1),
     "direction not orthonormal": Bad(header_field("mr.mha", "TransformMatrix", "1 0 0 0.5 1 0 0 0 1"), predict,
                                      r"{case}/mr\.mha: direction matrix .* is not orthonormal", 1),

@@ -13,7 +13,7 @@ import pytest
 from latent.cases import discover_cases
 from latent.evaluate import default_evaluate_workers, evaluate_predictions, format_summary
 from latent.io import VolumeProperties, read_volume, write_volume
-from latent.decode.baseline_predict import predict_baseline
+from latent.app.predict_run import predict_baseline
 from latent.runner import default_workers, run_over_cases
 
 

@@ -54,7 +54,7 @@ def test_discover_empty_folder_is_an_error(tmp_path: Path) -> None:
 def test_grid_mismatch_names_case_and_difference(tmp_path: Path) -> None:
     _write_case(tmp_path / "Task1" / "AB" / "1ABA001", ct_spacing=(1.0, 1.0, 2.5))
     case = discover_cases(tmp_path)[0]
-    with pytest.raises(CaseError, match=r"1ABA001: ct grid differs from mr: spacing"):
+    with pytest.raises(CaseError, match=r"1ABA001: ct \S+/ct\.mha is on another grid than the MR: spacing"):
         check_case_grid(case)
 
 

@@ -344,9 +344,11 @@ def test_read_gc_inputs_pairs_by_sorted_name_and_maps_region(tmp_path: Path) -> 
     assert [(c.mri_path.name, c.mask_path.name, c.region) for c in cases] == [
         ("a-uuid.mha", "x.mha", "HN"), ("b-uuid.mha", "y.mha", "HN"),
     ]
-    mr, mask, properties = cases[0].read()
-    assert mr.dtype == np.float32 and (mr == 200).all() and mask.dtype == np.uint8
-    assert properties.origin == (1.0, 0.0, 0.0)
+    from latent.cases import Case
+    from latent.prepare import read_native
+
+    with pytest.raises(Exception, match="covers every voxel"):  # read like any case: the one reader's checks
+        read_native(Case(cases[0].mri_path.name, cases[0].region, "?", cases[0].mri_path, mask=cases[0].mask_path))
     assert gc_output_path(tmp_path / "out", cases[0].mri_path) == tmp_path / "out" / "images" / "synthetic-ct" / "a-uuid.mha"
     assert gc_output_path("/output", "/input/images/mri/1HNA001.nii.gz") == Path("/output/images/synthetic-ct/1HNA001.mha")
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from latent.decode.grid_floor import grid_floor_sct, predict_grid_floor
+from latent.app.predict_run import predict_grid_floor
+from latent.decode.grid_floor import grid_floor_sct
 from latent.cases import CaseError, discover_cases
 from latent.grid import parse_grid_spec
 from latent.io import read_volume

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from typer.testing import CliRunner
 
@@ -311,3 +313,56 @@ def test_native_validator_scores_hu_on_the_native_grid(runs: _Runs, tmp_path: Pa
     scored = evaluate_predictions(tmp_path, runs.data, pids=runs.splits["val"], quiet=True)
     assert scored.run.results[runs.splits["val"][0]]["mae"] == pytest.approx(validation["mae"], abs=0.1)
     assert scored.run.results[runs.splits["val"][0]]["bone_dice"] == pytest.approx(validation["bone_dice"], abs=0.01)
+
+
+# ----------------------------------------------------------------------------- one predictor
+def _method_arguments(kind: str, runs: _Runs) -> list[str]:
+    """`latent predict` arguments of each kind of method (all through one predictor loop)."""
+    data = ["--data", str(runs.data), "--split-file", str(runs.split_file)]
+    return {
+        "water": ["--method", "water", *data],
+        "bulk": ["--method", "bulk", *data],
+        "grid_floor": ["--method", "grid_floor", "--grid", GRID, *data],
+        "vae_floor": ["--method", "vae_floor", "--from-cache", str(runs.cache), "--vae", str(runs.vae_dir),
+                      "--split-file", str(runs.split_file)],
+        "run": ["--model", str(runs.run("l2l_regress")), "--vae", str(runs.vae_dir), *data],
+        "ensemble": ["--ensemble", f"{runs.run('l2l_regress')},{runs.run('pix2pix')}", "--vae", str(runs.vae_dir),
+                     *data],
+        "run from cache": ["--model", str(runs.run("l2l_regress")), "--vae", str(runs.vae_dir), "--from-cache",
+                           str(runs.cache), "--split-file", str(runs.split_file)],
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["water", "bulk", "grid_floor", "vae_floor", "run", "ensemble", "run from cache"])
+def test_every_method_kind_writes_a_dicom_series(kind: str, runs: _Runs, tmp_path: Path) -> None:
+    """Each kind of method goes through the one predictor loop and its one writer: `--format dicom`
+    gives a CT series on the MR's native grid for every kind."""
+    out = tmp_path / "pred"
+    result = cli.invoke(app, ["predict", *_method_arguments(kind, runs), "--out", str(out), "--format", "dicom", "-q"])
+    assert result.exit_code == 0, result.output
+    for pid in runs.splits["test"]:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(out / pid))
+        assert files, f"{kind}: no DICOM series for {pid}"
+        series = sitk.ReadImage(files)
+        case = next(c for c in discover_cases(runs.data) if c.pid == pid)
+        _same_geometry(VolumeProperties.from_image(series), VolumeProperties.from_image(sitk.ReadImage(str(case.mr))),
+                       atol=1e-3)
+        assert not list(out.glob(f"{pid}.mha"))
+
+
+def test_one_reader_of_a_case_mr() -> None:
+    """Only latent/prepare.py reads a case's MR and mask (read_native); the readers that the
+    baselines, prediction from files and the app had are gone."""
+    root = Path(__file__).resolve().parents[1]
+    readers = []
+    for folder in ("latent", "encode", "cache", "translate", "decode"):
+        for path in (root / folder).rglob("*.py"):
+            if path.is_symlink() or any(parent.is_symlink() for parent in path.parents if parent != root):
+                continue
+            text = path.read_text()
+            if re.search(r"read_volume\((case\.mr|mr)\b", text):
+                readers.append(str(path.relative_to(root)))
+    assert readers == ["latent/prepare.py"], readers
+    for gone in ("read_mr_and_mask", "prepare_mr_only", "predict_prepared", "predict_cached"):
+        assert not any(gone in path.read_text() for folder in ("latent", "decode")
+                       for path in (root / folder).rglob("*.py") if not path.is_symlink()), gone

@@ -99,7 +99,8 @@ def predict(
                               rich_help_panel=PANEL_INPUT),
     # -- baseline
     method: Optional[str] = typer.Option(None, rich_help_panel=PANEL_BASELINE, help=(
-        "water, bulk, or the oracle grid_floor / grid_floor_vae (CT -> canonical -> native; needs the CT and --grid).")),
+        "water, bulk (with --data), the oracles grid_floor / grid_floor_vae (CT -> canonical -> native; --data and "
+        "--grid), or vae_floor (decode of each cached CT latent; --from-cache, VAE: --vae or the cache's).")),
     grid: Optional[str] = typer.Option(None, rich_help_panel=PANEL_BASELINE, help=(
         "Canonical grid of --method grid_floor*: a preset, SXxSYxSZ:DxHxW or SXxSYxSZ:fit.")),
     # -- trained model
@@ -142,22 +143,11 @@ def predict(
         remove_stale_temporaries(destination)
         pids = split_pids(split_file, split)
         if method is not None:
-            from latent.decode.baseline_predict import predict_baseline
+            from latent.app.predict_run import predict_with_method
 
-            if data is None:
-                fail("--method needs --data ROOT")
-            if method in ("grid_floor", "grid_floor_vae"):
-                from latent.decode.grid_floor import predict_grid_floor
-                from latent.grid import parse_grid_spec
-
-                if grid is None:
-                    fail(f"--method {method} needs --grid (the canonical grid whose round trip is measured)")
-                window = "vae" if method == "grid_floor_vae" else "full"
-                run = predict_grid_floor(data, out, parse_grid_spec(grid), window, pids=pids, quiet=quiet,
-                                         allow_truncation=allow_truncation, fmt=fmt)
-            else:
-                fit_pids = split_pids(split_file, "train") if split_file and method == "bulk" else None
-                run = predict_baseline(method, data, out, pids=pids, fit_pids=fit_pids, quiet=quiet, fmt=fmt)
+            fit_pids = split_pids(split_file, "train") if split_file and method == "bulk" else None
+            run = predict_with_method(method, out, data=data, cache=from_cache, grid=grid, vae_spec=vae, pids=pids,
+                                      fit_pids=fit_pids, fmt=fmt, allow_truncation=allow_truncation, quiet=quiet)
         elif model is not None or ensemble is not None:
             from latent.decode.combine import check_tta
             from latent.app import predict_run as runner
@@ -186,7 +176,7 @@ def predict(
             else:
                 fail("--model needs one of --data ROOT, --mr FILE, --from-cache CACHE or --gc-io IN OUT")
         else:
-            fail("give --method water|bulk|grid_floor|grid_floor_vae, --model RUN_DIR or --ensemble RUN1,RUN2,...")
+            fail("give --method water|bulk|grid_floor|grid_floor_vae|vae_floor, --model RUN_DIR or --ensemble RUN1,RUN2,...")
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {len(run.results)} predictions to {destination}")

@@ -48,7 +48,7 @@ def score_method(name: str, data: Path, pred_dir: Path, out: Path, test: list[st
 
 def baseline_result(method: str, data: Path, out: Path, splits: dict[str, list[str]]) -> MethodResult:
     """Water or bulk (classes fitted on the training split) on the test split."""
-    from latent.decode.baseline_predict import predict_baseline
+    from latent.app.predict_run import predict_baseline
 
     started = time.perf_counter()
     pred_dir = out / "predictions" / method
@@ -59,7 +59,7 @@ def baseline_result(method: str, data: Path, out: Path, splits: dict[str, list[s
 
 def grid_floor_result(name: str, data: Path, out: Path, grid: str, test: list[str]) -> MethodResult:
     """``grid_floor`` or ``grid_floor_vae`` (:data:`GRID_FLOORS`) on the canonical grid ``grid``."""
-    from latent.decode.grid_floor import predict_grid_floor
+    from latent.app.predict_run import predict_grid_floor
     from latent.grid import parse_grid_spec
 
     started = time.perf_counter()

@@ -1,7 +1,8 @@
-"""`latent predict --model RUN_DIR`: every input case -> sCT files + per-case timings JSON.
+"""`latent predict`: one dispatch from a method (baseline, grid floor, VAE floor, trained run,
+ensemble) and an input (``--data``, ``--mr [--mask]``, ``--from-cache``, ``--gc-io``) to the one
+predictor loop of the decode stage (:func:`latent.decode.predictors.predict_cases`). The CLI, the
+demo and ``latent bench`` call these functions.
 
-Inputs: a data set (``--data``), one MR file (``--mr [--mask]``), the Grand Challenge layout
-(``--gc-io INPUT OUTPUT``) or the latents already in the run's cache (``--from-cache``).
 ``--ensemble RUN1,RUN2,...`` predicts with every run (each through its own VAE and latent
 statistics) and averages in HU on the native grid; the std across members, samples and flips
 (``--tta flip``) goes to ``<pid>_std.mha`` like the std of ``--samples K``.
@@ -13,22 +14,21 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from latent.decode.pipeline import (
-    CasePrediction, TrainedRun, attach_decoder, case_from_files, check_vae_matches, combine_predictions, load_run,
-    predict_cached, predict_prepared,
-)
-from latent.decode.writers import write_prediction
+from latent.atomic import write_text_atomic
 from latent.cases import Case, CaseError
+from latent.decode.baseline_predict import baseline_predictor
+from latent.decode.grid_floor import GridFloorPredictor, Window
+from latent.decode.pipeline import TrainedRun, attach_decoder, case_from_files, check_vae_matches, load_run
+from latent.decode.predictors import Predictor, folder_writer, predict_cases
+from latent.decode.run_predictor import Member, RunPredictor, VAEFloorPredictor
 from latent.errors import BadConfigError
 from latent.grid import CanonicalGrid
-from latent.intensity import check_mask_values
-from latent.io import read_volume, write_volume
-from latent.prepare import PreparedCase, body_mask_from_mr, prepare_case, prepare_mr_only
-from latent.runner import CaseRun, run_over_cases, select_cases
+from latent.io import write_volume
+from latent.runner import CaseRun, Selection, select_cases
 
 
 @dataclass
@@ -44,10 +44,6 @@ class PredictOptions:
     tta: str = "none"
     #: keep a case whose body the run's fixed grid cuts (warned, and its share in timings.json).
     allow_truncation: bool = False
-
-
-#: One trained run and the VAE it predicts through (None for pixel models).
-Member = tuple[TrainedRun, Any]
 
 
 @dataclass
@@ -100,42 +96,20 @@ def load_ensemble(text: str, vae_spec: str | None, which: str = "best", device: 
     return Ensemble([load_run_and_vae(run_dir, vae_spec, which, device) for run_dir in parse_ensemble(text)])
 
 
-def _members(run: TrainedRun | Ensemble, vae) -> list[Member]:
-    return run.members if isinstance(run, Ensemble) else [(run, vae)]
+def run_predictor(run: TrainedRun | Ensemble, vae, options: PredictOptions, cache=None) -> RunPredictor:
+    """The predictor of a run (with its VAE) or an ensemble; ``cache``: read inputs from this cache."""
+    members = run.members if isinstance(run, Ensemble) else [(run, vae)]
+    return RunPredictor(members, samples=options.samples, seed=options.seed, tta=options.tta, tile=options.tile,
+                        allow_truncation=options.allow_truncation, cache=cache,
+                        label="predict (cache)" if cache is not None else "predict")
 
 
-def _predict_members(members: Sequence[Member], prepare: Callable[[CanonicalGrid], PreparedCase],
-                     options: PredictOptions) -> tuple[CasePrediction, PreparedCase]:
-    """Every member's prediction of one case (prepared once per canonical grid), combined in HU."""
-    prepared: dict[str, PreparedCase] = {}
-    predictions = []
-    for run, vae in members:
-        key = run.grid.spec()
-        if key not in prepared:
-            prepared[key] = prepare(run.grid)
-        predictions.append(predict_prepared(run, vae, prepared[key], options.samples, options.seed, options.tile,
-                                            options.tta))
-    return combine_predictions(predictions), next(iter(prepared.values()))
-
-
-def _write(out_dir: Path, pid: str, prediction: CasePrediction, properties, options: PredictOptions) -> Path:
-    return write_prediction(out_dir, pid, prediction.hu, properties, std=prediction.std, fmt=options.fmt)
-
-
-def _write_timings(out_dir: Path, run: CaseRun, timings: dict[str, dict[str, float]],
-                   outside: dict[str, float] | None = None) -> None:
-    """``timings.json``: seconds per stage and case, failures, and the share of each body that the
-    canonical grid cut off (``body_outside_fraction``, only cases kept with ``allow_truncation``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary = {stage: float(np.mean([t[stage] for t in timings.values()])) for stage in ("encode", "translate", "decode")} if timings else {}
-    (out_dir / "timings.json").write_text(json.dumps(
-        {"cases": timings, "mean_seconds": summary, "failures": run.failures,
-         "body_outside_fraction": dict(sorted((outside or {}).items()))}, indent=2) + "\n")
-
-
-def _note_outside(outside: dict[str, float], pid: str, fraction: float) -> None:
-    if fraction > 0:
-        outside[pid] = fraction
+def write_predictions(predictor: Predictor, selection: Selection, out_dir: str | os.PathLike, fmt: str = "mha",
+                      quiet: bool = False) -> CaseRun[Path]:
+    """Every selected case through ``predictor`` into ``out_dir`` (``--format fmt``) with ``timings.json``."""
+    out_dir = Path(out_dir)
+    return predict_cases(predictor, None, folder_writer(out_dir, fmt), selection=selection,
+                         timings=out_dir / "timings.json", quiet=quiet)
 
 
 def predict_dataset(run: TrainedRun | Ensemble, vae, data_root: str | os.PathLike, out_dir: str | os.PathLike,
@@ -143,23 +117,28 @@ def predict_dataset(run: TrainedRun | Ensemble, vae, data_root: str | os.PathLik
                     quiet: bool = False) -> CaseRun[Path]:
     """Predict every case (or ``pids``) of a SynthRAD-layout data set from its raw MR files."""
     options = options or PredictOptions()
-    members = _members(run, vae)
-    out_dir = Path(out_dir)
-    selection = select_cases(data_root, pids)
-    timings: dict[str, dict[str, float]] = {}
-    outside: dict[str, float] = {}
+    return write_predictions(run_predictor(run, vae, options), select_cases(data_root, pids), out_dir, options.fmt,
+                             quiet)
 
-    def work(case: Case) -> Path:
-        prediction, prepared = _predict_members(
-            members, lambda grid: prepare_case(case, grid, with_ct=False, allow_truncation=options.allow_truncation),
-            options)
-        timings[case.pid] = prediction.seconds
-        _note_outside(outside, case.pid, prepared.mapping.mask_fraction_outside)
-        return _write(out_dir, case.pid, prediction, prepared.mapping.native, options)
 
-    result = run_over_cases(None, work, "predict", quiet, selection=selection)
-    _write_timings(out_dir, result, timings, outside)
-    return result
+def cache_selection(cache_path: str | os.PathLike, producer_key: str, pids: Iterable[str] | None,
+                    need: Sequence[str] = ()) -> Selection:
+    """The cases of a cache's producer group (``pids`` only, when given) as a selection: a case
+    the cache lacks (or holds without ``need``) counts as failed."""
+    from latent.cache import LatentCache
+
+    cache = LatentCache.open(cache_path, producer_key)
+    wanted = list(pids) if pids is not None else cache.case_ids()
+    present = [pid for pid in wanted if (cache.has_case(pid, need=list(need)) if need else cache.has_case(pid))]
+    cases = []
+    for pid in present:
+        attrs = cache.case_attrs(pid)
+        sources = attrs.get("source_paths", {})
+        cases.append(Case(pid, str(attrs.get("region", "?")), str(attrs.get("centre", "?")),
+                          Path(sources.get("mr", pid)), ct=Path(sources["ct"]) if sources.get("ct") else None,
+                          mask=Path(sources["mask"]) if sources.get("mask") else None))
+    missing = {pid: f"{pid}: not in cache {cache_path}" for pid in sorted(set(wanted) - set(present))}
+    return Selection(cases, found=cases, missing=missing)
 
 
 def predict_from_cache(run: TrainedRun | Ensemble, vae, cache_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -167,60 +146,31 @@ def predict_from_cache(run: TrainedRun | Ensemble, vae, cache_path: str | os.Pat
                        quiet: bool = False) -> CaseRun[Path]:
     """Predict from the MR latents / pixels stored in the cache, in each member's own producer group
     (no re-encoding)."""
-    from latent.cache import LatentCache
-
     options = options or PredictOptions()
-    members = _members(run, vae)
-    out_dir = Path(out_dir)
-    caches = [LatentCache.open(cache_path, member.record["producer_key"]) for member, _ in members]
-    cache = caches[0]
-    wanted = list(pids) if pids is not None else cache.case_ids()
-    present = [pid for pid in wanted if all(store.has_case(pid) for store in caches)]
-    cases = [Case(pid, str(cache.case_attrs(pid).get("region", "?")), str(cache.case_attrs(pid).get("centre", "?")),
-                  Path(cache.case_attrs(pid).get("source_paths", {}).get("mr", pid))) for pid in present]
-    missing = sorted(set(wanted) - set(present))
-    timings: dict[str, dict[str, float]] = {}
-    outside: dict[str, float] = {}
-
-    def work(case: Case) -> Path:
-        predictions = [predict_cached(member, member_vae, store, case.pid, options.samples, options.seed,
-                                      options.tile, options.tta) for (member, member_vae), store in zip(members, caches)]
-        prediction = combine_predictions([item[0] for item in predictions])
-        timings[case.pid] = prediction.seconds
-        _note_outside(outside, case.pid, predictions[0][1].mask_fraction_outside)
-        return _write(out_dir, case.pid, prediction, predictions[0][1].native, options)
-
-    result = run_over_cases(cases, work, "predict (cache)", quiet)
-    result.failures.update({pid: f"{pid}: not in cache {cache_path}" for pid in missing})
-    _write_timings(out_dir, result, timings, outside)
-    return result
+    predictor = run_predictor(run, vae, options, cache=cache_path)
+    first = predictor.members[0][0].record["producer_key"]
+    return write_predictions(predictor, cache_selection(cache_path, first, pids), out_dir, options.fmt, quiet)
 
 
 def predict_files(run: TrainedRun | Ensemble, vae, mr: Path, mask: Path | None, out_dir: str | os.PathLike,
-                  options: PredictOptions | None = None, output_name: str | None = None) -> Path:
-    """Predict one MR file (with its mask, or a mask derived from the MR)."""
+                  options: PredictOptions | None = None) -> Path:
+    """Predict one MR file (with its mask, or a mask derived from the MR) into ``out_dir``, with
+    ``<pid>_timings.json`` (seconds per stage) beside it."""
     options = options or PredictOptions()
     case = case_from_files(Path(mr), mask)
-    mr_array, properties = read_volume(mr, dtype=np.float32)
-    if mask is not None:
-        mask_array, mask_properties = read_volume(mask)
-        differences = properties.grid_differences(mask_properties)
-        if differences:
-            raise CaseError(f"{mask}: mask is on another grid than {mr}: {'; '.join(differences)}")
-        check_mask_values(mask, mask_array)
-        if not mask_array.any():
-            raise CaseError(f"{mask}: empty mask")
-    else:
-        mask_array = body_mask_from_mr(mr_array, min(properties.spacing[:2]))
-    prediction, _ = _predict_members(
-        _members(run, vae), lambda grid: prepare_mr_only(mr_array, mask_array, properties, case, grid, options.allow_truncation),
-        options)
     out_dir = Path(out_dir)
-    if output_name is not None:  # Grand Challenge layout: nothing else in the output folder
-        return write_volume(out_dir / output_name, prediction.hu, properties, dtype=np.int16)
-    path = _write(out_dir, case.pid, prediction, properties, options)
-    (out_dir / f"{case.pid}_timings.json").write_text(json.dumps(prediction.seconds, indent=2) + "\n")
-    return path
+    seconds: dict[str, float] = {}
+    write = folder_writer(out_dir, options.fmt)
+
+    def writer(case: Case, prediction) -> Path:
+        seconds.update(prediction.seconds)
+        return write(case, prediction)
+
+    result = predict_cases(run_predictor(run, vae, options), [case], writer, quiet=True)
+    if result.failures:
+        raise CaseError(next(iter(result.failures.values())))
+    write_text_atomic(out_dir / f"{case.pid}_timings.json", json.dumps(seconds, indent=2) + "\n")
+    return result.results[case.pid]
 
 
 def predict_grand_challenge(run: TrainedRun | Ensemble, vae, input_dir: str | os.PathLike,
@@ -232,8 +182,77 @@ def predict_grand_challenge(run: TrainedRun | Ensemble, vae, input_dir: str | os
     inputs = read_gc_inputs(input_dir)
     cases = [Case(item.mri_path.name, item.region, "?", item.mri_path, mask=item.mask_path) for item in inputs]
 
-    def work(case: Case) -> Path:
+    def writer(case: Case, prediction) -> Path:
         target = gc_output_path(output_dir, case.mr)
-        return predict_files(run, vae, case.mr, case.mask, target.parent, options, output_name=target.name)
+        return write_volume(target, prediction.hu, prediction.properties, dtype=np.int16)
 
-    return run_over_cases(cases, work, "predict (grand challenge)", quiet)
+    return predict_cases(run_predictor(run, vae, options or PredictOptions()), cases, writer, quiet=quiet)
+
+
+def predict_baseline(method: str, data_root: str | os.PathLike, out_dir: str | os.PathLike,
+                     pids: Iterable[str] | None = None, fit_pids: Iterable[str] | None = None, quiet: bool = False,
+                     fmt: str = "mha") -> CaseRun[Path]:
+    """``water`` or ``bulk`` (classes fitted on ``fit_pids``, by default the cases not predicted) for every
+    case (or ``pids``); ``bulk_model.json`` records the fit."""
+    selection = select_cases(data_root, pids)
+    predictor = baseline_predictor(method, selection, fit_pids, record_dir=out_dir)
+    return write_predictions(predictor, selection, out_dir, fmt, quiet)
+
+
+def predict_grid_floor(data_root: str | os.PathLike, out_dir: str | os.PathLike, grid: CanonicalGrid,
+                       window: Window = "full", pids: Iterable[str] | None = None, quiet: bool = False,
+                       allow_truncation: bool = False, fmt: str = "mha") -> CaseRun[Path]:
+    """The grid floor of every case with a CT (or only ``pids``)."""
+    selection = select_cases(data_root, pids, need_ct=True)
+    return write_predictions(GridFloorPredictor(grid, window, allow_truncation), selection, out_dir, fmt, quiet)
+
+
+def predict_vae_floor(cache_path: str | os.PathLike, vae, out_dir: str | os.PathLike,
+                      pids: Iterable[str] | None = None, tile: Sequence[int] | None = None, fmt: str = "mha",
+                      quiet: bool = False, producer: str | None = None) -> CaseRun[Path]:
+    """decode(cached CT latent) of every cached case (or ``pids``) with a CT latent, on its native grid."""
+    from latent.cache import LatentCache, pick_producer
+
+    key = producer or pick_producer(cache_path, None)[0]
+    selection = cache_selection(cache_path, key, pids, need=["ct_mu"])
+    predictor = VAEFloorPredictor(LatentCache.open(cache_path, key), vae, tile)
+    return write_predictions(predictor, selection, out_dir, fmt, quiet)
+
+
+#: ``latent predict --method`` names: the baselines, the grid floors and the VAE floor.
+METHODS = ("water", "bulk", "grid_floor", "grid_floor_vae", "vae_floor")
+
+
+def predict_with_method(method: str, out_dir: str | os.PathLike, data: Path | None = None, cache: Path | None = None,
+                        grid: str | None = None, vae_spec: str | None = None, pids: Iterable[str] | None = None,
+                        fit_pids: Iterable[str] | None = None, fmt: str = "mha", allow_truncation: bool = False,
+                        quiet: bool = False) -> CaseRun[Path]:
+    """``latent predict --method``: a method without a trained run, through the one predictor loop.
+
+    Raises:
+        BadConfigError: an unknown method, or one without the input it needs (named).
+    """
+    if method not in METHODS:
+        raise BadConfigError(f"--method: unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method == "vae_floor":
+        if cache is None:
+            raise BadConfigError("--method vae_floor needs --from-cache CACHE (its CT latents are decoded)")
+        from latent.cache import pick_producer
+        from latent.vae import load_vae
+
+        key, record = pick_producer(cache, None)
+        location = record.get("vae_location", {})
+        spec = vae_spec or location.get("path") or location.get("name")
+        if not spec:
+            raise BadConfigError(f"--method vae_floor: {cache} does not record where its VAE is; pass --vae")
+        return predict_vae_floor(cache, load_vae(str(spec)), out_dir, pids, fmt=fmt, quiet=quiet, producer=key)
+    if data is None:
+        raise BadConfigError(f"--method {method} needs --data ROOT")
+    if method in ("grid_floor", "grid_floor_vae"):
+        from latent.grid import parse_grid_spec
+
+        if grid is None:
+            raise BadConfigError(f"--method {method} needs --grid (the canonical grid whose round trip is measured)")
+        window = "vae" if method == "grid_floor_vae" else "full"
+        return predict_grid_floor(data, out_dir, parse_grid_spec(grid), window, pids, quiet, allow_truncation, fmt)
+    return predict_baseline(method, data, out_dir, pids, fit_pids, quiet, fmt)

@@ -12,33 +12,13 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 
 from latent.cache import LatentCache
-from latent.decode.native import canonical_to_native_sct
-from latent.decode.sct import output_to_canonical_hu
-from latent.decode.writers import write_prediction
-from latent.cases import CaseError
 from latent.evaluate import Evaluation, cases_with_ct, evaluate_predictions
-from latent.grid import GridMapping
 from latent.io import read_volume
-from latent.runner import run_over_cases
 
 #: HU above which the MAISI VAE window saturates.
 SATURATION_HU = 1000.0
-
-
-def reconstruct_case(cache: LatentCache, vae, pid: str, tile: Sequence[int] | None = None) -> tuple[np.ndarray, GridMapping]:
-    """Native-grid HU of decode(cached ``ct_mu``) for one case."""
-    if not cache.has_case(pid, need=["ct_mu"]):
-        raise CaseError(f"{pid}: no ct_mu in the cache")
-    attrs = cache.case_attrs(pid)
-    mapping = GridMapping.from_dict(attrs["geometry"])
-    latent = torch.from_numpy(cache.read_case(pid, ["ct_mu"])["ct_mu"])[None]
-    canonical = output_to_canonical_hu(latent, "ct_latent", vae, tile=tile)[0]
-    mask_path = attrs.get("source_paths", {}).get("mask")
-    native_mask = read_volume(mask_path)[0] if mask_path else None
-    return canonical_to_native_sct(canonical, mapping, native_mask), mapping
 
 
 def saturated_error(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
@@ -64,14 +44,12 @@ def vae_check(
     Rows carry (as every evaluation) ``mae_<class>`` and ``bias_<class>`` per tissue class of the
     true CT (air, soft, bone 250-1000 HU, above_1000), and gain ``fraction_above_1000``.
     """
+    from latent.app.predict_run import predict_vae_floor
+
     out_dir = Path(out_dir)
     cases = cases_with_ct(data_root, pids)
-
-    def work(case) -> Path:
-        native, mapping = reconstruct_case(cache, vae, case.pid, tile)
-        return write_prediction(out_dir, case.pid, native, mapping.native)
-
-    written = run_over_cases(cases, work, "vae check", quiet)
+    written = predict_vae_floor(cache.path, vae, out_dir, [case.pid for case in cases], tile, quiet=quiet,
+                                producer=cache.key)
     evaluation = evaluate_predictions(out_dir, data_root, pids=list(written.results), quiet=quiet)
     evaluation.run.failures.update(written.failures)
     for case in cases:

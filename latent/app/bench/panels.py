@@ -12,6 +12,7 @@ from latent.app.methods import MethodResult
 from latent.cases import discover_cases
 from latent.evaluate import find_prediction
 from latent.io import read_volume
+from latent.prepare import read_native
 
 
 def method_panels(results: Iterable[MethodResult], data: Path, pid: str, folder: Path) -> dict[str, Path]:
@@ -20,8 +21,7 @@ def method_panels(results: Iterable[MethodResult], data: Path, pid: str, folder:
     case = next((c for c in discover_cases(data) if c.pid == pid), None)
     if case is None or case.ct is None or case.mask is None:
         raise ValueError(f"{data}: case {pid} with MR, CT and mask not found for the slice panels")
-    mr, properties = read_volume(case.mr, dtype=np.float32)
-    ct, mask = read_volume(case.ct, dtype=np.float32)[0], read_volume(case.mask)[0]
+    mr, mask, ct, properties = read_native(case)
     spacing_zyx = tuple(reversed(properties.spacing))
     panels = {}
     for result in results:
