@@ -7,14 +7,15 @@ import logging
 import os
 import random
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from latent.atomic import write_text_atomic
+from latent.duplicates import same_volumes
 from latent.io import VolumeError, VolumeProperties, is_volume_path, read_image
-from latent.errors import BadConfigError, InputError
+from latent.errors import BadConfigError, BadFileError, InputError
 
 #: Regions of SynthRAD2025 (Task 1) and SynthRAD2023 (Task 1); values are region codes in the pid.
 REGION_CODES = {"AB": "AB", "HN": "HN", "TH": "TH", "brain": "B", "pelvis": "P"}
@@ -94,7 +95,8 @@ def scan_cases(root: str | os.PathLike, regions: Iterable[str] | None = None) ->
     returned in ``skipped`` with the reason.
 
     Raises:
-        CaseError: ``root`` is missing or holds no case at all.
+        CaseError: ``root`` is missing or holds no case at all; two folders share a patient id,
+            or hold one MR (a folder or file link, or a byte-identical copy: :mod:`latent.duplicates`).
     """
     root = Path(root)
     if not root.is_dir():
@@ -133,6 +135,12 @@ def scan_cases(root: str | os.PathLike, regions: Iterable[str] | None = None) ->
             raise CaseError(f"{case.pid}: the same patient id in {seen[case.pid].folder} and {case.folder}; "
                             "ids must be unique across regions")
         seen[case.pid] = case
+    duplicates = same_volumes({case.folder: case.mr for case in cases})
+    if duplicates:
+        first, second, why = duplicates[0]
+        more = f" (and {len(duplicates) - 1} more pair(s))" if len(duplicates) > 1 else ""
+        raise CaseError(f"{first} and {second}: the same mr volume, {why}; they would count as two patients "
+                        f"and could land in train and test at once: remove one{more}")
     return CaseScan(sorted(cases, key=lambda case: case.pid), skipped)
 
 
@@ -286,10 +294,11 @@ def save_splits(splits: dict[str, list[str]], path: str | os.PathLike) -> Path:
 
 
 def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
-    """Read splits written by :func:`save_splits`.
+    """Read splits written by :func:`save_splits`, checked by :func:`check_splits`.
 
     Raises:
         CaseError: the file is missing or malformed.
+        BadFileError: an id listed twice, or a case in two splits.
     """
     path = Path(path)
     try:
@@ -300,7 +309,57 @@ def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
         raise CaseError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise CaseError(f"{path}: expected an object of lists, e.g. {{'train': [...], 'val': [...]}}")
-    return {str(name): [str(pid) for pid in pids] for name, pids in data.items()}
+    splits = {str(name): [str(pid) for pid in pids] for name, pids in data.items()}
+    check_splits(splits, path)
+    return splits
+
+
+def _some(ids: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` ids, then how many there are in all."""
+    return ", ".join(ids[:shown]) + (f", ... ({len(ids)} in all)" if len(ids) > shown else "")
+
+
+def check_splits(splits: Mapping[str, Sequence[str]], path: str | os.PathLike) -> None:
+    """Refuse splits with an id listed twice in one split or a case in more than one split.
+
+    Raises:
+        BadFileError: naming ``path``, the split(s) and the ids (the first few and the count).
+    """
+    problems = []
+    homes: dict[str, list[str]] = defaultdict(list)
+    for name, pids in splits.items():
+        counts = Counter(pids)
+        twice = sorted(pid for pid, count in counts.items() if count > 1)
+        if twice:
+            problems.append(f"{len(twice)} id(s) listed more than once in {name!r}: {_some(twice)}")
+        for pid in counts:
+            homes[pid].append(name)
+    shared = sorted(pid for pid, names in homes.items() if len(names) > 1)
+    if shared:
+        problems.append(f"{len(shared)} case(s) in more than one split: "
+                        + _some([f"{pid} ({'/'.join(homes[pid])})" for pid in shared]))
+    if problems:
+        raise BadFileError(f"{path}: " + "; ".join(problems))
+
+
+def check_split_ids(path: str | os.PathLike, splits: Mapping[str, Sequence[str]], names: Iterable[str],
+                    known: Iterable[str], where: str | os.PathLike) -> None:
+    """Refuse ids of the splits ``names`` (the ones a command uses) that ``where`` does not hold.
+
+    Args:
+        known: the case ids of ``where`` (a data folder or a cache).
+
+    Raises:
+        BadFileError: naming ``path``, the split, ``where`` and the unknown ids.
+    """
+    known = set(known)
+    problems = []
+    for name in names:
+        unknown = sorted(set(splits.get(name, ())) - known)
+        if unknown:
+            problems.append(f"{len(unknown)} id(s) of {name!r} not in {where}: {_some(unknown)}")
+    if problems:
+        raise BadFileError(f"{path}: " + "; ".join(problems))
 
 
 def read_split(path: str | os.PathLike, name: str) -> list[str]:
@@ -316,6 +375,7 @@ def read_split(path: str | os.PathLike, name: str) -> list[str]:
 
 
 __all__ = [
-    "Case", "CaseError", "CaseScan", "read_split", "VolumeError", "check_case_grid", "discover_cases", "scan_cases", "load_splits",
+    "Case", "CaseError", "CaseScan", "read_split", "VolumeError", "check_case_grid", "check_split_ids", "check_splits",
+    "discover_cases", "scan_cases", "load_splits",
     "fold_of_splits", "make_folds", "make_splits", "parse_fold", "parse_pid", "save_splits", "stratify",
 ]

@@ -3,8 +3,11 @@
 A prediction folder holds ``<pid>.mha`` (or ``.nii.gz``) per case on the case's native grid,
 and optionally ``<pid>_std.mha``, a per-voxel uncertainty map (samples, flips, ensembles) whose
 ranking against the absolute error is reported as ``std_error_spearman``.
-Every case with a CT and a mask is scored; a missing prediction, one on another grid, or a
-broken input is a one-line per-case error, the others are still scored.
+Every case with a CT and a mask is scored; a missing prediction, two of one case (``<pid>.mha``
+and ``<pid>.nii.gz``), one on another grid, or a broken input is a one-line per-case error, the
+others are still scored. A folder written by ``latent predict`` holds ``predict_manifest.json``:
+then only the cases it lists are scored, and other prediction files (an earlier method's) are
+named and skipped.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,6 +27,7 @@ import SimpleITK as sitk
 from latent.atomic import write_atomic
 from latent.cases import Case, CaseError, discover_cases
 from latent.intensity import check_ct_range, check_mask_values
+from latent.errors import BadFileError
 from latent.io import VolumeError, read_volume
 from latent.metrics import metric_digits, metric_names, score_case
 from latent.runner import CaseRun, default_workers, run_over_cases, select_cases
@@ -39,13 +43,73 @@ def find_prediction(pred_dir: Path, pid: str) -> Path:
     """The prediction file of ``pid`` in ``pred_dir``.
 
     Raises:
-        CaseError: no prediction for that case.
+        CaseError: no prediction for that case, or two (``<pid>.mha`` and ``<pid>.nii.gz``, ...):
+            which one a method wrote cannot be told, so neither is scored.
     """
-    for suffix in PREDICTION_SUFFIXES:
-        candidate = pred_dir / f"{pid}{suffix}"
-        if candidate.is_file():
-            return candidate
+    found = [pred_dir / f"{pid}{suffix}" for suffix in PREDICTION_SUFFIXES if (pred_dir / f"{pid}{suffix}").is_file()]
+    if len(found) > 1:
+        raise CaseError(f"{pid}: {len(found)} predictions, {' and '.join(str(path) for path in found)}; "
+                        "remove all but one")
+    if found:
+        return found[0]
     raise CaseError(f"{pid}: no prediction {pred_dir / (pid + '.mha')} (or .nii.gz)")
+
+
+#: Written by ``latent predict`` beside its predictions: the cases it predicted and failed on.
+PREDICT_MANIFEST = "predict_manifest.json"
+
+
+@dataclass(frozen=True)
+class PredictManifest:
+    """What ``latent predict`` recorded of a prediction folder."""
+
+    path: Path
+    processed: frozenset[str]
+    #: pid -> why predict failed on it
+    failures: dict[str, str] = field(default_factory=dict)
+
+    def pids(self) -> list[str]:
+        """Every case the manifest names: predicted or failed."""
+        return sorted(self.processed | set(self.failures))
+
+    def check(self, pid: str) -> None:
+        """Raise :class:`CaseError` when ``pid`` has no prediction by the manifest's account."""
+        if pid not in self.processed:
+            failed = f" (predict failed: {self.failures[pid]})" if pid in self.failures else ""
+            raise CaseError(f"{pid}: no prediction listed in {self.path}{failed}")
+
+
+def read_predict_manifest(pred_dir: Path) -> PredictManifest | None:
+    """The folder's ``predict_manifest.json``, or None when it has none.
+
+    Raises:
+        BadFileError: the manifest is unreadable or not one ``latent predict`` writes.
+    """
+    path = pred_dir / PREDICT_MANIFEST
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadFileError(f"{path}: unreadable prediction manifest ({type(error).__name__})") from None
+    processed, failures = (data.get("processed"), data.get("failures", {})) if isinstance(data, dict) else (None, None)
+    if not isinstance(processed, list) or not isinstance(failures, dict):
+        raise BadFileError(f"{path}: not a prediction manifest (expected 'processed': [...] and 'failures': {{...}})")
+    return PredictManifest(path, frozenset(str(pid) for pid in processed),
+                           {str(pid): str(reason) for pid, reason in failures.items()})
+
+
+def unlisted_files(pred_dir: Path, listed: Iterable[str]) -> list[str]:
+    """Names of the prediction files (and std maps) in ``pred_dir`` of cases not in ``listed``."""
+    listed = set(listed)
+    names = []
+    for entry in sorted(pred_dir.iterdir()):
+        suffix = next((suffix for suffix in PREDICTION_SUFFIXES if entry.name.endswith(suffix)), None)
+        if suffix is None or entry.name.startswith(".") or not entry.is_file():
+            continue
+        if entry.name[: -len(suffix)].removesuffix("_std") not in listed:
+            names.append(entry.name)
+    return names
 
 
 def cases_with_ct(data_root: str | os.PathLike, pids: Iterable[str] | None = None) -> list[Case]:
@@ -128,7 +192,9 @@ def default_evaluate_workers(cases: Sequence[Case]) -> int:
     return default_workers() if voxels >= POOL_MIN_VOXELS else 1
 
 
-def _score_from_folder(case: Case, pred_dir: Path) -> dict[str, float | str]:
+def _score_from_folder(case: Case, pred_dir: Path, manifest: PredictManifest | None = None) -> dict[str, float | str]:
+    if manifest is not None:
+        manifest.check(case.pid)
     return score_prediction(case, find_prediction(pred_dir, case.pid))
 
 
@@ -178,6 +244,16 @@ class Evaluation:
 
     run: CaseRun[dict]
     summary: list[dict]
+    #: prediction files left out because the folder's manifest does not list their case
+    unlisted: list[str] = field(default_factory=list)
+
+    def unlisted_line(self, shown: int = 5) -> str | None:
+        """One line naming the files skipped for not being in the manifest (None: there are none)."""
+        if not self.unlisted:
+            return None
+        more = ", ..." if len(self.unlisted) > shown else ""
+        return (f"skipped {len(self.unlisted)} file(s) not in the manifest: "
+                f"{', '.join(self.unlisted[:shown])}{more}")
 
     @property
     def rows(self) -> list[dict]:
@@ -210,28 +286,33 @@ def evaluate_predictions(
     """Score every case with a CT in ``data_root`` (or only ``pids``) against ``pred_dir``.
 
     Cases are scored in ``workers`` processes (default :func:`default_evaluate_workers`); the
-    scores do not depend on it.
+    scores do not depend on it. With a ``predict_manifest.json`` in ``pred_dir``, the cases it
+    names (``pids`` still narrows them) are scored, and only the predictions it lists count.
 
     Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary, failures and skipped cases).
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise CaseError(f"{pred_dir}: prediction folder not found")
+    manifest = read_predict_manifest(pred_dir)
+    unlisted = [] if manifest is None else unlisted_files(pred_dir, manifest.processed)
+    if manifest is not None and pids is None:
+        pids = manifest.pids()
     selection = select_cases(data_root, pids, need_ct=True)
     if not selection.cases:
         raise CaseError(f"{data_root}: no case with a CT to score"
                         + (f" ({len(selection.skipped)} skipped, e.g. {next(iter(selection.skipped.values()))})"
                            if selection.skipped else ""))
-    work = functools.partial(_score_from_folder, pred_dir=pred_dir)
+    work = functools.partial(_score_from_folder, pred_dir=pred_dir, manifest=manifest)
     run = run_over_cases(None, work, "evaluate", quiet, selection=selection,
                          workers=default_evaluate_workers(selection.cases) if workers is None else workers)
     columns = list(METRIC_COLUMNS) + [column for column in metric_names("uncertainty")
                                       if any(column in row for row in run.results.values())]
-    evaluation = Evaluation(run, summarise(run.results.values(), columns=columns) if run.results else [])
+    evaluation = Evaluation(run, summarise(run.results.values(), columns=columns) if run.results else [], unlisted)
     if out is not None:
         out = Path(out)
         write_rows_csv(evaluation.rows, out)
         report = {"cases": evaluation.rows, "summary": evaluation.summary, "failures": run.failures,
-                  "skipped": run.skipped}
+                  "skipped": run.skipped, "unlisted_files": evaluation.unlisted}
         out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return evaluation

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latent.errors import BadConfigError
-from latent.cases import discover_cases, load_splits
+from latent.cases import check_split_ids, discover_cases, load_splits, read_split
 from latent.recipes import ConfigError, format_validation_errors, read_recipe
 from latent.prepare import prepare_case, resolve_grid
 from latent.runner import run_over_cases
@@ -114,7 +114,9 @@ def training_volumes(data_root: str | os.PathLike, grid_spec: str, split_file: s
     val: list = []
     if split_file is not None:
         splits = load_splits(split_file)
-        train, val_ids = set(splits["train"]), set(splits.get("val", []))
+        check_split_ids(split_file, splits, [name for name in ("train", "val") if name in splits],
+                        [case.pid for case in cases], data_root)
+        train, val_ids = set(read_split(split_file, "train")), set(splits.get("val", []))
         val = [case for case in cases if case.pid in val_ids and case.ct is not None]
         cases = [case for case in cases if case.pid in train]
     grid, _ = resolve_grid(grid_spec, cases)

@@ -392,6 +392,64 @@ def tiny_volumes(case: Path) -> None:
         image.SetSpacing((10.0, 10.0, 6.0))
         _write(image, case / name)
 
+# --------------------------------------------------------------------------- issue 32 item 4: leaks and mix-ups
+SECOND = "1ABZ998"  # a second case folder; sorts after the World's case
+
+
+def train_with_split(splits: Callable[[str], dict]) -> Callable[[World, Path, Path], list[str]]:
+    """``train`` on a split file made from the World's case id."""
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        (tmp / "leaky_splits.json").write_text(json.dumps(splits(world.pid)))
+        producer = json.loads((world.run / "producer.json").read_text())["producer_key"]  # other rows add producers
+        changes = {"data.split_file": str(tmp / "leaky_splits.json"), "data.producer": producer}
+        return train_with(changes)(world, data, tmp)
+    return command
+
+
+def encode_with_unknown_id(world: World, data: Path, tmp: Path) -> list[str]:
+    (tmp / "leaky_splits.json").write_text(json.dumps({"train": [world.pid, "1ABA777"], "val": [], "test": []}))
+    return encode(world, data, tmp) + ["--split-file", str(tmp / "leaky_splits.json")]
+
+
+def folder_linked_to_case(case: Path) -> None:
+    (case.parent / SECOND).symlink_to(case, target_is_directory=True)
+
+
+def copy_of_case(case: Path) -> None:
+    shutil.copytree(case, case.parent / SECOND)
+
+
+def mr_hard_linked(case: Path) -> None:
+    copy_of_case(case)
+    (case.parent / SECOND / "mr.mha").unlink()
+    os.link(case / "mr.mha", case.parent / SECOND / "mr.mha")
+
+
+def second_distinct_case(case: Path) -> None:
+    """Another patient: a copy whose MR differs in one voxel (so not a duplicate)."""
+    copy_of_case(case)
+    nan_voxels("mr.mha", 12345.0)(case.parent / SECOND)
+
+
+def prediction_folder(world: World, tmp: Path, manifest: list[str] | None) -> Path:
+    """A copy of the World's predictions, with a manifest listing ``manifest`` (None: no manifest)."""
+    pred = Path(shutil.copytree(world.pred, tmp / "pred_copy"))
+    if manifest is not None:
+        (pred / "predict_manifest.json").write_text(json.dumps({"processed": manifest, "skipped": {}, "failures": {}}))
+    return pred
+
+
+def evaluate_stale_predictions(world: World, data: Path, tmp: Path) -> list[str]:
+    """An earlier method's prediction of the second case is still there; the manifest lists only the first."""
+    pred = prediction_folder(world, tmp, [world.pid])
+    shutil.copy(pred / f"{world.pid}.mha", pred / f"{SECOND}.mha")
+    return ["evaluate", "--pred", str(pred), "--data", str(data), "--out", str(tmp / "scores.csv"), "-q"]
+
+
+def evaluate_two_formats(world: World, data: Path, tmp: Path) -> list[str]:
+    pred = prediction_folder(world, tmp, None)
+    sitk.WriteImage(_image(pred / f"{world.pid}.mha"), str(pred / f"{world.pid}.nii.gz"))
+    return ["evaluate", "--pred", str(pred), "--data", str(data), "-q"]
 
 
 @dataclass(frozen=True)
@@ -513,6 +571,30 @@ CORPUS: dict[str, Bad] = {
                                          r"{case}/mr\.mha: a 2x2x2-voxel volume gets a 4x4x4 box on grid 10x10x6:fit", 1),
     "grid larger than memory": Bad(nothing, encode_huge_grid,
                                    r"grid 1x1x1:32000x32000x32000: one 32000x32000x32000 float32 volume needs 122070\.3 GiB", 2),
+    # -- issue 32 item 4: leaks and mix-ups (split files, one patient twice, stale predictions)
+    "split with a case in train and test": Bad(
+        nothing, train_with_split(lambda pid: {"train": [pid], "val": [], "test": [pid]}),
+        r"leaky_splits\.json: 1 case\(s\) in more than one split: \w+ \(train/test\)", 2),
+    "split with a duplicate id": Bad(
+        nothing, train_with_split(lambda pid: {"train": [pid, pid], "val": [], "test": []}),
+        r"leaky_splits\.json: 1 id\(s\) listed more than once in 'train': \w+$", 2),
+    "split with an unknown id (train)": Bad(
+        nothing, train_with_split(lambda pid: {"train": [pid, "1ABA777"], "test": []}),
+        r"leaky_splits\.json: 1 id\(s\) of 'train' not in .*cache\.zarr: 1ABA777$", 2),
+    "split with an unknown id (encode)": Bad(
+        nothing, encode_with_unknown_id,
+        r"leaky_splits\.json: 1 id\(s\) of 'train' not in {data} or .*cache\.zarr: 1ABA777$", 2),
+    "case folder linked to another": Bad(
+        folder_linked_to_case, predict, r"{case} and .*/1ABZ998: the same mr volume, one folder is a link to the other", 2),
+    "two case folders with identical volumes": Bad(
+        copy_of_case, predict, r"{case} and .*/1ABZ998: the same mr volume, their mr files are identical", 2),
+    "mr hard-linked into another case": Bad(
+        mr_hard_linked, evaluate, r"{case} and .*/1ABZ998: the same mr volume, their mr files are one file", 2),
+    "stale predictions beyond the manifest": Bad(
+        second_distinct_case, evaluate_stale_predictions, r"^skipped 1 file\(s\) not in the manifest: 1ABZ998\.mha$", 0),
+    "one case predicted in two formats": Bad(
+        nothing, evaluate_two_formats,
+        r"\w+: 2 predictions, .*pred_copy/\w+\.mha and .*pred_copy/\w+\.nii\.gz; remove all but one", 1),
 }
 
 
@@ -556,3 +638,27 @@ def test_a_bad_input_gets_one_line_and_changes_nothing_written(name: str, world:
 def is_manifest(relative: str) -> bool:
     """Run manifests record the latest run's outcome: they are meant to be rewritten."""
     return relative.endswith("predict_manifest.json") or ".manifests/" in relative
+
+
+def test_evaluate_scores_only_what_the_manifest_lists(world: World, tmp_path: Path) -> None:
+    """Issue 32 item 4: a stale prediction of another case is named and not scored; without the
+    manifest it would be; a case the manifest records as failed is a failure, not a stale score."""
+    data = tmp_path / "data"
+    shutil.copytree(world.source, data / "Task1" / "AB" / world.pid)
+    second_distinct_case(data / "Task1" / "AB" / world.pid)
+    arguments = evaluate_stale_predictions(world, data, tmp_path)
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "scores.json").read_text())
+    assert [row["pid"] for row in report["cases"]] == [world.pid] and report["unlisted_files"] == [f"{SECOND}.mha"]
+    assert "1 case(s): 1 processed, 0 skipped, 0 failed" in result.output
+
+    manifest = tmp_path / "pred_copy" / "predict_manifest.json"
+    manifest.write_text(json.dumps({"processed": [world.pid], "failures": {SECOND: f"{SECOND}: broken mr"}}))
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 1 and f"error: {SECOND}: no prediction listed in {manifest} (predict failed" in result.output
+
+    manifest.unlink()
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 0 and "not in the manifest" not in result.output
+    assert sorted(row["pid"] for row in json.loads((tmp_path / "scores.json").read_text())["cases"]) == [world.pid, SECOND]

@@ -1,5 +1,6 @@
 """Case discovery, pid parsing, grid checks and splits."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 def _write_case(folder: Path, suffix=".mha", with_ct=True, ct_spacing=(1.0, 1.0, 3.0)):
     properties = VolumeProperties((1.0, 1.0, 3.0), (0.0, 0.0, 0.0), IDENTITY, (6, 5, 4))
     array = np.zeros((4, 5, 6), np.int16)
-    write_volume(folder / f"mr{suffix}", array, properties)
+    # each case its own MR: byte-identical MRs in two folders are refused as one patient twice
+    write_volume(folder / f"mr{suffix}", array + sum(map(ord, folder.name)), properties)
     write_volume(folder / f"mask{suffix}", array, properties)
     if with_ct:
         ct_properties = VolumeProperties(ct_spacing, (0.0, 0.0, 0.0), IDENTITY, (6, 5, 4))
@@ -92,3 +94,60 @@ def test_bad_split_file(tmp_path: Path) -> None:
         load_splits(tmp_path / "s.json")
     with pytest.raises(CaseError, match="split file not found"):
         load_splits(tmp_path / "missing.json")
+
+
+def test_split_files_are_checked_for_leaks(tmp_path: Path) -> None:
+    """Issue 32 item 4: a case in two splits, an id twice, an id the data does not hold."""
+    from latent.cases import check_split_ids
+    from latent.errors import BadFileError
+
+    path = tmp_path / "s.json"
+    many = [f"1ABA{number:03d}" for number in range(7)]
+    path.write_text(json.dumps({"train": many + ["1HNA001", "1HNA001"], "val": ["1HNA002"], "test": many}))
+    with pytest.raises(BadFileError) as caught:
+        load_splits(path)
+    assert str(caught.value) == (
+        f"{path}: 1 id(s) listed more than once in 'train': 1HNA001; 7 case(s) in more than one split: "
+        "1ABA000 (train/test), 1ABA001 (train/test), 1ABA002 (train/test), 1ABA003 (train/test), "
+        "1ABA004 (train/test), ... (7 in all)")
+    splits = {"train": ["1ABA001", "1ABA777"], "val": [], "test": ["1ABA999"]}
+    with pytest.raises(BadFileError, match=r"s\.json: 1 id\(s\) of 'train' not in /data: 1ABA777$"):
+        check_split_ids(path, splits, ["train", "val"], ["1ABA001"], "/data")
+    check_split_ids(path, splits, ["val"], [], "/data")  # only the splits a command uses
+
+
+def test_one_patient_in_two_folders_is_refused(tmp_path: Path) -> None:
+    """Issue 32 item 4: a linked folder, a hard-linked or soft-linked MR, a byte-identical copy."""
+    import os
+    import shutil
+
+    first = tmp_path / "Task1" / "AB" / "1ABA001"
+    _write_case(first)
+    _write_case(tmp_path / "Task1" / "AB" / "1ABA002")  # another MR of the same size: hashed, differs
+    assert len(discover_cases(tmp_path)) == 2
+    second = first.parent / "1ABA003"
+    for make, why in (
+        (lambda: second.symlink_to(first, target_is_directory=True), "one folder is a link to the other"),
+        (lambda: (shutil.copytree(first, second), (second / "mr.mha").unlink(),
+                  os.link(first / "mr.mha", second / "mr.mha")), "their mr files are one file"),
+        (lambda: (shutil.copytree(first, second), (second / "mr.mha").unlink(),
+                  (second / "mr.mha").symlink_to(first / "mr.mha")), "their mr files are one file"),
+        (lambda: shutil.copytree(first, second), "their mr files are identical"),
+    ):
+        make()
+        with pytest.raises(CaseError, match=f"^{first} and {second}: the same mr volume, {why}"):
+            discover_cases(tmp_path)
+        second.unlink() if second.is_symlink() else shutil.rmtree(second)
+
+
+def test_same_size_mrs_that_differ_only_between_the_samples_are_two_patients(tmp_path: Path) -> None:
+    from latent.duplicates import same_volumes
+
+    size = 1 << 20  # the three 64 KiB samples (start, middle, end) agree; bytes at 100 KiB differ
+    mrs = {}
+    for number in range(3):
+        content = bytearray(size)
+        content[100 * 1024] = number % 2  # cases 0 and 2 are byte-identical, 1 differs
+        (tmp_path / f"{number}.mha").write_bytes(bytes(content))
+        mrs[tmp_path / str(number)] = tmp_path / f"{number}.mha"
+    assert same_volumes(mrs) == [(tmp_path / "0", tmp_path / "2", "their mr files are identical (same SHA-256)")]

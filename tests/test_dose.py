@@ -60,8 +60,8 @@ def dose_runs(tmp_path_factory):
     write_volume(case / "mask.mha", mask, properties, dtype="uint8")
     write_volume(case / "mr.mha", np.zeros_like(ct), properties)
     lonely = root / "data" / "Task1" / "AB" / "1ABA002"  # has no prediction: a one-line failure
-    for name in ("ct", "mask", "mr"):
-        write_volume(lonely / f"{name}.mha", np.zeros_like(ct), properties)
+    for name in ("ct", "mask", "mr"):  # an MR of its own: two identical MRs are refused as one patient twice
+        write_volume(lonely / f"{name}.mha", np.ones_like(ct) if name == "mr" else np.zeros_like(ct), properties)
     write_volume(root / "identical" / "1ABA001.mha", ct, properties)
     write_volume(root / "biased" / "1ABA001.mha", _soft_tissue_bias(ct, mask, 50.0), properties)
     cache = root / "plans"

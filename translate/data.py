@@ -58,11 +58,14 @@ def split_ids(cache: Any, data: Any) -> tuple[list[str], list[str] | None]:
     Without ``data.fold`` these are the ``train_split`` and ``val_split`` of the split file;
     with ``data.fold = "k/K"`` the train + val cases are split into K folds stratified by the
     region and centre recorded in the cache, and fold k validates (:func:`latent.cases.fold_of_splits`).
+    Every id of the splits used must be a complete case of the cache (:func:`latent.cases.check_split_ids`).
     """
-    from latent.cases import fold_of_splits, load_splits, read_split
+    from latent.cases import check_split_ids, fold_of_splits, load_splits, read_split
 
     train = read_split(data.split_file, data.train_split)
     val = None if data.val_split is None else read_split(data.split_file, data.val_split)
+    used = [name for name in (data.train_split, data.val_split) if name is not None]
+    check_split_ids(data.split_file, load_splits(data.split_file), used, cache.case_ids(), data.cache)
     if data.fold is None:
         return train, val
     pool = train + (val or [])

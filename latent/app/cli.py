@@ -190,7 +190,7 @@ def predict(
 @app.command()
 def evaluate(
     ctx: typer.Context,
-    pred: Path = typer.Option(..., help="Prediction folder."),
+    pred: Path = typer.Option(..., help="Prediction folder (with predict_manifest.json: only the cases it lists are scored)."),
     data: Path = typer.Option(..., help="Data set root with ct.mha and mask.mha per case."),
     out: Optional[Path] = typer.Option(None, help="Per-case CSV to write (a JSON is written beside it)."),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON."),
@@ -212,6 +212,8 @@ def evaluate(
         user_error(error, ctx)
     if evaluation.summary:
         typer.echo(format_summary(evaluation.summary))
+    if evaluation.unlisted:
+        typer.echo(evaluation.unlisted_line(), err=True)
     report_run(evaluation.run, keep_going)
 
 

@@ -23,9 +23,9 @@ from typing import Sequence
 from tqdm import tqdm
 
 from latent.atomic import remove_stale_temporaries, write_text_atomic
-from latent.cache import LatentCache, producer_record, sha256_file
+from latent.cache import LatentCache, list_producers, producer_record, sha256_file
 from latent.encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
-from latent.cases import Case, discover_cases, load_splits, make_splits
+from latent.cases import Case, check_split_ids, discover_cases, load_splits, make_splits, read_split
 from latent.grid import CanonicalGrid
 from latent.intensity import normalisation_record
 from latent.errors import user_message
@@ -107,6 +107,7 @@ def encode_dataset(
     cases = discover_cases(data_root)
     grid, coverage = resolve_grid(grid_spec, cases, max_shape)
     record = producer_record(vae.producer_info(), grid_record(grid), normalisation_record())
+    _check_split(split_file, cases, data_root, Path(cache_path), record["producer_key"])
     cache = LatentCache(cache_path, record)
     report = EncodeReport(cache.key, grid, coverage=coverage)
     index, count = _process_share(*shard)
@@ -182,6 +183,19 @@ def _recorded_failures(cache_path: Path, producer_key: str) -> set[str]:
         except (OSError, json.JSONDecodeError):
             continue  # an unreadable manifest only makes the statistics wait
     return failed
+
+
+def _check_split(split_file: str | os.PathLike | None, cases: Sequence[Case], data_root: str | os.PathLike,
+                 cache_path: Path, key: str) -> None:
+    """Before anything is written: the split file is valid and each of its train ids is a case of
+    ``data_root`` or already of the cache (:func:`latent.cases.check_split_ids`)."""
+    if not split_file:
+        return
+    read_split(split_file, "train")
+    known = {case.pid for case in cases}
+    if key in list_producers(cache_path):
+        known |= set(LatentCache.open(cache_path, key).case_ids())
+    check_split_ids(split_file, load_splits(split_file), ["train"], known, f"{data_root} or {cache_path}")
 
 
 def _split_label(split_file: str | os.PathLike | None) -> str:

@@ -26,7 +26,7 @@ from latent.app.bench.config import (BASELINES, ORACLES, SWEPT, VAE_FLOOR, Bench
 from latent.app.bench.memory import PeakMemory
 from latent.app.methods import (MethodResult, baseline_result, grid_floor_result, predict_method, train_recipe,
                                 vae_floor_result)
-from latent.cases import discover_cases, load_splits, make_splits, save_splits
+from latent.cases import check_split_ids, discover_cases, load_splits, make_splits, save_splits
 from latent.errors import BadConfigError, InputError, one_line
 from latent.recipes import find_recipe
 from latent.translate.models.base import model_class
@@ -73,9 +73,12 @@ def resolve_splits(config: BenchConfig) -> tuple[Path, dict[str, list[str]]]:
 
     Raises:
         BadConfigError: a split without train, validation or test cases.
+        BadFileError: a given split file with an id twice, a case in two splits, or an id not in the data.
     """
     if config.split_file is not None:
         split_file, splits = config.split_file, load_splits(config.split_file)
+        check_split_ids(split_file, splits, list(splits), [case.pid for case in discover_cases(config.data)],
+                        config.data)
     else:
         splits = make_splits(discover_cases(config.data), seed=0)
         split_file = save_splits(splits, config.work / "splits.json")
