@@ -69,7 +69,7 @@ def make_vae(folder: Path, seed: int):
     import torch
     from monai.networks.nets import AutoencoderKL
 
-    from latent.vae import load_vae, save_vae_dir
+    from latent.core.vae.loading import load_vae, save_vae_dir
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -90,8 +90,8 @@ def reencode_epoch(cases, grid, vae, stats: dict) -> tuple[float, list[dict]]:
     import torch
 
     from latent.cache import standardise
-    from latent.prepare import latent_mask, prepare_case
-    from latent.vae_inference import encode_mu
+    from latent.core.prepare import latent_mask, prepare_case
+    from latent.core.vae.inference import encode_mu
 
     start = time.perf_counter()
     items = []
@@ -187,8 +187,8 @@ def read_throughput(cache, pids: list[str], keys: tuple[str, ...], rounds: int) 
 def build_cache(args: argparse.Namespace, work: Path, result: dict):
     """Phantom data, splits, a random demo VAE and the encoded cache; timings go into ``result``."""
     from latent.app.encode_run import encode_dataset
-    from latent.cases import discover_cases, make_splits, save_splits
-    from latent.phantom import generate_phantom_dataset
+    from latent.core.cases import discover_cases, make_splits, save_splits
+    from latent.core.phantom.generate import generate_phantom_dataset
 
     data, cache_path = work / "data", work / "latents.zarr"
     started = time.perf_counter()
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     from latent.cache import LatentCache, LatentPairDataset
-    from latent.grid import parse_grid_spec
+    from latent.core.grid import parse_grid_spec
 
     result: dict = {
         "benchmark": "bench_cache", "cases": args.cases, "grid": args.grid,

@@ -71,7 +71,7 @@ def sample():
         stop.wait(0.2)
 
 threading.Thread(target=sample, daemon=True).start()
-from latent.dose import run_dose
+from latent.evaluation.dose import run_dose
 pred, data, out, cache, grid = sys.argv[1:6]
 run = run_dose(pred, data, out, dose_grid_mm=float(grid), plan_cache=cache, quiet=True)
 stop.set()
@@ -88,11 +88,11 @@ print(json.dumps({
 
 
 def _write_inputs(root: Path, region: str, seed: int) -> tuple[Path, dict[str, Path], dict[str, float]]:
-    from latent.baselines import BulkModel, water_sct
-    from latent.cases import discover_cases
-    from latent.io import read_volume, write_volume
-    from latent.metrics import mae
-    from latent.phantom import generate_phantom_dataset
+    from latent.core.baselines import BulkModel, water_sct
+    from latent.core.cases import discover_cases
+    from latent.core.io import read_volume, write_volume
+    from latent.evaluation.metrics import mae
+    from latent.core.phantom.generate import generate_phantom_dataset
 
     data = root / "data"
     generate_phantom_dataset(data, 1, [region], seed=seed, size="synthrad")

@@ -3,7 +3,7 @@
 For canonical shapes it measures seconds and peak RSS per volume of:
 
 - ``raw``: one ``network.encode`` call on the whole volume (the floor);
-- ``untiled``: :func:`latent.vae_inference.encode_mu` in one pass (layout conversion included);
+- ``untiled``: :func:`latent.core.vae.inference.encode_mu` in one pass (layout conversion included);
 - ``tiled``: ``encode_mu`` through the gaussian sliding window. Its pipeline overhead is the
   wall time outside the network calls divided by the time inside them (target <= 25 %).
 
@@ -59,8 +59,8 @@ def _child(spec: dict) -> dict:
     import numpy as np
     import torch
 
-    from latent.vae import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
-    from latent.vae_inference import encode_mu, to_network_layout
+    from latent.core.vae.loading import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
+    from latent.core.vae.inference import encode_mu, to_network_layout
 
     torch.manual_seed(0)
     network = build_vae("AutoencoderKlMaisi", MAISI_CONFIG, "cpu")
@@ -130,7 +130,7 @@ class _ProbeDone(Exception):
 
 def _window_count(shape, tile, overlap) -> int:
     """Windows MONAI places for this shape (same rule as dense_patch_slices)."""
-    from latent.vae_inference import window_overlap
+    from latent.core.vae.inference import window_overlap
 
     total = 1
     for size, roi, ov in zip(shape, tile, window_overlap(tile, overlap, 4)):

@@ -210,10 +210,10 @@ def main() -> int:
     import torch
     from monai.networks.nets import AutoencoderKL
 
-    from latent.cases import discover_cases, make_splits, save_splits
-    from latent.phantom import generate_phantom_dataset
-    from latent.provenance import git_revision, machine_description
-    from latent.vae import save_vae_dir
+    from latent.core.cases import discover_cases, make_splits, save_splits
+    from latent.core.phantom.generate import generate_phantom_dataset
+    from latent.core.provenance import git_revision, machine_description
+    from latent.core.vae.loading import save_vae_dir
 
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="bench_faults_"))

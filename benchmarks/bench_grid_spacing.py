@@ -46,12 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from latent.decode.grid_floor import grid_floor_sct  # noqa: E402
-from latent.cases import Case, discover_cases  # noqa: E402
-from latent.grid import FIT_PRESETS, CanonicalGrid, body_extent_mm, parse_grid_spec, plan_mapping  # noqa: E402
-from latent.metrics import bone_dice, image_metrics  # noqa: E402
-from latent.phantom import generate_phantom_dataset  # noqa: E402
-from latent.prepare import read_native  # noqa: E402
-from latent.provenance import git_revision, machine_description  # noqa: E402
+from latent.core.cases import Case, discover_cases  # noqa: E402
+from latent.core.grid import FIT_PRESETS, CanonicalGrid, body_extent_mm, parse_grid_spec, plan_mapping  # noqa: E402
+from latent.evaluation.metrics import bone_dice, image_metrics  # noqa: E402
+from latent.core.phantom.generate import generate_phantom_dataset  # noqa: E402
+from latent.core.prepare import read_native  # noqa: E402
+from latent.core.provenance import git_revision, machine_description  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MEAN_MAE_LIMIT_HU = 10.0
@@ -90,7 +90,7 @@ def maisi_meta() -> Any:
     """The MAISI VAE architecture on the meta device (plans and activations need shapes only)."""
     import torch
 
-    from latent.vae import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
+    from latent.core.vae.loading import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
 
     with torch.device("meta"):
         network = build_vae("AutoencoderKlMaisi", MAISI_CONFIG, "meta")
@@ -99,7 +99,7 @@ def maisi_meta() -> Any:
 
 def encode_cost(vae: Any, shape: tuple[int, int, int], throughput: dict | None) -> dict:
     """Tiling plan, largest activation and the estimated encode seconds / peak RSS of one canonical shape."""
-    from latent.vae_tiling import largest_activation, plan_tiles
+    from latent.core.vae.tiling import largest_activation, plan_tiles
 
     plan = plan_tiles(vae, shape, "encode")
     window = shape if plan is None else plan.window
@@ -230,9 +230,9 @@ def _throughput_child(window: tuple[int, int, int], repeats: int, threads: int) 
     """MAISI fp32 encode of one window (random weights) in this process: median seconds and peak RSS."""
     import torch
 
-    from latent.vae import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
-    from latent.vae_inference import encode_mu
-    from latent.vae_tiling import largest_activation
+    from latent.core.vae.loading import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
+    from latent.core.vae.inference import encode_mu
+    from latent.core.vae.tiling import largest_activation
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -1,9 +1,9 @@
-"""Cost of checking a volume's compressed data before it is read (``latent.volume_files``).
+"""Cost of checking a volume's compressed data before it is read (``latent.core.volume_files``).
 
 One SynthRAD-size CT (150 x 512 x 512 voxels, int16, the synthetic case of
 ``bench_metrics.py``) is written compressed as ``.mha`` (SimpleITK, zlib) and as ``.nii.gz``; each
 is timed (fastest of ``--repeats``) for the check alone (``verify_volume_file``: one inflate,
-CRC/Adler checked, output discarded), for SimpleITK's read alone, and for ``latent.io.read_volume``
+CRC/Adler checked, output discarded), for SimpleITK's read alone, and for ``latent.core.io.read_volume``
 (check + read + geometry checks).
 
 Run: ``.venv/bin/python benchmarks/bench_integrity.py [--note "..."]``; writes
@@ -27,9 +27,9 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_metrics import synthetic_case  # noqa: E402  (benchmarks/ helper)
 
-from latent.io import VolumeProperties, read_volume, write_volume  # noqa: E402
-from latent.provenance import git_revision, machine_description  # noqa: E402
-from latent.volume_files import verify_volume_file  # noqa: E402
+from latent.core.io import VolumeProperties, read_volume, write_volume  # noqa: E402
+from latent.core.provenance import git_revision, machine_description  # noqa: E402
+from latent.core.volume_files import verify_volume_file  # noqa: E402
 
 SHAPE = (150, 512, 512)
 SPACING_XYZ = (1.0, 1.0, 2.5)

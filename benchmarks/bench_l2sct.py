@@ -55,7 +55,7 @@ def run(work: Path, seconds: float, regress_seconds: float = 75.0, adapt_seconds
     """Build the demo's data and cache under ``work``, train and score every row."""
     from latent.app.demo import DemoConfig, comparison_rows, prepare_data, vae_and_encode
     from latent.app.methods import predict_method, train_method, vae_floor_result
-    from latent.recipes import RECIPES_DIR
+    from latent.core.recipes import RECIPES_DIR
 
     config = DemoConfig()
     data, splits = prepare_data(work, config)
@@ -85,7 +85,7 @@ def run_long(work: Path, total_seconds: float, regress_seconds: float = 75.0, ad
     of the phantom study (same data and split)."""
     from latent.app.demo import DemoConfig, comparison_rows, prepare_data, vae_and_encode
     from latent.app.methods import predict_method, train_method, vae_floor_result
-    from latent.recipes import RECIPES_DIR
+    from latent.core.recipes import RECIPES_DIR
 
     data, splits = prepare_data(work, DemoConfig())
     test = splits["test"]
@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPOSITORY))
-    from latent.provenance import git_revision, machine_description
+    from latent.core.provenance import git_revision, machine_description
 
     load_before = os.getloadavg()
     started = time.perf_counter()

@@ -1,14 +1,14 @@
-"""Speed and agreement of ``latent.metrics.score_case`` against a clean reference, and the
+"""Speed and agreement of ``latent.evaluation.metrics.score_case`` against a clean reference, and the
 time of a whole ``latent evaluate``.
 
 One seeded synthetic case of SynthRAD size (91 x 367 x 465 voxels, body mask about half the
 volume) is scored with every metric ``latent evaluate`` computes per case (MAE, PSNR, MS-SSIM,
 SSIM, bone Dice / HD95, per-tissue errors), once by ``benchmarks/metrics_reference.py`` (plain
 float64 numpy/scipy in the organisers' style: ``uniform_filter`` per local statistic,
-``fftconvolve`` between MS-SSIM levels) and once by ``latent.metrics.score_case``. A second
+``fftconvolve`` between MS-SSIM levels) and once by ``latent.evaluation.metrics.score_case``. A second
 variant puts a 3071 HU implant inside the mask, which makes the SSIM (ceiling 3000 HU) need its
 own moments. Then ``--cases`` copies of the case are written as .mha files and scored by
-``latent.evaluate.evaluate_predictions`` with one worker and with ``--workers``; the time of a
+``latent.evaluation.scoring.evaluate_predictions`` with one worker and with ``--workers``; the time of a
 223-case evaluation (the SynthRAD2025 Task 1 test set) is projected from the latter.
 
 Run: ``.venv/bin/python benchmarks/bench_metrics.py [--note "machine load ..."]``; writes
@@ -36,9 +36,9 @@ from scipy.ndimage import gaussian_filter
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import metrics_reference  # noqa: E402  (benchmarks/ helper, not part of the package)
 
-from latent import metrics  # noqa: E402
-from latent.evaluate import evaluate_predictions  # noqa: E402
-from latent.io import VolumeProperties, write_volume  # noqa: E402
+from latent.evaluation import metrics  # noqa: E402
+from latent.evaluation.scoring import evaluate_predictions  # noqa: E402
+from latent.core.io import VolumeProperties, write_volume  # noqa: E402
 
 #: SynthRAD2025 Task 1 pelvis-sized volume, (z, y, x), and its spacing (x, y, z) in mm.
 SHAPE = (91, 367, 465)
@@ -188,7 +188,7 @@ def report(result: dict, args: argparse.Namespace) -> list[str]:
     plain, implant, evaluation = result["case"], result["case_with_implant"], result["evaluation"]
     load = result["machine"]["load_average_1min"]
     lines = [
-        "# latent evaluate per case: latent.metrics vs a clean numpy/scipy reference",
+        "# latent evaluate per case: latent.evaluation.metrics vs a clean numpy/scipy reference",
         "",
         f"Case {SHAPE[0]} x {SHAPE[1]} x {SHAPE[2]} (z, y, x), spacing {SPACING_XYZ} mm (x, y, z), mask "
         f"{result['mask_fraction']:.1%} of the volume, seed {args.seed}; {os.cpu_count()} CPUs, 1-min load "
@@ -196,12 +196,12 @@ def report(result: dict, args: argparse.Namespace) -> list[str]:
         "Reference: `benchmarks/metrics_reference.py` (float64, full volumes, `uniform_filter` per "
         "statistic, `fftconvolve` between MS-SSIM levels, skimage SSIM, full-volume EDT for HD95).",
         "",
-        "| metric | reference | latent.metrics | relative difference |",
+        "| metric | reference | latent.evaluation.metrics | relative difference |",
         "| --- | --- | --- | --- |",
         *(f"| {k} | {v:.10g} | {plain['ours'][k]:.10g} | {plain['relative_difference'][k]:.1e} |"
           for k, v in plain["reference"].items()),
         "",
-        "| case | reference (s) | latent.metrics (s) | speed-up | max relative difference |",
+        "| case | reference (s) | latent.evaluation.metrics (s) | speed-up | max relative difference |",
         "| --- | --- | --- | --- | --- |",
         f"| plain (best of {args.repeats}) | {plain['reference_seconds']:.2f} | {plain['ours_seconds']:.2f} | "
         f"{plain['speedup']:.1f}x | {plain['max_relative_difference']:.1e} |",

@@ -3,7 +3,7 @@
 For each VAE (the shipped stand-in with its trained weights, and the released MAISI architecture
 with random weights), each part (encode, decode) and each margin, the activation limit is lowered
 until the volume no longer fits one pass, so ``encode_mu`` / ``decode`` tile it with the plan of
-``latent.vae_tiling.plan_tiles``. Recorded per row: the plan (window, windows per axis), the
+``latent.core.vae.tiling.plan_tiles``. Recorded per row: the plan (window, windows per axis), the
 voxels it processes over the volume's, the tiled over the untiled network seconds (target <= 1.25),
 and the seam error: the relative L2 of the tiled latent (encode) or image (decode) against the
 untiled one, and for the stand-in's decode the MAE in HU inside the body. The input is one phantom
@@ -34,15 +34,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from latent.cases import discover_cases  # noqa: E402
-from latent.grid import parse_grid_spec  # noqa: E402
-from latent.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU  # noqa: E402
-from latent.phantom import generate_phantom_dataset  # noqa: E402
-from latent.prepare import prepare_case  # noqa: E402
-from latent.provenance import git_revision, machine_description  # noqa: E402
-from latent.vae import MAISI_CONFIG, LoadedVAE, build_vae, load_vae  # noqa: E402
-from latent.vae_inference import decode, encode_mu  # noqa: E402
-from latent.vae_tiling import largest_activation, plan_tiles  # noqa: E402
+from latent.core.cases import discover_cases  # noqa: E402
+from latent.core.grid import parse_grid_spec  # noqa: E402
+from latent.core.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU  # noqa: E402
+from latent.core.phantom.generate import generate_phantom_dataset  # noqa: E402
+from latent.core.prepare import prepare_case  # noqa: E402
+from latent.core.provenance import git_revision, machine_description  # noqa: E402
+from latent.core.vae.loading import MAISI_CONFIG, LoadedVAE, build_vae, load_vae  # noqa: E402
+from latent.core.vae.inference import decode, encode_mu  # noqa: E402
+from latent.core.vae.tiling import largest_activation, plan_tiles  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TIME_TARGET = 1.25

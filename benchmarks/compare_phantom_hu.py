@@ -24,9 +24,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from latent.io import read_volume
-from latent.phantom import case_ids, case_rng, render_case
-from latent.phantom_anatomy import TISSUES
+from latent.core.io import read_volume
+from latent.core.phantom.generate import case_ids, case_rng, render_case
+from latent.core.phantom.anatomy import TISSUES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -5,7 +5,7 @@ Run on a CUDA machine (random weights: the released ones are not needed for spee
     python benchmarks/gpu_check.py --out gpu_check.json [--row-limit 120] [--rows e2e,train]
 
 Rows (``--list`` prints them):
-- ``vae encode|decode ZxYxX fp32|bf16``: ``latent.vae_inference.encode_mu`` / ``decode`` of the MAISI
+- ``vae encode|decode ZxYxX fp32|bf16``: ``latent.core.vae.inference.encode_mu`` / ``decode`` of the MAISI
   architecture at 96 x 320 x 320 (the synthrad-1.5mm grid) and 128 x 512 x 512 (a whole SynthRAD
   slab), with the project's automatic tiling below 2^31 elements per activation;
 - ``e2e l2sct`` and ``e2e l2l_ddim`` (25 DDIM steps): one SynthRAD-size AB phantom (the longest
@@ -75,7 +75,7 @@ def timed(function, repeats: int = 3, warmup: int = 1) -> dict:
 
 def maisi_random():
     """The MAISI VAE architecture with random weights on CUDA."""
-    from latent.vae import MAISI_CONFIG, LoadedVAE, build_vae
+    from latent.core.vae.loading import MAISI_CONFIG, LoadedVAE, build_vae
 
     network = build_vae("AutoencoderKlMaisi", MAISI_CONFIG, device="cuda")
     return LoadedVAE(network, "maisi-random", "AutoencoderKlMaisi", dict(MAISI_CONFIG), "0" * 64)
@@ -84,7 +84,7 @@ def maisi_random():
 def vae_row(what: str, shape_text: str, precision: str) -> dict:
     import torch
 
-    from latent.vae_inference import decode, encode_mu
+    from latent.core.vae.inference import decode, encode_mu
 
     vae, bf16 = maisi_random(), precision == "bf16"
     shape = tuple(int(v) for v in shape_text.split("x"))
@@ -110,7 +110,7 @@ def recipe_model_config(recipe: str, work: Path) -> dict:
     if config["family"] == "l2sct" and config.get("decoder", "from_vae") == "from_vae" and not config.get("vae"):
         import torch
 
-        from latent.vae import MAISI_CONFIG, build_vae
+        from latent.core.vae.loading import MAISI_CONFIG, build_vae
 
         weights = work / "maisi_random.pt"  # the exact MAISI decode path, random weights (speed only)
         torch.save(build_vae("AutoencoderKlMaisi", MAISI_CONFIG).state_dict(), weights)
@@ -125,8 +125,8 @@ def e2e_row(family: str) -> dict:
     from latent.decode.pipeline import TrainedRun
     from latent.encode.latents import grid_record
     from latent.app.predict_run import PredictOptions, predict_files
-    from latent.grid import parse_grid_spec
-    from latent.phantom import generate_phantom_dataset
+    from latent.core.grid import parse_grid_spec
+    from latent.core.phantom.generate import generate_phantom_dataset
     from latent.translate.models.base import build_model
 
     work = Path(tempfile.mkdtemp(prefix="gpu_e2e_"))

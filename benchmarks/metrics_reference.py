@@ -1,6 +1,6 @@
 """Plain numpy/scipy SynthRAD2025 metrics, written the way the organisers' evaluation code is.
 
-The yardstick for ``latent.metrics`` in ``bench_metrics.py`` and the parity tests: full-volume
+The yardstick for ``latent.evaluation.metrics`` in ``bench_metrics.py`` and the parity tests: full-volume
 float64 arrays, ``scipy.ndimage.uniform_filter`` per local statistic, ``fftconvolve`` for the
 downsampling between MS-SSIM levels, ``skimage`` for the SynthRAD2023 SSIM, plain numpy for
 MAE, PSNR, Dice and the per-tissue errors, ``distance_transform_edt`` on the whole volume for
@@ -115,7 +115,7 @@ def tissue_errors(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray) -> dict[st
 
 
 def score_case(ct: np.ndarray, sct: np.ndarray, mask: np.ndarray, spacing_xyz: Sequence[float]) -> dict[str, float]:
-    """Every metric ``latent.metrics.score_case`` returns, from float64 copies of the inputs."""
+    """Every metric ``latent.evaluation.metrics.score_case`` returns, from float64 copies of the inputs."""
     mask = np.where(mask > 0, 1.0, 0.0)
     gt = np.where(mask == 0, -1024.0, ct.astype(np.float64))
     pred = np.where(mask == 0, -1024.0, sct.astype(np.float64))

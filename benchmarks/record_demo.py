@@ -27,7 +27,7 @@ def main() -> int:
     parser.add_argument("--note", default="", help="recorded in the header (machine state, purpose)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPOSITORY))
-    from latent.provenance import git_revision, machine_description
+    from latent.core.provenance import git_revision, machine_description
 
     checkout = args.checkout.resolve()
     started = time.perf_counter()

@@ -6,7 +6,7 @@ Reads the ``latent vae fit`` output folder ``RUN/vae`` (``config.json``, ``model
 ``fit_config.json``) and the phantom set it was trained on, copies the two model files to
 ``latent/weights/standin_vae/``, scores the copy on the validation cases (masked MAE in HU of
 decode(encode(CT)) on the canonical grid, per tissue class) and writes ``PROVENANCE.md`` beside
-it. It prints the two SHA-256 digests to pin in ``latent.vae.SHIPPED_VAES``.
+it. It prints the two SHA-256 digests to pin in ``latent.core.vae.loading.SHIPPED_VAES``.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ def validation_figures(vae_dir: Path, data: Path, split: Path, grid: str) -> dic
     """Mean over the validation cases of the canonical-grid CT floor, overall and per tissue."""
     import torch
 
-    from latent.cases import discover_cases, load_splits
-    from latent.grid import parse_grid_spec
-    from latent.intensity import full_to_ct, vae_to_ct
-    from latent.metrics import tissue_errors
-    from latent.prepare import prepare_case
-    from latent.vae import load_vae
-    from latent.vae_inference import decode, encode_mu
+    from latent.core.cases import discover_cases, load_splits
+    from latent.core.grid import parse_grid_spec
+    from latent.core.intensity import full_to_ct, vae_to_ct
+    from latent.evaluation.metrics import tissue_errors
+    from latent.core.prepare import prepare_case
+    from latent.core.vae.loading import load_vae
+    from latent.core.vae.inference import decode, encode_mu
 
     vae = load_vae(str(vae_dir))
     val = set(load_splits(split)["val"])
@@ -62,7 +62,7 @@ def main() -> int:
     parser.add_argument("--wall", required=True, help="wall time of the training, as measured")
     parser.add_argument("--revision", required=True, help="git revision the training ran at")
     args = parser.parse_args()
-    from latent.vae import sha256_file
+    from latent.core.vae.loading import sha256_file
 
     source = args.run / "vae"
     report = json.loads((source / "fit_config.json").read_text())
@@ -86,7 +86,7 @@ test and no demo uses; it knows nothing of real anatomy.
 | | |
 | --- | --- |
 | files | `config.json` sha256 `{config}`; `model.safetensors` sha256 `{weights}` ({(TARGET / 'model.safetensors').stat().st_size / 2**20:.1f} MiB) |
-| pinned in | `latent/vae.py`, `SHIPPED_VAES["standin"]` (both files are checked before loading) |
+| pinned in | `latent/core/vae/loading.py`, `SHIPPED_VAES["standin"]` (both files are checked before loading) |
 | training data | `latent phantom` version {phantom['version']}, seed {phantom['seed']}, {len(phantom['cases'])} cases (AB, HN, TH), size `{phantom['size']}`; split: {len(splits['train'])} train, {len(splits['val'])} val; canonical grid `{grid_spec}`; MR and CT of every training case |
 | settings | `configs/vae_standin.yaml` (resolved: `{json.dumps(report['config'], sort_keys=True)}`) |
 | steps | {report['steps']} optimiser steps; kept: the EMA weights of step {report['selected_step']}, {report['selected_by']} |

@@ -6,7 +6,7 @@ more steps (or another setting) would buy, in steps, so the answer does not depe
     python benchmarks/vae_convergence.py prepare --demo demo_run --out vae_volumes.npz    # CPU, SimpleITK
     python benchmarks/vae_convergence.py run --volumes vae_volumes.npz --out result.json  # any device
 
-``run`` fits :func:`latent.vae_fit.fit_vae` once per setting, resuming up to each evaluation
+``run`` fits :func:`latent.core.vae.fit.fit_vae` once per setting, resuming up to each evaluation
 step, and scores decode(encode(CT)) of the test split on the canonical grid: MAE in HU inside
 the body mask (the VAE window is 2000 HU wide). Steps per second on the device are recorded too.
 """
@@ -44,10 +44,10 @@ VAE_WINDOW_HU = 2000.0
 
 def prepare(demo: Path, out: Path) -> None:
     """Canonical, normalised training volumes and test CTs with masks of a demo folder."""
-    from latent.cases import discover_cases, load_splits
+    from latent.core.cases import discover_cases, load_splits
     from latent.app.demo import DEMO_GRID
-    from latent.prepare import prepare_case, resolve_grid
-    from latent.vae_pipeline import training_volumes
+    from latent.core.prepare import prepare_case, resolve_grid
+    from latent.core.vae.pipeline import training_volumes
 
     volumes = training_volumes(demo / "data", DEMO_GRID, demo / "splits.json", quiet=True).volumes
     test = set(load_splits(demo / "splits.json")["test"])
@@ -65,8 +65,8 @@ def body_mae_hu(vae_dir: Path, ct: np.ndarray, mask: np.ndarray, device: str) ->
     """Mean over test cases of the in-body |decode(encode(CT)) - CT| in HU."""
     import torch
 
-    from latent.vae import load_vae
-    from latent.vae_inference import decode, encode_mu
+    from latent.core.vae.loading import load_vae
+    from latent.core.vae.inference import decode, encode_mu
 
     vae = load_vae(str(vae_dir), device=device)
     errors = []
@@ -82,7 +82,7 @@ def body_mae_hu(vae_dir: Path, ct: np.ndarray, mask: np.ndarray, device: str) ->
 def run(volumes_path: Path, out: Path, evals: list[int], work: Path, names: list[str]) -> dict:
     import torch
 
-    from latent.vae_fit import VAEFitConfig, fit_vae
+    from latent.core.vae.fit import VAEFitConfig, fit_vae
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     data = np.load(volumes_path)

@@ -70,12 +70,12 @@ def score(vae_dir: Path, data: Path, split: Path) -> dict:
     """Validation scores of one fitted VAE: CT MAE in HU overall and per tissue, MR L1."""
     import torch
 
-    from latent.cases import discover_cases, load_splits
-    from latent.prepare import prepare_case
-    from latent.grid import parse_grid_spec
-    from latent.intensity import vae_to_ct
-    from latent.vae import load_vae
-    from latent.vae_inference import decode, encode_mu
+    from latent.core.cases import discover_cases, load_splits
+    from latent.core.prepare import prepare_case
+    from latent.core.grid import parse_grid_spec
+    from latent.core.intensity import vae_to_ct
+    from latent.core.vae.loading import load_vae
+    from latent.core.vae.inference import decode, encode_mu
 
     vae = load_vae(str(vae_dir))
     grid = parse_grid_spec(GRID)
@@ -115,8 +115,8 @@ def score(vae_dir: Path, data: Path, split: Path) -> dict:
 
 def write_results(rows: dict, args: argparse.Namespace, seconds: float, split: Path) -> None:
     """JSON + markdown table of the study (written by this script only)."""
-    from latent.cases import load_splits
-    from latent.provenance import git_revision, machine_description
+    from latent.core.cases import load_splits
+    from latent.core.provenance import git_revision, machine_description
 
     counts = {name: len(pids) for name, pids in load_splits(split).items()}
 

@@ -19,7 +19,7 @@ import google_crc32c
 import numpy as np
 from numcodecs import Blosc
 
-from latent.errors import BadFileError
+from latent.core.errors import BadFileError
 
 _CRC_BYTES = 4
 _BLOSC_HEADER = 16

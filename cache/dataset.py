@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from latent.cases import read_split  # noqa: F401 - one split reader, re-exported
-from latent.standardise import destandardise, standardise  # noqa: F401 - the one standardisation, re-exported
+from latent.core.cases import read_split  # noqa: F401 - one split reader, re-exported
+from latent.core.standardise import destandardise, standardise  # noqa: F401 - the one standardisation, re-exported
 from latent.cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
 
 

@@ -22,7 +22,7 @@ from typing import Iterable
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from latent.cache.producer import canonical_value, is_sha256
-from latent.errors import InputError
+from latent.core.errors import InputError
 
 
 LATENT_KEYS = ("mr_mu", "ct_mu")

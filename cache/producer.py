@@ -14,7 +14,7 @@ import math
 import re
 from typing import Any
 
-from latent.hashing import sha256_file
+from latent.core.hashing import sha256_file
 
 #: Bump when the on-disk layout or the meaning of a stored array changes; old groups then
 #: get a different producer key and are never read as if they were new ones.

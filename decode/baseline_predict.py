@@ -12,13 +12,13 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from latent.atomic import write_text_atomic
-from latent.baselines import BulkModel, fit_bulk_model, water_sct
-from latent.cases import Case
+from latent.core.atomic import write_text_atomic
+from latent.core.baselines import BulkModel, fit_bulk_model, water_sct
+from latent.core.cases import Case
 from latent.decode.predictors import NativePrediction
-from latent.errors import InputError, one_line
-from latent.prepare import read_native
-from latent.runner import Selection
+from latent.core.errors import InputError, one_line
+from latent.core.prepare import read_native
+from latent.core.runner import Selection
 
 BaselineMethod = Literal["water", "bulk"]
 BASELINES = ("water", "bulk")

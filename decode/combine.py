@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from latent.errors import BadConfigError
+from latent.core.errors import BadConfigError
 
 #: ``--tta`` values: no augmentation, or every combination of the family's flip axes.
 TTA_MODES = ("none", "flip")

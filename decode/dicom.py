@@ -35,9 +35,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from latent.errors import InputError
-from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
-from latent.io import VolumeProperties
+from latent.core.errors import InputError
+from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.io import VolumeProperties
 
 logger = logging.getLogger(__name__)
 

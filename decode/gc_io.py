@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from latent.errors import BadFileError
-from latent.io import is_volume_path, strip_volume_suffix
+from latent.core.errors import BadFileError
+from latent.core.io import is_volume_path, strip_volume_suffix
 
 MRI_FOLDER = Path("images") / "mri"
 BODY_FOLDER = Path("images") / "body"

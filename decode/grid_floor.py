@@ -14,13 +14,13 @@ from typing import Literal
 
 import numpy as np
 
-from latent.cases import Case, CaseError
+from latent.core.cases import Case, CaseError
 from latent.decode.native import canonical_to_native_sct
 from latent.decode.predictors import NativePrediction
-from latent.grid import CanonicalGrid
-from latent.intensity import full_to_ct, vae_to_ct
-from latent.io import VolumeProperties
-from latent.prepare import prepare_case
+from latent.core.grid import CanonicalGrid
+from latent.core.intensity import full_to_ct, vae_to_ct
+from latent.core.io import VolumeProperties
+from latent.core.prepare import prepare_case
 
 Window = Literal["full", "vae"]
 

@@ -1,7 +1,7 @@
 """Canonical grid -> exactly the native MR grid, with air outside the body.
 
 The prediction is resampled onto the MR's own grid (size, spacing, origin and direction copied
-from the recorded :class:`latent.grid.GridMapping`); voxels outside the canonical field of view
+from the recorded :class:`latent.core.grid.GridMapping`); voxels outside the canonical field of view
 or outside the native body mask become air (sCT) or 0 (uncertainty maps).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from latent.grid import GridMapping, to_native
-from latent.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.grid import GridMapping, to_native
+from latent.core.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU
 
 
 def _check_canonical(array: np.ndarray, mapping: GridMapping, name: str) -> np.ndarray:

@@ -21,10 +21,10 @@ import torch
 
 from latent.decode.combine import Moments, combine_volumes, flip_variants, mirror
 from latent.decode.sct import output_to_canonical_hu
-from latent.cases import Case
-from latent.errors import BadConfigError
-from latent.grid import CanonicalGrid
-from latent.model_folder import resolve_folder
+from latent.core.cases import Case
+from latent.core.errors import BadConfigError
+from latent.core.grid import CanonicalGrid
+from latent.core.model_folder import resolve_folder
 from latent.translate.models.base import TranslationModel, load_pretrained
 
 
@@ -210,7 +210,7 @@ def combine_predictions(predictions: Sequence[CasePrediction]) -> CasePrediction
 
 def case_from_files(mr: Path, mask: Path | None, pid: str | None = None) -> Case:
     """A :class:`Case` for a lone MR file (``--mr FILE [--mask FILE]``)."""
-    from latent.io import strip_volume_suffix
+    from latent.core.io import strip_volume_suffix
 
     return Case(pid=pid or strip_volume_suffix(mr.name), region="?", centre="?", mr=mr, mask=mask)
 

@@ -18,11 +18,11 @@ from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
-from latent.atomic import write_text_atomic
-from latent.cases import Case
+from latent.core.atomic import write_text_atomic
+from latent.core.cases import Case
 from latent.decode.writers import write_prediction
-from latent.io import VolumeProperties
-from latent.runner import CaseRun, Selection, run_over_cases
+from latent.core.io import VolumeProperties
+from latent.core.runner import CaseRun, Selection, run_over_cases
 
 
 @dataclass

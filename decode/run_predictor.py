@@ -2,7 +2,7 @@
 
 A trained run reads what the cache would hold for the case (:class:`CaseInputs`): from the cache
 itself, or from the case's files, prepared once on the canonical grid (the one reader,
-:func:`latent.prepare.prepare_case`) and encoded by the encode stage
+:func:`latent.core.prepare.prepare_case`) and encoded by the encode stage
 (:func:`latent.encode.latents.encode_prepared`); this stage only translates and decodes.
 """
 
@@ -15,15 +15,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from latent.cases import Case, CaseError
+from latent.core.cases import Case, CaseError
 from latent.decode.native import canonical_to_native_sct, std_to_native
 from latent.decode.pipeline import CasePrediction, TrainedRun, combine_predictions, predict_canonical
 from latent.decode.predictors import NativePrediction
 from latent.encode.latents import encode_prepared
-from latent.grid import CanonicalGrid, GridMapping
-from latent.io import read_volume
-from latent.prepare import prepare_case
-from latent.standardise import standardise
+from latent.core.grid import CanonicalGrid, GridMapping
+from latent.core.io import read_volume
+from latent.core.prepare import prepare_case
+from latent.core.standardise import standardise
 
 
 @dataclass

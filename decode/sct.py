@@ -4,10 +4,10 @@ Two output spaces exist (docs/intensities.md):
 
 - ``"ct_full"``: pixel-space models and the direct latent-to-sCT decoder predict CT normalised
   over the full SynthRAD range [-1024, 3071] HU -> [-1, 1]; mapped back with
-  :func:`latent.intensity.full_to_ct`.
+  :func:`latent.core.intensity.full_to_ct`.
 - ``"ct_latent"``: latent-to-latent models predict (standardised) CT latents; they are
   destandardised, decoded by the frozen VAE, clipped to [0, 1] and mapped back with
-  :func:`latent.intensity.vae_to_ct`. The VAE's CT window is [-1000, 1000] HU, so this route
+  :func:`latent.core.intensity.vae_to_ct`. The VAE's CT window is [-1000, 1000] HU, so this route
   **cannot represent anything above 1000 HU** (cortical bone, teeth, metal saturate at 1000).
 """
 
@@ -19,9 +19,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from latent.standardise import destandardise
-from latent.intensity import full_to_ct, vae_to_ct
-from latent.vae_inference import decode as vae_decode
+from latent.core.standardise import destandardise
+from latent.core.intensity import full_to_ct, vae_to_ct
+from latent.core.vae.inference import decode as vae_decode
 
 OutputSpace = Literal["ct_latent", "ct_full"]
 OUTPUT_SPACES = ("ct_latent", "ct_full")
@@ -31,7 +31,7 @@ def destandardise_latent(
     latent: torch.Tensor, latent_mean: torch.Tensor | None, latent_std: torch.Tensor | None
 ) -> torch.Tensor:
     """(B, C, d, h, w) standardised latents -> float32 latents in the VAE's own scale
-    (:func:`latent.standardise.destandardise`; both statistics ``None`` = identity)."""
+    (:func:`latent.core.standardise.destandardise`; both statistics ``None`` = identity)."""
     return destandardise(latent.float(), latent_mean, latent_std)
 
 

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from latent.decode.dicom import write_dicom_series
-from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
-from latent.io import WRITE_SUFFIXES, VolumeError, VolumeProperties, write_volume
+from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.io import WRITE_SUFFIXES, VolumeError, VolumeProperties, write_volume
 
 #: Values of ``fmt`` for :func:`write_prediction`: image suffixes without the dot, or DICOM.
 PREDICTION_FORMATS = ("mha", "nii.gz", "nii", "nrrd", "dicom")
@@ -43,7 +43,7 @@ def write_sct(
     """Write an sCT (z, y, x) in HU as an image file or a DICOM series, chosen by the path.
 
     - ``.mha`` / ``.nii.gz`` / ``.nii`` / ``.nrrd``: one compressed file, int16 HU (rounded,
-      clipped to [-1024, 3071]), via :func:`latent.io.write_volume`.
+      clipped to [-1024, 3071]), via :func:`latent.core.io.write_volume`.
     - an existing folder, a path ending in a separator, or ``format="dicom"``: a DICOM CT series
       via :func:`latent.decode.dicom.write_dicom_series` (``patient_id`` defaults to the folder name;
       other keyword arguments are passed on).

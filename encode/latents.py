@@ -12,13 +12,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from latent.errors import BadConfigError
-from latent.cases import Case
-from latent.grid import CanonicalGrid
-from latent.hashing import sha256_file
-from latent.prepare import PreparedCase, latent_mask
-from latent.vae import LoadedVAE
-from latent.vae_inference import encode_mu
+from latent.core.errors import BadConfigError
+from latent.core.cases import Case
+from latent.core.grid import CanonicalGrid
+from latent.core.hashing import sha256_file
+from latent.core.prepare import PreparedCase, latent_mask
+from latent.core.vae.loading import LoadedVAE
+from latent.core.vae.inference import encode_mu
 
 
 def grid_record(grid: CanonicalGrid) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from latent.phantom import generate_phantom_dataset
+from latent.core.phantom.generate import generate_phantom_dataset
 
 
 @pytest.fixture(scope="session")

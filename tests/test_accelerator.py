@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import latent.accelerator as acc
-from latent.vae_fit import VAEFitConfig, fit_vae
+import latent.core.accelerator as acc
+from latent.core.vae.fit import VAEFitConfig, fit_vae
 from latent.translate.train import train
 
 from test_train import ToyLatents, tiny_config
@@ -58,7 +58,7 @@ def test_vae_fit_then_translation_training_in_one_process(tmp_path: Path, monkey
 
 
 def test_explicit_bf16_on_a_cpu_that_fails_the_self_test_is_a_config_error() -> None:
-    from latent.errors import BadConfigError
+    from latent.core.errors import BadConfigError
 
     with pytest.raises(BadConfigError, match=r"mixed_precision: bf16 3D convolutions on this CPU differ .* by 0\.9"):
         acc.resolve_precision("bf16", on_gpu=False, cpu_probe=lambda: True, cpu_bf16_error=lambda: 0.9)
@@ -132,7 +132,7 @@ def test_a_vae_fit_starts_from_the_same_weights_whether_or_not_the_self_test_run
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The self-test runs between ``set_seed`` and the model's initialisation: on a CPU with native
     bf16 it used to shift the initial weights, and a resumed fit no longer matched an uninterrupted one."""
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     volumes = [np.random.default_rng(i).random((8, 16, 16), dtype=np.float32) for i in range(2)]
     fit = VAEFitConfig(channels=(4, 4, 8), norm_num_groups=4, max_steps=1, crop=None, final_eval_volumes=0,

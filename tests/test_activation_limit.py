@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from latent.vae import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
-from latent.vae_inference import (
+from latent.core.vae.loading import LAYOUT_MAISI, MAISI_CONFIG, LoadedVAE, build_vae
+from latent.core.vae.inference import (
     ACTIVATION_HEADROOM,
     INT32_ELEMENTS,
     TILE_MARGIN,

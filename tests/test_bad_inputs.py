@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from latent.app.cli import app
-from latent.cases import discover_cases
+from latent.core.cases import discover_cases
 
 GRID = "10x10x6:32x32x32"
 TINY_VAE = {
@@ -60,7 +60,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(phantom_root: Path, tmp_path_factory) -> World:
-    from latent.vae import load_vae, save_vae_dir
+    from latent.core.vae.loading import load_vae, save_vae_dir
     from monai.networks.nets import AutoencoderKL
     from latent.translate.models.base import build_model
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent.cases import discover_cases
-from latent.evaluate import default_evaluate_workers, evaluate_predictions, format_summary
-from latent.io import VolumeProperties, read_volume, write_volume
+from latent.core.cases import discover_cases
+from latent.evaluation.scoring import default_evaluate_workers, evaluate_predictions, format_summary
+from latent.core.io import VolumeProperties, read_volume, write_volume
 from latent.app.predict_run import predict_baseline
-from latent.runner import default_workers, run_over_cases
+from latent.core.runner import default_workers, run_over_cases
 
 
 @pytest.fixture()
@@ -90,7 +90,7 @@ def test_broken_cases_are_reported_and_others_scored(data_copy: Path, tmp_path: 
 def test_predict_reports_broken_inputs(data_copy: Path, tmp_path: Path) -> None:
     cases = discover_cases(data_copy)
     nan_mr = np.full((4, 5, 6), np.nan, np.float32)
-    from latent.io import VolumeProperties
+    from latent.core.io import VolumeProperties
     write_volume(cases[0].mr, nan_mr, VolumeProperties((1, 1, 1), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (6, 5, 4), "float32"))
     cases[1].mask.unlink()
     run = predict_baseline("water", data_copy, tmp_path / "pred", quiet=True)

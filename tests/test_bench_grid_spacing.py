@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from latent.cases import discover_cases
+from latent.core.cases import discover_cases
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_grid_spacing.py"
 ROW_COLUMNS = {

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from latent.app.bench.report import COMPUTE_LABELS, METRIC_LABELS, PAIRED_HEADERS
 from latent.app.cli import app
-from latent.cases import discover_cases, make_splits, save_splits
+from latent.core.cases import discover_cases, make_splits, save_splits
 
 GRID = "10x10x6:32x32x32"
 VAE_KWARGS = {
@@ -47,7 +47,7 @@ def bench_inputs(phantom_root: Path, tmp_path_factory) -> dict[str, Path]:
     """Data copy, split (3 train / 1 val / 2 test), a tiny VAE folder and a tiny recipe."""
     from monai.networks.nets import AutoencoderKL
 
-    from latent.vae import save_vae_dir
+    from latent.core.vae.loading import save_vae_dir
 
     root = tmp_path_factory.mktemp("bench")
     data = root / "data"

@@ -17,7 +17,7 @@ import torch
 import zarr
 
 import latent.cache.store as store_module
-from latent.cases import CaseError
+from latent.core.cases import CaseError
 from latent.cache import (
     CacheError,
     CaseExistsError,

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent.cases import (
+from latent.core.cases import (
     CaseError, Case, check_case_grid, discover_cases, load_splits, make_splits, parse_pid, save_splits,
 )
-from latent.io import VolumeProperties, write_volume
+from latent.core.io import VolumeProperties, write_volume
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -98,8 +98,8 @@ def test_bad_split_file(tmp_path: Path) -> None:
 
 def test_split_files_are_checked_for_leaks(tmp_path: Path) -> None:
     """Issue 32 item 4: a case in two splits, an id twice, an id the data does not hold."""
-    from latent.cases import check_split_ids
-    from latent.errors import BadFileError
+    from latent.core.cases import check_split_ids
+    from latent.core.errors import BadFileError
 
     path = tmp_path / "s.json"
     many = [f"1ABA{number:03d}" for number in range(7)]
@@ -141,7 +141,7 @@ def test_one_patient_in_two_folders_is_refused(tmp_path: Path) -> None:
 
 
 def test_same_size_mrs_that_differ_only_between_the_samples_are_two_patients(tmp_path: Path) -> None:
-    from latent.duplicates import same_volumes
+    from latent.core.duplicates import same_volumes
 
     size = 1 << 20  # the three 64 KiB samples (start, middle, end) agree; bytes at 100 KiB differ
     mrs = {}

@@ -57,8 +57,8 @@ def test_train_verb_runs_the_training_loop_and_reports_a_bad_recipe_in_one_line(
 def test_train_verb_fits_the_vae_recipe_with_the_shared_loop(tmp_path: Path, phantom_root: Path) -> None:
     import json
 
-    from latent.training import latest_checkpoint
-    from latent.vae import load_vae
+    from latent.core.training import latest_checkpoint
+    from latent.core.vae.loading import load_vae
 
     out = tmp_path / "vae"
     small = ["fit.channels=[8, 8, 16]", "fit.crop=[16, 32, 32]", "fit.final_eval_volumes=0", "fit.log_every=1"]
@@ -77,7 +77,7 @@ def test_train_verb_fits_the_vae_recipe_with_the_shared_loop(tmp_path: Path, pha
 
 
 def test_debug_shows_the_traceback_of_an_input_error(tmp_path: Path, phantom_root: Path) -> None:
-    from latent.cases import CaseError
+    from latent.core.cases import CaseError
 
     arguments = ["evaluate", "--pred", str(tmp_path / "nope"), "--data", str(phantom_root)]
     assert runner.invoke(app, arguments).exit_code == 2

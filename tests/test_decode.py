@@ -17,10 +17,10 @@ from latent.decode.gc_io import GCInputError, gc_output_path, parse_region, read
 from latent.decode.native import canonical_to_native_sct, std_to_native
 from latent.decode.sct import output_to_canonical_hu
 from latent.decode.writers import prediction_paths, write_prediction, write_sct
-from latent.grid import CanonicalGrid, plan_mapping
-from latent.intensity import full_to_ct, vae_to_ct
-from latent.io import VolumeError, VolumeProperties, read_volume, write_volume
-from latent.vae_inference import decode as vae_decode
+from latent.core.grid import CanonicalGrid, plan_mapping
+from latent.core.intensity import full_to_ct, vae_to_ct
+from latent.core.io import VolumeError, VolumeProperties, read_volume, write_volume
+from latent.core.vae.inference import decode as vae_decode
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -344,8 +344,8 @@ def test_read_gc_inputs_pairs_by_sorted_name_and_maps_region(tmp_path: Path) -> 
     assert [(c.mri_path.name, c.mask_path.name, c.region) for c in cases] == [
         ("a-uuid.mha", "x.mha", "HN"), ("b-uuid.mha", "y.mha", "HN"),
     ]
-    from latent.cases import Case
-    from latent.prepare import read_native
+    from latent.core.cases import Case
+    from latent.core.prepare import read_native
 
     with pytest.raises(Exception, match="covers every voxel"):  # read like any case: the one reader's checks
         read_native(Case(cases[0].mri_path.name, cases[0].region, "?", cases[0].mri_path, mask=cases[0].mask_path))

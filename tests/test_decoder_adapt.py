@@ -15,8 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from latent.app.cli import app
-from latent.errors import BadConfigError
-from latent.io import read_volume
+from latent.core.errors import BadConfigError
+from latent.core.io import read_volume
 from latent.translate.models.base import build_model, load_pretrained
 
 from test_predict_run import runs  # noqa: F401 - the module fixture: phantom copy, tiny VAE, encoded cache

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent.dose import (
+from latent.evaluation.dose import (
     INSTALL_HINT, BeamTemplate, DoseExtraMissing, DoseProtocol, ProtocolError, StoppingPowerCurve, beam_direction,
     load_protocol, range_shifts, run_dose,
 )
-from latent.dose.dose_metrics import conformity_index, dose_mae, dvh_parameters
-from latent.dose.plan_cache import PlanCache
-from latent.dose.structures import case_structures, generate_structures, write_structure_file
-from latent.io import VolumeProperties, read_volume, write_volume
+from latent.evaluation.dose.dose_metrics import conformity_index, dose_mae, dvh_parameters
+from latent.evaluation.dose.plan_cache import PlanCache
+from latent.evaluation.dose.structures import case_structures, generate_structures, write_structure_file
+from latent.core.io import VolumeProperties, read_volume, write_volume
 
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 #: Small native grid (x, y, z) and spacing: a 140 x 120 x 72 mm box.
@@ -241,8 +241,8 @@ def test_protocol_errors_name_the_field(tmp_path: Path) -> None:
 
 def test_range_proxy_on_phantom_anatomy(phantom_root: Path, tmp_path: Path) -> None:
     """Water baseline on phantom anatomy: structures fit every region; lungs read as water add most path."""
-    from latent.baselines import water_sct
-    from latent.cases import discover_cases
+    from latent.core.baselines import water_sct
+    from latent.core.cases import discover_cases
 
     cases = {case.region: case for case in discover_cases(phantom_root)}
     for case in cases.values():

@@ -21,13 +21,13 @@ from typer.testing import CliRunner
 
 from latent.cache import CacheError, LatentCache, LatentPairDataset, latent_statistics, list_producers, sha256_file
 from latent.app.encode_run import encode_dataset
-from latent.cases import discover_cases, save_splits
+from latent.core.cases import discover_cases, save_splits
 from latent.app.cli import app
-from latent.grid import SHAPE_MULTIPLE, body_extent_mm, parse_grid_spec
-from latent.io import read_volume, write_volume
-from latent.prepare import latent_mask, prepare_case, read_native
-from latent.vae import load_vae, save_vae_dir
-from latent.vae_inference import encode_mu
+from latent.core.grid import SHAPE_MULTIPLE, body_extent_mm, parse_grid_spec
+from latent.core.io import read_volume, write_volume
+from latent.core.prepare import latent_mask, prepare_case, read_native
+from latent.core.vae.loading import load_vae, save_vae_dir
+from latent.core.vae.inference import encode_mu
 
 GRID = "10x10x6:32x32x32"
 LATENT_SHAPE = (4, 8, 8, 8)  # (C, d, h, w) of GRID with the x4 VAE
@@ -496,7 +496,7 @@ def test_latent_statistics_cover_the_split_train_cases(tmp_path, encoded, data_r
 
 
 def test_without_a_split_file_the_statistics_leave_the_default_test_cases_out(tmp_path, data_root, vae_a):
-    from latent.cases import make_splits
+    from latent.core.cases import make_splits
 
     root = tmp_path / "nine"
     for case in discover_cases(data_root):  # three cases per region: the default split then has a test case

@@ -21,9 +21,9 @@ from latent.decode.combine import Moments, flip_variants, mirror
 from latent.decode.pipeline import TrainedRun, combine_predictions, predict_canonical, translate_input
 from latent.app.cli import app
 from latent.app.predict_run import Ensemble, PredictOptions, predict_dataset
-from latent.cases import fold_of_splits, make_folds, parse_fold, read_split
-from latent.evaluate import evaluate_predictions, std_error_spearman
-from latent.io import read_volume
+from latent.core.cases import fold_of_splits, make_folds, parse_fold, read_split
+from latent.evaluation.scoring import evaluate_predictions, std_error_spearman
+from latent.core.io import read_volume
 from latent.translate.models.base import build_model
 from latent.translate.train import parse_config, train
 

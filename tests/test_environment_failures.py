@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import latent.io
+import latent.core.io
 from latent.app.cli import app
-from latent.atomic import TEMPORARY_PREFIX, remove_stale_temporaries, write_text_atomic
-from latent.cases import discover_cases
+from latent.core.atomic import TEMPORARY_PREFIX, remove_stale_temporaries, write_text_atomic
+from latent.core.cases import discover_cases
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _predict(data: Path, out: Path) -> list[str]:
 
 def _refuse_writes_after(monkeypatch, allowed: int, code: int) -> None:
     """Let ``allowed`` volume writes through, then fail each with ``OSError(code)`` naming the target."""
-    real = latent.io.write_atomic
+    real = latent.core.io.write_atomic
     calls = {"n": 0}
 
     def write(target, write_file, suffix=""):
@@ -49,7 +49,7 @@ def _refuse_writes_after(monkeypatch, allowed: int, code: int) -> None:
             raise OSError(code, os.strerror(code), str(target))
         return real(target, write_file, suffix)
 
-    monkeypatch.setattr(latent.io, "write_atomic", write)
+    monkeypatch.setattr(latent.core.io, "write_atomic", write)
 
 
 @pytest.mark.parametrize("code, reason", [(errno.ENOSPC, "no space left on the device"),
@@ -81,7 +81,7 @@ def test_out_of_memory_in_a_case_is_a_case_failure(phantom_root: Path, tmp_path:
     def no_memory(*args, **kwargs):
         raise MemoryError()
 
-    monkeypatch.setattr(latent.io, "write_atomic", no_memory)
+    monkeypatch.setattr(latent.core.io, "write_atomic", no_memory)
     result = runner.invoke(app, _predict(phantom_root, tmp_path / "pred"))
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "out of memory; free memory or use a smaller grid or tile" in result.output
@@ -139,7 +139,7 @@ def test_leftovers_of_killed_runs_are_removed_on_the_next_run(phantom_root: Path
 
 
 def test_outputs_get_the_process_umask(phantom_root: Path, tmp_path: Path) -> None:
-    from latent.model_folder import write_model_folder
+    from latent.core.model_folder import write_model_folder
 
     previous = os.umask(0o022)
     try:
@@ -205,7 +205,7 @@ def _interrupt(arguments: list[str], module: str, name: str, done: Path, pattern
 @pytest.mark.slow
 def test_ctrl_c_during_predict_writes_the_summary_and_exits_130(phantom_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "pred"
-    result = _interrupt(_predict(phantom_root, out), "latent.io", "write_volume", out, "1*.mha", tmp_path)
+    result = _interrupt(_predict(phantom_root, out), "latent.core.io", "write_volume", out, "1*.mha", tmp_path)
     assert result.returncode == 130, result
     assert "Traceback" not in result.stderr
     planned = len(discover_cases(phantom_root))
@@ -223,7 +223,7 @@ def test_ctrl_c_during_encode_leaves_a_valid_cache_that_a_rerun_completes(phanto
     import torch
     from monai.networks.nets import AutoencoderKL
 
-    from latent.vae import save_vae_dir
+    from latent.core.vae.loading import save_vae_dir
     from tests.test_bad_inputs import GRID, TINY_VAE
 
     torch.manual_seed(0)

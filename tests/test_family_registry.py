@@ -13,7 +13,7 @@ import yaml
 
 import latent.translate.models as family_package
 from latent.app.bench.config import learned_methods, parse_methods, samples_per_case
-from latent.errors import BadConfigError
+from latent.core.errors import BadConfigError
 from latent.translate.models.base import load_pretrained, model_class, model_families, translating_families
 from latent.translate.train import load_config, train
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from typer.testing import CliRunner
 
 from latent.app.cli import app
-from latent.run_folder import RUN_RECORDS, file_problem, validate_checkpoint
+from latent.core.run_folder import RUN_RECORDS, file_problem, validate_checkpoint
 
 TINY_MODEL = {"family": "l2l_regress", "channels": [8, 8], "norm_num_groups": 4}
 
@@ -151,8 +151,8 @@ def test_every_checkpoint_file_of_a_good_run_reads_whole(trained):
 
 
 def test_vae_fit_refuses_a_finished_vae_before_reading_volumes(tmp_path, monkeypatch):
-    from latent import vae_pipeline
-    from latent.errors import InputError
+    from latent.core.vae import pipeline as vae_pipeline
+    from latent.core.errors import InputError
 
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "model.safetensors").write_bytes(b"weights")

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from latent.decode.grid_floor import grid_floor_sct
-from latent.cases import discover_cases, make_splits, save_splits
-from latent.errors import BadConfigError
-from latent.grid import CanonicalGrid, body_extent_mm, parse_grid_spec, plan_mapping
-from latent.intensity import AIR_HU
-from latent.io import VolumeProperties, read_volume, write_volume
-from latent.prepare import TruncationError, prepare_case
+from latent.core.cases import discover_cases, make_splits, save_splits
+from latent.core.errors import BadConfigError
+from latent.core.grid import CanonicalGrid, body_extent_mm, parse_grid_spec, plan_mapping
+from latent.core.intensity import AIR_HU
+from latent.core.io import VolumeProperties, read_volume, write_volume
+from latent.core.prepare import TruncationError, prepare_case
 from test_predict_run import LATENT_UNET, _save_tiny_vae
 from latent.translate.models.base import ModelConfig, TranslationModel, build_model
 from latent.translate.train import parse_config, train
@@ -48,7 +48,7 @@ def _write_long_case(root: Path, pid: str = "1ABA001") -> Path:
 
 def test_a_body_longer_than_every_preset_is_encoded_whole_and_restored_whole(tmp_path: Path) -> None:
     from latent.app.encode_run import encode_dataset
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
     from latent.cache import LatentCache, pick_producer
 
     data = _write_long_case(tmp_path / "data")
@@ -76,7 +76,7 @@ def test_a_body_longer_than_every_preset_is_encoded_whole_and_restored_whole(tmp
 
 def test_a_fixed_grid_that_cuts_the_body_is_refused_in_one_line_or_kept_with_a_warning(tmp_path, caplog) -> None:
     from latent.app.encode_run import encode_dataset
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     data = _write_long_case(tmp_path / "data")
     case = discover_cases(data)[0]
@@ -180,7 +180,7 @@ def test_sliding_window_translation_of_a_family_stays_close_to_one_pass(family: 
 def test_training_on_a_fitted_cache_needs_a_crop_then_predicts_whole_cases(phantom_root: Path, tmp_path: Path) -> None:
     from latent.app.encode_run import encode_dataset
     from latent.app.predict_run import load_run_and_vae, predict_dataset
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     data = tmp_path / "data"
     shutil.copytree(phantom_root, data)

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from latent.app.cli import app
 from latent.app.encode_run import encode_dataset
 from latent.cache import LatentCache
-from latent.cases import discover_cases, save_splits
-from latent.vae import load_vae, save_vae_dir
+from latent.core.cases import discover_cases, save_splits
+from latent.core.vae.loading import load_vae, save_vae_dir
 
 GRID = "10x10x6:32x32x32"
 TINY_VAE = dict(

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from latent.grid import (
+from latent.core.grid import (
     CanonicalGrid, GridError, GridMapping, auto_grid, body_extent_mm, parse_grid_spec, plan_mapping,
     to_canonical, to_native,
 )
-from latent.io import VolumeProperties
+from latent.core.io import VolumeProperties
 
 ROTATED = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)

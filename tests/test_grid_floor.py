@@ -8,9 +8,9 @@ import SimpleITK as sitk
 
 from latent.app.predict_run import predict_grid_floor
 from latent.decode.grid_floor import grid_floor_sct
-from latent.cases import CaseError, discover_cases
-from latent.grid import parse_grid_spec
-from latent.io import read_volume
+from latent.core.cases import CaseError, discover_cases
+from latent.core.grid import parse_grid_spec
+from latent.core.io import read_volume
 
 GRID = "3x3x5:32x128x128"
 
@@ -18,7 +18,7 @@ GRID = "3x3x5:32x128x128"
 def _direct_round_trip(case, grid, window: tuple[float, float] = (-1024.0, 3071.0)) -> np.ndarray:
     """The same round trip written straight with SimpleITK: resample onto a box of the grid's shape
     and spacing centred as the pipeline centres it, then back onto the CT's own grid."""
-    from latent.grid import plan_mapping
+    from latent.core.grid import plan_mapping
 
     ct = sitk.ReadImage(str(case.ct), sitk.sitkFloat32)
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(case.mask))) > 0

@@ -12,8 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from latent.errors import BadFileError, WeightsError
-from latent.model_folder import publishable_files, read_model_config, resolve_folder, write_model_folder
+from latent.core.errors import BadFileError, WeightsError
+from latent.core.model_folder import publishable_files, read_model_config, resolve_folder, write_model_folder
 
 FAKE_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
@@ -92,8 +92,8 @@ def test_a_run_pushed_to_the_hub_loads_back_as_hf_spec(tmp_path: Path, hub: dict
 
 def test_a_vae_folder_round_trips_through_the_hub(tmp_path: Path, hub: dict) -> None:
     from latent.app.push import push
-    from latent.vae import load_vae
-    from latent.vae_fit import VAEFitConfig, fit_vae
+    from latent.core.vae.loading import load_vae
+    from latent.core.vae.fit import VAEFitConfig, fit_vae
 
     volumes = [np.random.default_rng(i).random((8, 16, 16), dtype=np.float32) for i in range(2)]
     tiny = {"channels": (8, 8, 16), "crop": None, "final_eval_volumes": 0}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from latent.intensity import (
+from latent.core.intensity import (
     ct_to_full, ct_to_vae, fit_mr_scaling, full_to_ct, mr_to_unit, unit_to_mr, vae_to_ct,
 )
 
@@ -40,8 +40,8 @@ def test_mr_scaling_refuses_empty_mask() -> None:
 
 
 def test_ct_range_rule_and_mask_values() -> None:
-    from latent.errors import BadFileError
-    from latent.intensity import check_ct_range, check_mask_values
+    from latent.core.errors import BadFileError
+    from latent.core.intensity import check_ct_range, check_mask_values
 
     check_ct_range("ct.mha", np.array([-2000.0, -1024.0, 3071.0, 4000.0]))  # the bounds are allowed
     with pytest.raises(BadFileError, match=r"ct\.mha: CT values from -2001 to 0 HU, 1 voxel\(s\) outside"):

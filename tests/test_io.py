@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from latent.io import VolumeError, VolumeProperties, read_volume, write_volume
+from latent.core.io import VolumeError, VolumeProperties, read_volume, write_volume
 
 ROTATED = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -116,7 +116,7 @@ def _compressed(tmp_path: Path, name: str) -> Path:
 
 
 def test_good_compressed_files_and_a_detached_header_in_a_subfolder_pass(tmp_path: Path) -> None:
-    from latent.volume_files import verify_volume_file
+    from latent.core.volume_files import verify_volume_file
 
     for name in ("a.mha", "a.nii.gz"):
         verify_volume_file(_compressed(tmp_path, name))
@@ -132,7 +132,7 @@ def test_good_compressed_files_and_a_detached_header_in_a_subfolder_pass(tmp_pat
 def test_a_gzip_file_of_two_members_passes_and_a_crc_mismatch_does_not(tmp_path: Path) -> None:
     import gzip
 
-    from latent.volume_files import verify_volume_file
+    from latent.core.volume_files import verify_volume_file
 
     path = tmp_path / "two.gz"
     path.write_bytes(gzip.compress(b"a" * 1000) + gzip.compress(b"b" * 1000))
@@ -145,7 +145,7 @@ def test_a_gzip_file_of_two_members_passes_and_a_crc_mismatch_does_not(tmp_path:
 
 
 def test_non_finite_geometry_is_a_geometry_error(tmp_path: Path) -> None:
-    from latent.errors import BadGeometryError
+    from latent.core.errors import BadGeometryError
 
     path = _compressed(tmp_path, "a.mha")
     data = path.read_bytes()

@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from latent.errors import BadConfigError
+from latent.core.errors import BadConfigError
 from latent.translate.models.base import build_model, load_pretrained
 from latent.translate.models.l2sct import AIR_VALUE, VAE_TO_FULL_OFFSET, VAE_TO_FULL_SCALE, LatentToSCT
 from latent.translate.train import group_learning_rate, parse_config, train
-from latent.vae import build_vae, load_vae, save_vae_dir
-from latent.vae_inference import decode
+from latent.core.vae.loading import build_vae, load_vae, save_vae_dir
+from latent.core.vae.inference import decode
 
 MEAN, STD = (0.1, -0.2, 0.3, 0.0), (1.5, 0.7, 1.1, 2.0)
 UNET = {"channels": [8, 8], "norm_num_groups": 4, "num_res_blocks": 1}
@@ -38,7 +38,7 @@ def tiny_vae_folder(root: Path, seed: int = 3) -> Path:
 
 def maisi_checkpoint(root: Path) -> Path:
     """A MAISI-architecture checkpoint (the released configuration) with random weights, as a .pt."""
-    from latent.vae import MAISI_CONFIG
+    from latent.core.vae.loading import MAISI_CONFIG
 
     torch.manual_seed(7)
     path = root / "maisi_random.pt"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset, predict_from_cache
-from latent.io import read_volume
+from latent.core.io import read_volume
 from latent.translate.models.base import build_model
 from latent.translate.models.l2sct import depth_to_space, space_to_depth
 

@@ -12,7 +12,7 @@ from scipy.ndimage import binary_erosion, uniform_filter
 from scipy.signal import fftconvolve
 from skimage.metrics import structural_similarity
 
-from latent import metrics
+from latent.evaluation import metrics
 
 SPACING_XYZ = (0.5, 1.0, 3.0)
 
@@ -387,9 +387,9 @@ def test_score_case_matches_the_benchmark_reference(implant: bool) -> None:
 
 
 def test_the_metric_table_names_every_score_and_nothing_else() -> None:
-    """One table (latent.metrics.METRICS) describes every value of score_case, plus the std-map
+    """One table (latent.evaluation.metrics.METRICS) describes every value of score_case, plus the std-map
     Spearman that evaluate adds; evaluate, the demo and the bench report read it."""
-    from latent.metrics import METRICS, metric_names
+    from latent.evaluation.metrics import METRICS, metric_names
 
     rng = np.random.default_rng(0)
     ct = rng.uniform(-1000, 1500, (12, 12, 12)).astype(np.float32)

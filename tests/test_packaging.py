@@ -25,13 +25,13 @@ CHECK = textwrap.dedent("""
         assert Path(package.__file__).resolve().is_relative_to(prefix), package.__file__
     import encode, cache, translate, decode  # the other distributions' packages, untouched
     assert all(module.OTHER for module in (encode, cache, translate, decode))
-    from latent.recipes import find_recipe, shipped_recipes
+    from latent.core.recipes import find_recipe, shipped_recipes
     from latent.translate.train_config import load_config
     assert {"l2sct_demo", "l2sct_full", "pix2pix_demo", "vae_standin"} <= set(shipped_recipes())
     config = load_config("l2l_ddim_full")
     assert config.model.family == "l2l_ddim"
     assert find_recipe("configs/pix2pix_demo.yaml").is_relative_to(prefix)
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
     assert load_vae("standin").name == "standin"
     from latent.translate.models.base import model_class
     assert model_class("regress3d").__module__ == "latent.translate.models.regress3d"

@@ -13,7 +13,7 @@ import yaml
 from monai.networks.nets import DynUNet
 from safetensors.torch import save_file
 
-from latent.errors import BadConfigError, BadFileError, WeightsError
+from latent.core.errors import BadConfigError, BadFileError, WeightsError
 from latent.translate.models.base import load_pretrained
 from latent.translate.models.perception import IntensityMap, load_perception_network
 from latent.translate.models.regress3d_parts import register_once

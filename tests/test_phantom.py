@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from latent.io import read_volume
-from latent.phantom import (
+from latent.core.io import read_volume
+from latent.core.phantom.generate import (
     CT_OUTSIDE_FOV,
     MASK_DILATION_MM,
     mask_dilation_voxels,
@@ -21,7 +21,7 @@ from latent.phantom import (
     generate_phantom_dataset,
     render_case,
 )
-from latent.phantom_anatomy import TISSUES
+from latent.core.phantom.anatomy import TISSUES
 
 PID = re.compile(r"^1(AB|HN|TH)[A-E]\d{3}$")
 LABEL = {name: tissue.label for name, tissue in TISSUES.items()}

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latent.dose.plan_cache import KEY_ENV, PlanCache
-from latent.dose.planning import TreatmentPlan
+from latent.evaluation.dose.plan_cache import KEY_ENV, PlanCache
+from latent.evaluation.dose.planning import TreatmentPlan
 
 KEY = "ab" * 32
 

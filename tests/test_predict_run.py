@@ -25,11 +25,11 @@ from typer.testing import CliRunner
 
 from latent.decode.pipeline import RunMismatchError, predict_canonical
 from latent.app.predict_run import PredictOptions, load_run_and_vae, predict_dataset, predict_from_cache
-from latent.cases import discover_cases, make_splits, save_splits
+from latent.core.cases import discover_cases, make_splits, save_splits
 from latent.app.cli import app
-from latent.evaluate import evaluate_predictions
-from latent.intensity import AIR_HU
-from latent.io import VolumeProperties, read_volume
+from latent.evaluation.scoring import evaluate_predictions
+from latent.core.intensity import AIR_HU
+from latent.core.io import VolumeProperties, read_volume
 from latent.app.validation import train_run
 from latent.translate.train import parse_config
 
@@ -68,7 +68,7 @@ cli = CliRunner()
 def _save_tiny_vae(folder: Path, seed: int) -> Path:
     from monai.networks.nets import AutoencoderKL
 
-    from latent.vae import save_vae_dir
+    from latent.core.vae.loading import save_vae_dir
 
     torch.manual_seed(seed)
     network = AutoencoderKL(**VAE_KWARGS)
@@ -118,7 +118,7 @@ class _Runs:
 def runs(phantom_root: Path, tmp_path_factory) -> Iterator[_Runs]:
     """Phantom copy, splits (3 train / 1 val / 2 test), tiny VAE and the encoded cache."""
     from latent.app.encode_run import encode_dataset
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny convolutions: thread hand-over costs more than it saves
@@ -351,7 +351,7 @@ def test_every_method_kind_writes_a_dicom_series(kind: str, runs: _Runs, tmp_pat
 
 
 def test_one_reader_of_a_case_mr() -> None:
-    """Only latent/prepare.py reads a case's MR and mask (read_native); the readers that the
+    """Only latent/core/prepare.py reads a case's MR and mask (read_native); the readers that the
     baselines, prediction from files and the app had are gone."""
     root = Path(__file__).resolve().parents[1]
     readers = []
@@ -362,7 +362,7 @@ def test_one_reader_of_a_case_mr() -> None:
             text = path.read_text()
             if re.search(r"read_volume\((case\.mr|mr)\b", text):
                 readers.append(str(path.relative_to(root)))
-    assert readers == ["latent/prepare.py"], readers
+    assert readers == ["latent/core/prepare.py"], readers
     for gone in ("read_mr_and_mask", "prepare_mr_only", "predict_prepared", "predict_cached"):
         assert not any(gone in path.read_text() for folder in ("latent", "decode")
                        for path in (root / folder).rglob("*.py") if not path.is_symlink()), gone

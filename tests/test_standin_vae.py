@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from latent.vae import SHIPPED_ROOT, SHIPPED_VAES, VAEError, load_vae, sha256_file
-from latent.vae_inference import decode, encode_mu
+from latent.core.vae.loading import SHIPPED_ROOT, SHIPPED_VAES, VAEError, load_vae, sha256_file
+from latent.core.vae.inference import decode, encode_mu
 
 ENTRY = SHIPPED_VAES["standin"]
 FOLDER = SHIPPED_ROOT / ENTRY.folder

@@ -248,7 +248,7 @@ def test_two_process_cpu_launch_writes_one_checkpoint(tmp_path):
 def test_validator_names_of_earlier_recipes_load_and_native_needs_the_app(tmp_path):
     """`train.validator` is `canonical` or `native`; earlier spellings load as them (no code is loaded
     by name), and the translate stage alone refuses `native` in one line naming the field."""
-    from latent.errors import BadConfigError
+    from latent.core.errors import BadConfigError
 
     def validator_of(value):
         return parse_config({"model": TINY_MODEL, "run_dir": str(tmp_path / "r"),

@@ -1,4 +1,4 @@
-"""The shared training loop (latent.training) on a toy task: budgets, exact resume, best selection,
+"""The shared training loop (latent.core.training) on a toy task: budgets, exact resume, best selection,
 checkpoint rotation; and that the VAE fit and a translation run leave the same run layout."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from latent.accelerator import make_accelerator
-from latent.training import (
+from latent.core.accelerator import make_accelerator
+from latent.core.training import (
     CHECKPOINT_DIR,
     METRICS_FILE,
     LoopSettings,
@@ -139,7 +139,7 @@ def test_schedule_warms_up_then_follows_the_cosine() -> None:
 def test_vae_fit_and_translation_runs_share_one_layout(tmp_path: Path) -> None:
     import numpy as np
 
-    from latent.vae_fit import VAEFitConfig, fit_vae
+    from latent.core.vae.fit import VAEFitConfig, fit_vae
     from latent.translate.train import parse_config, train
 
     volumes = [np.random.default_rng(i).random((8, 16, 16), dtype=np.float32) for i in range(2)]
@@ -179,7 +179,7 @@ class DivergingTask(ToyTask):
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_earlier_checkpoint(tmp_path: Path) -> None:
-    from latent.training import NonFiniteLossError
+    from latent.core.training import NonFiniteLossError
 
     accelerator = make_accelerator("no", cpu=True)
     task = DivergingTask(accelerator, nan_from=5)

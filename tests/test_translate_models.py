@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.translate.models.base import build_model, load_pretrained
 from latent.translate.models.l2sct import AIR_VALUE, START_VALUE, LatentToSCT
 from latent.translate.validation import predict

@@ -18,7 +18,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from latent.vae import (
+from latent.core.vae.loading import (
     HUB_VAES,
     LAYOUT_CANONICAL,
     LAYOUT_MAISI,
@@ -29,9 +29,9 @@ from latent.vae import (
     load_vae,
     save_vae_dir,
 )
-from latent.training import latest_checkpoint
-from latent.vae_fit import VAEFitConfig, fit_vae
-from latent.vae_inference import decode, encode_mu, from_network_layout, to_network_layout
+from latent.core.training import latest_checkpoint
+from latent.core.vae.fit import VAEFitConfig, fit_vae
+from latent.core.vae.inference import decode, encode_mu, from_network_layout, to_network_layout
 
 #: MAISI layout, tiny channels: seconds on CPU.
 TINY_MAISI = {**MAISI_CONFIG, "num_channels": [8, 8, 16], "num_res_blocks": [1, 1, 1], "norm_num_groups": 4}
@@ -423,7 +423,7 @@ def test_fit_keeps_the_ema_weights_with_the_lowest_validation_hu_error(tmp_path:
     assert sorted(history) == [2, 4]
     best_step = min(history, key=history.get)
     assert report["selected_step"] == best_step and report["selected_by"].startswith("validation CT MAE in HU")
-    from latent.vae_fit import validation_mae_hu
+    from latent.core.vae.fit import validation_mae_hu
 
     kept = load_vae(str(out))
     assert validation_mae_hu(kept, volumes[:1], [m > 0 for m in masks[:1]]) == pytest.approx(history[best_step], abs=1e-2)

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from latent.errors import BadConfigError
+from latent.core.errors import BadConfigError
 from latent.translate.models.base import TranslationModel
 
 logger = logging.getLogger(__name__)
@@ -57,10 +57,10 @@ def split_ids(cache: Any, data: Any) -> tuple[list[str], list[str] | None]:
 
     Without ``data.fold`` these are the ``train_split`` and ``val_split`` of the split file;
     with ``data.fold = "k/K"`` the train + val cases are split into K folds stratified by the
-    region and centre recorded in the cache, and fold k validates (:func:`latent.cases.fold_of_splits`).
-    Every id of the splits used must be a complete case of the cache (:func:`latent.cases.check_split_ids`).
+    region and centre recorded in the cache, and fold k validates (:func:`latent.core.cases.fold_of_splits`).
+    Every id of the splits used must be a complete case of the cache (:func:`latent.core.cases.check_split_ids`).
     """
-    from latent.cases import check_split_ids, fold_of_splits, load_splits, read_split
+    from latent.core.cases import check_split_ids, fold_of_splits, load_splits, read_split
 
     train = read_split(data.split_file, data.train_split)
     val = None if data.val_split is None else read_split(data.split_file, data.val_split)

@@ -6,13 +6,13 @@
 run ``latent train`` with the same arguments (as a script this file only hands over to that
 command, in the same process, so Accelerate's environment is kept); in-process:
 ``train(load_config("configs/x.yaml", ["train.max_steps=20"]))``. The loop is the
-project's one training loop (:mod:`latent.training`, shared with ``latent vae fit``); this module
+project's one training loop (:mod:`latent.core.training`, shared with ``latent vae fit``); this module
 builds the data, the model and one optimizer per phase and hands the loop a task that, for each
 phase in turn, zeroes that phase's optimizer, calls ``model(batch, phase=...)``,
 back-propagates ``losses["loss"]`` and steps. It knows nothing of a model's maths.
 
 A fresh run refuses a ``run_dir`` that already holds a run (a model or a run record, see
-:mod:`latent.run_folder`) unless ``--overwrite`` is given; ``--resume`` reads the checkpoint whole
+:mod:`latent.core.run_folder`) unless ``--overwrite`` is given; ``--resume`` reads the checkpoint whole
 before anything is written. A run directory holds ``config.yaml`` / ``config.json`` (the resolved
 config), ``producer.json`` (the cache producer the latents came from), ``metrics.jsonl`` (losses
 and validation metrics),
@@ -43,8 +43,8 @@ import torch
 import yaml
 from torch.utils.data import Dataset
 
-from latent.accelerator import make_accelerator
-from latent.training import LoopSettings, resume_point, run_loop, scheduled_lr
+from latent.core.accelerator import make_accelerator
+from latent.core.training import LoopSettings, resume_point, run_loop, scheduled_lr
 from latent.translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
 from latent.translate.models.base import build_model, model_class
 from latent.translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer

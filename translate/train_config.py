@@ -13,9 +13,9 @@ from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
-from latent.accelerator import MixedPrecision
-from latent.cases import parse_fold
-from latent.recipes import ConfigError, apply_overrides, format_validation_errors, read_recipe
+from latent.core.accelerator import MixedPrecision
+from latent.core.cases import parse_fold
+from latent.core.recipes import ConfigError, apply_overrides, format_validation_errors, read_recipe
 from latent.translate.models.base import ModelConfig, model_class
 
 

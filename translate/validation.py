@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 import torch
 
-from latent.errors import BadConfigError
-from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.errors import BadConfigError
+from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.translate.models.base import TranslationModel
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ def options(
 from latent.app.cli_common import (
     USER_ERRORS, check_output_folder, fail, report_failures, report_run, setup_logging, split_pids, user_error,
 )
-from latent.atomic import remove_stale_temporaries
+from latent.core.atomic import remove_stale_temporaries
 from latent.app.bench.config import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from latent.app.cli_stages import cache_app, encode, vae_app
 
@@ -44,7 +44,7 @@ def phantom(
     metal: bool = typer.Option(False, help="Add one metal implant (screw, pacemaker or dental crown) to every case."),
 ) -> None:
     """Generate a paired MR/CT phantom data set in the SynthRAD2025 layout."""
-    from latent.phantom import generate_phantom_dataset
+    from latent.core.phantom.generate import generate_phantom_dataset
 
     region_list = [r.strip() for r in regions.split(",") if r.strip()]
     try:
@@ -65,7 +65,7 @@ def split(
     test: float = typer.Option(0.2, help="Test fraction."),
 ) -> None:
     """Deterministic train/val/test split stratified by region and centre."""
-    from latent.cases import discover_cases, make_splits, save_splits
+    from latent.core.cases import discover_cases, make_splits, save_splits
 
     try:
         splits = make_splits(discover_cases(data), (1 - val - test, val, test), seed=seed)
@@ -202,7 +202,7 @@ def evaluate(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or log lines."),
 ) -> None:
     """Score predictions with SynthRAD2025 metrics (MAE, PSNR, MS-SSIM) plus SSIM and bone Dice/HD95."""
-    from latent.evaluate import evaluate_predictions, format_summary
+    from latent.evaluation.scoring import evaluate_predictions, format_summary
 
     setup_logging(quiet)
     try:
@@ -233,7 +233,7 @@ def dose(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Dose evaluation: plans optimised on the CT, recomputed on the sCT, challenge dose metrics."""
-    from latent.dose import DoseExtraMissing, run_dose
+    from latent.evaluation.dose import DoseExtraMissing, run_dose
 
     setup_logging(quiet)
     try:
@@ -263,8 +263,8 @@ def train(
     `accelerate launch translate/train.py ...`) or a VAE recipe (`family: vae`, as `latent vae fit`).
     Extra arguments are dotted overrides, e.g. `train.max_steps=20 model.lr=1e-4` or
     `data.root=/data run_dir=runs/vae fit.max_steps=100`."""
-    from latent.recipes import apply_overrides, read_recipe
-    from latent.vae_pipeline import is_vae_recipe, parse_vae_recipe, train_vae_recipe
+    from latent.core.recipes import apply_overrides, read_recipe
+    from latent.core.vae.pipeline import is_vae_recipe, parse_vae_recipe, train_vae_recipe
 
     try:
         raw = read_recipe(config)

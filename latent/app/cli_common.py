@@ -10,13 +10,13 @@ from typing import NoReturn, Optional
 import typer
 from pydantic import ValidationError
 
-from latent.atomic import write_text_atomic
-from latent.errors import BadFileError, InputError, one_line, user_message
+from latent.core.atomic import write_text_atomic
+from latent.core.errors import BadFileError, InputError, one_line, user_message
 
 #: Errors that may end a command with one line on stderr and exit status 2 (no traceback): the
-#: project's own input errors (latent/errors.py), a recipe that fails validation, and what the
+#: project's own input errors (latent/core/errors.py), a recipe that fails validation, and what the
 #: machine refuses (a full disk, a read-only or non-folder target, a name too long, out of
-#: memory; :func:`latent.errors.user_message` decides). Anything else is a bug and keeps its traceback.
+#: memory; :func:`latent.core.errors.user_message` decides). Anything else is a bug and keeps its traceback.
 USER_ERRORS = (InputError, ValidationError, OSError, MemoryError)
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT = 130
@@ -37,7 +37,7 @@ def debug_requested(ctx: typer.Context) -> bool:
 
 def user_error(error: BaseException, ctx: typer.Context) -> NoReturn:
     """Report an input or environment error on one line (exit 2); with ``--debug``, or when it is
-    a bug (:func:`latent.errors.user_message` has no line for it), re-raise it with its traceback."""
+    a bug (:func:`latent.core.errors.user_message` has no line for it), re-raise it with its traceback."""
     message = user_message(error)
     if message is None or debug_requested(ctx):
         raise error
@@ -73,7 +73,7 @@ def setup_logging(quiet: bool) -> None:
     """INFO to stderr, or WARNING with ``--quiet``."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
     # Library chatter (checkpoint saves, per-case phantom timings) stays out of the user's way.
-    for name in ("accelerate", "latent.phantom"):
+    for name in ("accelerate", "latent.core.phantom.generate"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -106,6 +106,6 @@ def split_pids(split_file: Optional[Path], split: Optional[str]) -> Optional[lis
     """Patient ids of one split of a split file (None without a split file)."""
     if split_file is None:
         return None
-    from latent.cases import read_split
+    from latent.core.cases import read_split
 
     return read_split(split_file, split)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from latent.errors import BadConfigError, BadFileError
+from latent.core.errors import BadConfigError, BadFileError
 from latent.app.cli_common import (
     USER_ERRORS, check_output_folder, fail, report_failures, report_interrupted, setup_logging, split_pids, user_error,
 )
@@ -69,7 +69,7 @@ def encode(
 ) -> None:
     """Encode every case (MR, and CT when present) onto the canonical grid into the latent cache."""
     from latent.app.encode_run import encode_dataset
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     setup_logging(quiet)
     try:
@@ -169,7 +169,7 @@ def vae_fit(
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
     """Train a small VAE of the MAISI family (4 latent channels, x4) on your own MR and CT."""
-    from latent.vae_pipeline import fit_vae_on_dataset
+    from latent.core.vae.pipeline import fit_vae_on_dataset
 
     setup_logging(quiet)
     try:
@@ -197,8 +197,8 @@ def vae_check_command(
 ) -> None:
     """decode(encode(CT)) on the native grid, scored: the floor of latent-to-latent methods."""
     from latent.app.vae_check import vae_check
-    from latent.evaluate import format_summary, summarise, write_rows_csv
-    from latent.vae import load_vae
+    from latent.evaluation.scoring import format_summary, summarise, write_rows_csv
+    from latent.core.vae.loading import load_vae
 
     setup_logging(quiet)
     try:

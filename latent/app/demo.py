@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latent.errors import BadConfigError
-from latent.cases import discover_cases, make_splits, save_splits
-from latent.recipes import RECIPES_DIR
+from latent.core.errors import BadConfigError
+from latent.core.cases import discover_cases, make_splits, save_splits
+from latent.core.recipes import RECIPES_DIR
 from latent.app.methods import (GRID_FLOORS, MethodResult, baseline_result, grid_floor_result, predict_method,
                                 train_method, vae_floor_result)
-from latent.evaluate import METRIC_COLUMNS, format_summary, summarise, write_rows_csv
-from latent.metrics import METRICS, metric_digits, metric_names
+from latent.evaluation.scoring import METRIC_COLUMNS, format_summary, summarise, write_rows_csv
+from latent.evaluation.metrics import METRICS, metric_digits, metric_names
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +65,11 @@ def vae_and_encode(data: Path, out: Path, config: DemoConfig) -> tuple[str, Path
         ``(vae spec, cache path, VAE training seconds in this run)`` (0 for the shipped VAE).
     """
     from latent.app.encode_run import encode_dataset
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     vae_spec, vae_seconds = config.vae, 0.0
     if config.fit_vae:
-        from latent.vae_pipeline import fit_vae_on_dataset
+        from latent.core.vae.pipeline import fit_vae_on_dataset
 
         started = time.perf_counter()
         vae_spec = str(fit_vae_on_dataset(data, out / "vae", config.grid, split_file=out / "splits.json",
@@ -89,7 +89,7 @@ NO_DOSE = ("water", "grid_floor", "grid_floor_vae")
 
 def add_dose(results: list[MethodResult], data: Path, out: Path, pids: list[str]) -> None:
     """Photon and proton dose (plans optimised on the CT, recomputed on each sCT) for ``pids``."""
-    from latent.dose.run import run_dose
+    from latent.evaluation.dose.run import run_dose
 
     for result in results:
         if result.pred_dir is None or result.name in NO_DOSE:
@@ -156,7 +156,7 @@ def format_tissue_table(rows: list[dict]) -> str:
 
 def prepare_data(out: Path, config: DemoConfig) -> tuple[Path, dict[str, list[str]]]:
     """Generate the phantom set and its split."""
-    from latent.phantom import generate_phantom_dataset
+    from latent.core.phantom.generate import generate_phantom_dataset
 
     data = out / "data"
     if data.exists():

@@ -22,16 +22,16 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from latent.atomic import remove_stale_temporaries, write_text_atomic
+from latent.core.atomic import remove_stale_temporaries, write_text_atomic
 from latent.cache import LatentCache, list_producers, producer_record, sha256_file
 from latent.encode.latents import encode_prepared, grid_record, shard_cases, source_hashes
-from latent.cases import Case, check_split_ids, discover_cases, load_splits, make_splits, read_split
-from latent.grid import CanonicalGrid
-from latent.intensity import normalisation_record
-from latent.errors import user_message
-from latent.prepare import prepare_case, resolve_grid
-from latent.runner import INPUT_ERRORS
-from latent.vae import LoadedVAE
+from latent.core.cases import Case, check_split_ids, discover_cases, load_splits, make_splits, read_split
+from latent.core.grid import CanonicalGrid
+from latent.core.intensity import normalisation_record
+from latent.core.errors import user_message
+from latent.core.prepare import prepare_case, resolve_grid
+from latent.core.runner import INPUT_ERRORS
+from latent.core.vae.loading import LoadedVAE
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def encode_dataset(
     Args:
         data_root: SynthRAD-layout data set.
         cache_path: zarr store (created when missing).
-        vae: the frozen VAE (:func:`latent.vae.load_vae`).
+        vae: the frozen VAE (:func:`latent.core.vae.loading.load_vae`).
         grid_spec: ``auto``, a preset name, ``'SXxSYxSZ:DxHxW'`` or ``'SXxSYxSZ:fit'`` (each case
             gets the shape covering its body).
         max_shape: cap for ``auto`` (z, y, x).
@@ -188,7 +188,7 @@ def _recorded_failures(cache_path: Path, producer_key: str) -> set[str]:
 def _check_split(split_file: str | os.PathLike | None, cases: Sequence[Case], data_root: str | os.PathLike,
                  cache_path: Path, key: str) -> None:
     """Before anything is written: the split file is valid and each of its train ids is a case of
-    ``data_root`` or already of the cache (:func:`latent.cases.check_split_ids`)."""
+    ``data_root`` or already of the cache (:func:`latent.core.cases.check_split_ids`)."""
     if not split_file:
         return
     read_split(split_file, "train")

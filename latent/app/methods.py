@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latent.evaluate import evaluate_predictions
+from latent.evaluation.scoring import evaluate_predictions
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def baseline_result(method: str, data: Path, out: Path, splits: dict[str, list[s
 def grid_floor_result(name: str, data: Path, out: Path, grid: str, test: list[str]) -> MethodResult:
     """``grid_floor`` or ``grid_floor_vae`` (:data:`GRID_FLOORS`) on the canonical grid ``grid``."""
     from latent.app.predict_run import predict_grid_floor
-    from latent.grid import parse_grid_spec
+    from latent.core.grid import parse_grid_spec
 
     started = time.perf_counter()
     pred_dir = out / "predictions" / name
@@ -76,7 +76,7 @@ def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, tes
     from latent.cache import LatentCache, pick_producer
     from latent.app.vae_check import vae_check
     from latent.decode.pipeline import load_adapted_decoder
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     cache = LatentCache.open(cache_path, pick_producer(cache_path, None)[0])
     vae = load_vae(vae_spec) if decoder is None else load_adapted_decoder(decoder, cache.key)

@@ -18,17 +18,17 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from latent.atomic import write_text_atomic
-from latent.cases import Case, CaseError
+from latent.core.atomic import write_text_atomic
+from latent.core.cases import Case, CaseError
 from latent.decode.baseline_predict import baseline_predictor
 from latent.decode.grid_floor import GridFloorPredictor, Window
 from latent.decode.pipeline import TrainedRun, attach_decoder, case_from_files, check_vae_matches, load_run
 from latent.decode.predictors import Predictor, folder_writer, predict_cases
 from latent.decode.run_predictor import Member, RunPredictor, VAEFloorPredictor
-from latent.errors import BadConfigError
-from latent.grid import CanonicalGrid
-from latent.io import write_volume
-from latent.runner import CaseRun, Selection, select_cases
+from latent.core.errors import BadConfigError
+from latent.core.grid import CanonicalGrid
+from latent.core.io import write_volume
+from latent.core.runner import CaseRun, Selection, select_cases
 
 
 @dataclass
@@ -57,7 +57,7 @@ def load_run_and_vae(run_dir: str | os.PathLike, vae_spec: str | None, which: st
                      device: str = "cpu", decoder: str | os.PathLike | None = None) -> tuple[TrainedRun, object | None]:
     """The run and, when it needs one, its VAE (``vae_spec`` or the one recorded in the run);
     ``decoder``: an adapted decoder run (``latent vae adapt``) that decodes the run's CT latents."""
-    from latent.vae import load_vae
+    from latent.core.vae.loading import load_vae
 
     run = load_run(run_dir, which)
     run.model.to(device)
@@ -238,7 +238,7 @@ def predict_with_method(method: str, out_dir: str | os.PathLike, data: Path | No
         if cache is None:
             raise BadConfigError("--method vae_floor needs --from-cache CACHE (its CT latents are decoded)")
         from latent.cache import pick_producer
-        from latent.vae import load_vae
+        from latent.core.vae.loading import load_vae
 
         key, record = pick_producer(cache, None)
         location = record.get("vae_location", {})
@@ -249,7 +249,7 @@ def predict_with_method(method: str, out_dir: str | os.PathLike, data: Path | No
     if data is None:
         raise BadConfigError(f"--method {method} needs --data ROOT")
     if method in ("grid_floor", "grid_floor_vae"):
-        from latent.grid import parse_grid_spec
+        from latent.core.grid import parse_grid_spec
 
         if grid is None:
             raise BadConfigError(f"--method {method} needs --grid (the canonical grid whose round trip is measured)")

@@ -1,6 +1,6 @@
 """``latent push``: a trained run or a VAE folder to the Hugging Face hub, with a model card.
 
-What goes up is chosen by :func:`latent.model_folder.publishable_files` (the model folders and
+What goes up is chosen by :func:`latent.core.model_folder.publishable_files` (the model folders and
 the records prediction needs; no checkpoints or logs). The card says what the model is, what it
 was trained on as far as the folder records it, how to use it, and what it is not.
 """
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from latent.model_folder import HUB_PREFIX, publishable_files, push_folder
+from latent.core.model_folder import HUB_PREFIX, publishable_files, push_folder
 
 
 def _read_json(path: Path) -> dict[str, Any]:

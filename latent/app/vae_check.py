@@ -14,8 +14,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from latent.cache import LatentCache
-from latent.evaluate import Evaluation, cases_with_ct, evaluate_predictions
-from latent.io import read_volume
+from latent.evaluation.scoring import Evaluation, cases_with_ct, evaluate_predictions
+from latent.core.io import read_volume
 
 #: HU above which the MAISI VAE window saturates.
 SATURATION_HU = 1000.0

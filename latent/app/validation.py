@@ -21,9 +21,9 @@ import torch
 
 from latent.decode.pipeline import predict_canonical
 from latent.decode.native import canonical_to_native_sct
-from latent.grid import GridMapping
-from latent.io import read_volume
-from latent.metrics import bone_dice, image_metrics
+from latent.core.grid import GridMapping
+from latent.core.io import read_volume
+from latent.evaluation.metrics import bone_dice, image_metrics
 
 
 class NativeValidator:
@@ -86,7 +86,7 @@ def open_validation_sources(config) -> tuple[Any, dict[str, Any], Any]:
     cache = LatentCache.open(config.data.cache, key)
     vae = None
     if model_class(config.model.family).output_space == "ct_latent":
-        from latent.vae import load_vae
+        from latent.core.vae.loading import load_vae
 
         location = record.get("vae_location", {})
         vae = load_vae(str(location.get("path") or location.get("name")))

@@ -28,8 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from latent.errors import BadConfigError, one_line
-from latent.model_folder import (
+from latent.core.errors import BadConfigError, one_line
+from latent.core.model_folder import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     check_state_fits,

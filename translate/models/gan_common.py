@@ -18,7 +18,7 @@ from monai.networks.nets import MultiScalePatchDiscriminator, UNet
 from pydantic import field_validator, model_validator
 from torch import nn
 
-from latent.intensity import AIR_HU, ct_to_full
+from latent.core.intensity import AIR_HU, ct_to_full
 from latent.translate.models.base import ModelConfig, PositiveRate, Size3, TranslationModel
 from latent.translate.models.gan_losses import build_discriminator, check_discriminator_input
 from latent.translate.models.gan_views import (  # noqa: F401 - re-exported: the GAN families import them from here

@@ -15,7 +15,7 @@ from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import MultiScalePatchDiscriminator
 from torch import nn
 
-from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 
 #: Default NGF edge parameter, in units of each image's own robust intensity range (see ngf_loss).
 NGF_EPS = 0.08

@@ -2,7 +2,7 @@
 
 A translator at latent resolution maps the (standardised) MR latent to a CT latent, and a decoder
 upsamples it x4 to pixels. Output: CT in [-1, 1] over [-1024, 3071] HU
-(``latent.intensity.ct_to_full``).
+(``latent.core.intensity.ct_to_full``).
 
 - ``decoder: from_vae`` (the default): the decoder is the exact decode path of the VAE that
   produced the cache (``post_quant_conv`` + ``decoder``, same class, configuration,
@@ -35,7 +35,7 @@ from monai.networks.nets.autoencoderkl import AEKLResBlock, Decoder
 from pydantic import Field, model_validator
 from torch import nn
 
-from latent.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU, VAE_CT_MAX_HU, VAE_CT_MIN_HU
+from latent.core.intensity import AIR_HU, FULL_CT_MAX_HU, FULL_CT_MIN_HU, VAE_CT_MAX_HU, VAE_CT_MIN_HU
 from latent.translate.models.base import TranslationModel
 from latent.translate.models.l2l_ddim import LatentUNetConfig, check_latent_size, diffusion_unet
 from latent.translate.models.l2sct_init import (init_decoder_from_vae, init_exact_decoder_from_adapted,
@@ -55,7 +55,7 @@ _RESBLOCK_TRUNK_KEYS = ("trunk_blocks", "trunk_channels")
 
 
 def hu_to_unit(hu: float) -> float:
-    """HU -> [-1, 1] full-range units (scalar form of ``latent.intensity.ct_to_full``)."""
+    """HU -> [-1, 1] full-range units (scalar form of ``latent.core.intensity.ct_to_full``)."""
     return (hu - FULL_CT_MIN_HU) / _FULL_RANGE * 2.0 - 1.0
 
 

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from latent.errors import BadConfigError
-from latent.model_folder import CONFIG_NAME, read_model_config, read_model_weights, resolve_folder
+from latent.core.errors import BadConfigError
+from latent.core.model_folder import CONFIG_NAME, read_model_config, read_model_weights, resolve_folder
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ UNET_FIELDS = ("latent_channels", "channels", "num_res_blocks", "attention_level
 def _kernel_from_ras(weight: torch.Tensor) -> torch.Tensor:
     """A 3D conv kernel trained on (x, y, z) RAS arrays -> the same filter on (z, y, x) LPS arrays.
 
-    Mirrors ``latent.vae_inference.from_network_layout`` on the kernel's spatial axes (exact for
+    Mirrors ``latent.core.vae.inference.from_network_layout`` on the kernel's spatial axes (exact for
     odd kernels with symmetric padding).
     """
     return weight.flip(2, 3).permute(0, 1, 4, 3, 2) if weight.ndim == 5 else weight

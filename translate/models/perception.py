@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latent.errors import BadConfigError, BadFileError, WeightsError, one_line
-from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
-from latent.network_weights import freeze, load_strict, read_state_dict
+from latent.core.errors import BadConfigError, BadFileError, WeightsError, one_line
+from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.network_weights import freeze, load_strict, read_state_dict
 from latent.translate.models.regress3d_parts import masked_mean, register_once
 
 #: MONAI segmentation networks a weights folder may name.

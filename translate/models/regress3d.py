@@ -30,7 +30,7 @@ from monai.networks.nets import DynUNet
 from pydantic import field_validator, model_validator
 from torch import nn
 
-from latent.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
+from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.translate.models.base import ModelConfig, PositiveRate, Size3, TranslationModel
 from latent.translate.models.gan_common import pad_volume_to
 from latent.translate.models.gan_views import make_inferer, sliding_window_translate

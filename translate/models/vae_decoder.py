@@ -4,7 +4,7 @@ A VAE decodes a latent with ``post_quant_conv`` and then its ``decoder``. :class
 holds exactly those two modules, built by the VAE's own class (``AutoencoderKL`` or
 ``AutoencoderKlMaisi``) from its own configuration, normalisation (GroupNorm or none) and array
 layout, with the VAE's weights copied in, and nothing of the encoder. Fed the cache's
-standardised CT latent it returns what ``latent.vae_inference.decode`` returns for the
+standardised CT latent it returns what ``latent.core.vae.inference.decode`` returns for the
 destandardised latent (docs/models.md, "l2sct"): the point of the latent route is to start from
 what the foundation model already knows.
 
@@ -21,11 +21,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from latent.errors import BadConfigError
+from latent.core.errors import BadConfigError
 from latent.translate.models.base import ModelConfig
-from latent.vae import LoadedVAE, build_vae, load_vae
-from latent.vae_inference import decode as tiled_decode
-from latent.vae_inference import from_network_layout, to_network_layout
+from latent.core.vae.loading import LoadedVAE, build_vae, load_vae
+from latent.core.vae.inference import decode as tiled_decode
+from latent.core.vae.inference import from_network_layout, to_network_layout
 
 #: Parts of an AutoencoderKL-family network that only encoding uses (dropped from the copy).
 ENCODER_PARTS = ("encoder", "quant_conv_mu", "quant_conv_log_sigma")
@@ -178,7 +178,7 @@ class ExactDecoder(nn.Module):
         return from_network_layout(image, layout)
 
     def as_loaded_vae(self) -> LoadedVAE:
-        """This decode path as a :class:`LoadedVAE` (for ``latent.vae_inference.decode``'s tiling)."""
+        """This decode path as a :class:`LoadedVAE` (for ``latent.core.vae.inference.decode``'s tiling)."""
         record = self.record
         return LoadedVAE(network=self.network, name="exact-decoder", class_name=record.class_name,
                          config=dict(record.kwargs), weights_sha256=record.weights_sha256, layout=record.layout,
@@ -186,7 +186,7 @@ class ExactDecoder(nn.Module):
 
     @torch.no_grad()
     def decode_volume(self, latent: torch.Tensor, standardised: bool = True) -> torch.Tensor:
-        """Whole-volume decode through the tiling plan of ``latent.vae_inference.decode`` (no
+        """Whole-volume decode through the tiling plan of ``latent.core.vae.inference.decode`` (no
         convolution over the 32-bit activation limit at full size); same values as :meth:`forward`.
         ``standardised=False``: ``latent`` is already in the VAE's own scale (a cached ``ct_mu``)."""
         latent = latent.float()

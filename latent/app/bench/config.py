@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from latent.errors import BadConfigError
+from latent.core.errors import BadConfigError
 from latent.translate.models.base import model_class, translating_families
 
 

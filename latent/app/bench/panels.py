@@ -9,10 +9,10 @@ import numpy as np
 
 from latent.app.bench.figures import slice_panel
 from latent.app.methods import MethodResult
-from latent.cases import discover_cases
-from latent.evaluate import find_prediction
-from latent.io import read_volume
-from latent.prepare import read_native
+from latent.core.cases import discover_cases
+from latent.evaluation.scoring import find_prediction
+from latent.core.io import read_volume
+from latent.core.prepare import read_native
 
 
 def method_panels(results: Iterable[MethodResult], data: Path, pid: str, folder: Path) -> dict[str, Path]:

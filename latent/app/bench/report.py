@@ -1,6 +1,6 @@
 """The benchmark report: tables, paired statistics and figures of several methods on one test split.
 
-:func:`write_report` turns per-case evaluation rows (``latent.evaluate``) of each method, plus
+:func:`write_report` turns per-case evaluation rows (``latent.evaluation.scoring``) of each method, plus
 their compute figures, into ``report.md``, a self-contained ``report.html`` (figures embedded
 as base64 PNG), ``results.json`` and ``results.csv`` (one row per method).
 """
@@ -20,12 +20,12 @@ from pathlib import Path
 
 from latent.app.bench import figures as bench_figures
 from latent.app.bench.stats import compare_to_best, method_table
-from latent.evaluate import write_rows_csv
-from latent.metrics import METRICS, metric_digits, metric_names
-from latent.provenance import git_revision, machine_description
+from latent.evaluation.scoring import write_rows_csv
+from latent.evaluation.metrics import METRICS, metric_digits, metric_names
+from latent.core.provenance import git_revision, machine_description
 
 #: Image-similarity metrics of the overall table, per-tissue columns and the std-map Spearman, with
-#: their titles (one table: latent.metrics.METRICS).
+#: their titles (one table: latent.evaluation.metrics.METRICS).
 METRIC_LABELS = {name: METRICS[name].label for name in metric_names("image")}
 TISSUE_LABELS = {name: METRICS[name].label for name in metric_names("tissue")}
 UNCERTAINTY = metric_names("uncertainty")[0]
@@ -291,7 +291,7 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
                "compute": compute, "tables": {title: {"headers": h, "rows": r} for title, (h, r) in extra_tables.items()},
                "metadata": metadata, "note": note,
                "figures": {name: str(path.relative_to(out_dir)) for name, path in drawn.items()}}
-    # Python's json writes NaN / Infinity (as latent.evaluate does): unscored and unbounded values survive.
+    # Python's json writes NaN / Infinity (as latent.evaluation.scoring does): unscored and unbounded values survive.
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
     intro = " ".join(filter(None, [note, _case_note(rows_by_method)]))

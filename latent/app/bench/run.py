@@ -26,9 +26,9 @@ from latent.app.bench.config import (BASELINES, ORACLES, SWEPT, VAE_FLOOR, Bench
 from latent.app.bench.memory import PeakMemory
 from latent.app.methods import (MethodResult, baseline_result, grid_floor_result, predict_method, train_recipe,
                                 vae_floor_result)
-from latent.cases import check_split_ids, discover_cases, load_splits, make_splits, save_splits
-from latent.errors import BadConfigError, InputError, one_line
-from latent.recipes import find_recipe
+from latent.core.cases import check_split_ids, discover_cases, load_splits, make_splits, save_splits
+from latent.core.errors import BadConfigError, InputError, one_line
+from latent.core.recipes import find_recipe
 from latent.translate.models.base import model_class
 
 logger = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ def prepare_cache(config: BenchConfig, split_file: Path) -> CacheFacts:
     """Open the cache (building it with ``config.vae`` and ``config.grid`` when missing) and time one full read."""
     from latent.cache import LatentCache, pick_producer
     from latent.app.encode_run import encode_dataset
-    from latent.grid import CanonicalGrid
-    from latent.vae import load_vae
+    from latent.core.grid import CanonicalGrid
+    from latent.core.vae.loading import load_vae
 
     built_here, build_seconds = False, math.nan
     if not config.cache.exists():

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats as scipy_stats
 
-from latent.evaluate import summarise
+from latent.evaluation.scoring import summarise
 
 #: Confidence level of every reported interval (the usual 95 %).
 CI_LEVEL = 0.95
@@ -153,13 +153,13 @@ def method_table(rows_by_method: Mapping[str, Sequence[dict]], metrics: Sequence
     """Per method and per group (and ``"all"``): n, mean, std and the bootstrap CI of each metric.
 
     Args:
-        rows_by_method: method name -> per-case evaluation rows (``latent.evaluate`` rows).
+        rows_by_method: method name -> per-case evaluation rows (``latent.evaluation.scoring`` rows).
         metrics: metric columns to summarise.
         group_key: row key that groups cases (the SynthRAD region by default).
 
     Returns:
         One dict per (method, group): ``{"method", group_key, "n", m, m_std, m_ci_low, m_ci_high}``
-        for each metric ``m``; std as in :func:`latent.evaluate.summarise` (ddof=0).
+        for each metric ``m``; std as in :func:`latent.evaluation.scoring.summarise` (ddof=0).
     """
     table = []
     for method, rows in rows_by_method.items():

@@ -1,0 +1,1 @@
+"""The paired MR/CT phantom generator (SynthRAD2025 layout)."""

@@ -1,0 +1,75 @@
+"""Acquisition effects of the phantom (smooth noise, the MR bias field) and its optional
+artefacts: a metal implant (CT streaks, MR signal void) and a small rigid misregistration of the
+CT against the MR."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from latent.core.phantom.anatomy import Canvas
+
+
+# -- options: metal and misregistration ------------------------------------------------------------
+def _add_metal(cv: Canvas, site: dict, rng, info: dict):
+    """Paint the metal object; return the (wider) MR signal void as ``(occupancy, box)``."""
+    lo, hi = cv.t[0], cv.t[-1]
+    tc = float(np.clip(site["tc"], lo + 0.2 * (hi - lo), hi - 0.2 * (hi - lo)))
+    half = max(site["half_mm"], 0.6 * cv.slice_mm) / cv.length_mm
+    cv.blob("metal", site["cx"], site["cy"], site["rx"], site["ry"], tc, half, site["angle"])
+    widen = rng.uniform(1.8, 2.5)
+    factor, weight = cv.ellipsoid(tc, half * 1.8)
+    pad = 3 * cv.pixel
+    void = cv.occupancy(site["cx"], site["cy"], (site["rx"] * widen + pad) * factor,
+                        (site["ry"] * widen + pad) * factor, site["angle"], weight)
+    site["tc_used"], site["half_t"] = tc, half
+    info["metal"] = {k: float(v) for k, v in site.items()}
+    return None if void[0] is None else void
+
+
+def _metal_streaks(cv: Canvas, site: dict, rng) -> np.ndarray:
+    """Bright and dark rays from the metal on the slices it occupies (decaying with distance)."""
+    _, weight = cv.ellipsoid(site["tc_used"], site["half_t"])
+    weight = np.convolve(weight, [0.3, 1.0, 0.3], mode="same").clip(0, 1)
+    dx = cv.x[None, :] - site["cx"]
+    dy = cv.y[:, None] - site["cy"]
+    theta, radius = np.arctan2(dy, dx), np.hypot(dx, dy)
+    rays = np.zeros_like(radius)
+    for angle, amplitude, width in zip(rng.uniform(-np.pi, np.pi, 16), rng.uniform(-700, 500, 16),
+                                       rng.uniform(0.01, 0.03, 16)):
+        rays += amplitude * np.exp(-0.5 * (np.angle(np.exp(1j * (theta - angle))) / width) ** 2)
+    rays *= 20.0 / (radius + 20.0)  # decays over a few cm
+    return (weight[:, None, None] * rays[None]).astype(np.float32)
+
+
+def _misregister(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
+    """Small rigid motion of the CT against the MR (rotation about z and x, translation)."""
+    yaw, pitch = np.deg2rad(rng.uniform(-2.0, 2.0)), np.deg2rad(rng.uniform(-1.0, 1.0))
+    shift_mm = rng.uniform(-2.0, 2.0, size=3) * [0.75, 1.0, 1.0]  # (z, y, x)
+    rz = np.array([[1, 0, 0], [0, np.cos(yaw), -np.sin(yaw)], [0, np.sin(yaw), np.cos(yaw)]])
+    rx = np.array([[np.cos(pitch), -np.sin(pitch), 0], [np.sin(pitch), np.cos(pitch), 0], [0, 0, 1]])
+    scale = np.diag(spacing_zyx)
+    matrix = np.linalg.inv(scale) @ rz @ rx @ scale
+    centre = (np.array(ct.shape) - 1) / 2
+    offset = centre - matrix @ centre + shift_mm / np.asarray(spacing_zyx)
+    info["misregistration"] = {"yaw_deg": float(np.rad2deg(yaw)), "pitch_deg": float(np.rad2deg(pitch)),
+                               "shift_mm_zyx": [float(v) for v in shift_mm]}
+    return ndimage.affine_transform(ct, matrix, offset, order=1, mode="constant", cval=-1000.0)
+
+
+def _unit_noise(rng, shape, sigma) -> np.ndarray:
+    """Gaussian-filtered white noise rescaled to unit standard deviation."""
+    noise = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma, truncate=2.5)
+    return noise / max(float(noise.std()), 1e-6)
+
+
+def _bias_field(shape, amplitude: float, rng) -> np.ndarray:
+    """Smooth multiplicative field 1 +- amplitude: random polynomial of degree 2 over the grid."""
+    z, y, x = (np.linspace(-1, 1, n, dtype=np.float32) for n in shape)
+    legendre = [lambda u: np.ones_like(u), lambda u: u, lambda u: 1.5 * u**2 - 0.5]
+    field_ = np.zeros(shape, np.float32)
+    for k in range(3):  # z order k times an in-plane polynomial of order <= 2 - k
+        plane = sum(rng.uniform(-1, 1) * legendre[i](y)[:, None] * legendre[j](x)[None, :]
+                    for i in range(3) for j in range(3) if 0 < i + j + k <= 2)
+        field_ += (0.5 if k else 1.0) * legendre[k](z)[:, None, None] * plane[None]  # slower along z
+    return 1 + amplitude * field_ / max(float(np.abs(field_).max()), 1e-6)

@@ -1,0 +1,1 @@
+"""The frozen VAE: sources and loading, tiled inference, and fitting the stand-in."""

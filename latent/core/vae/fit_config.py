@@ -1,0 +1,108 @@
+"""Typed settings of ``latent vae fit`` (:class:`VAEFitConfig`) and its learning-rate schedule."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from latent.core.accelerator import MixedPrecision
+from latent.core.training import scheduled_lr
+from latent.core.vae.network import LAYOUT_CANONICAL
+
+
+#: Canonical grids give latents at shape / 4, i.e. three channel levels (two downsamplings).
+VAE_LEVELS = 3
+
+
+class VAEFitConfig(BaseModel):
+    """Typed settings of :func:`fit_vae`; unknown fields are refused, errors name the field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    channels: tuple[int, ...] = Field((16, 32, 64), description="channels per level; 3 levels = x4 downsampling")
+    latent_channels: int = Field(4, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1, description="must divide every channel count")
+    norm: Literal["group", "none"] = Field("none", description="GroupNorm layers, or none (any shape, exact tiles)")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (after warmup); the stand-in VAE used 5e-4")
+    lr_schedule: Literal["none", "cosine"] = Field("cosine", description="after warmup: constant or cosine to min")
+    warmup_steps: int = Field(50, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine floor as a fraction of lr")
+    ema_decay: float | None = Field(0.995, gt=0, lt=1, description="EMA of the weights that are kept; None = off")
+    max_steps: int | None = Field(3000, ge=1, description="stop after this many optimiser steps (cosine length)")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop training after this many seconds of this call (setup and final save excluded)"
+    )
+    batch_size: int = Field(1, ge=1, description="volumes per step, all of one shape")
+    kl_weight: float = Field(1e-6, ge=0)
+    log_sigma_bias_init: float = Field(-6.0, description="start with small posterior variance (docs/vae.md)")
+    seed: int = 0
+    checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    log_every: int = Field(10, ge=1, description="steps between loss records in metrics.jsonl")
+    tensorboard: bool = Field(False, description="also log to TensorBoard (out_dir/tensorboard)")
+    mixed_precision: MixedPrecision = "auto"
+    cpu: bool = Field(False, description="train on CPU even if CUDA is available")
+    flip_augment: bool = Field(True, description="random left-right (x) flips")
+    adversarial: bool = False
+    adversarial_weight: float = Field(0.01, ge=0)
+    adversarial_start_step: int = Field(0, ge=0)
+    discriminator_channels: int = Field(16, ge=1)
+    discriminator_layers: int = Field(3, ge=1, description="each halves the size: every side needs >= 2**(layers+2)")
+    crop: tuple[int, int, int] | None = Field(
+        (32, 64, 64), description="train on random (z, y, x) crops (None: whole volumes); with norm=group the "
+        "VAE is then always run with this window"
+    )
+    body_crop_fraction: float = Field(0.9, ge=0, le=1, description="share of crops centred on a body voxel")
+    modalities: tuple[Literal["mr", "ct"], ...] = Field(("mr", "ct"), min_length=1,
+                                                         description="volumes of each training case to train on")
+    val_every: int = Field(100, ge=1, description="steps between validations in HU (when validation CTs are given)")
+    val_cases: int = Field(6, ge=1, description="validation CTs used (evenly spread over those given)")
+    final_eval_volumes: int = Field(4, ge=0, description="volumes whose posterior-mean L1 is reported at the end")
+
+    @model_validator(mode="after")
+    def _check(self) -> "VAEFitConfig":
+        if len(self.channels) != VAE_LEVELS:
+            raise ValueError(f"channels must have {VAE_LEVELS} entries (x4 downsampling), got {self.channels}")
+        bad = [c for c in self.channels if c % self.norm_num_groups]
+        if bad and self.norm == "group":
+            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every entry of channels; {bad} not")
+        if self.max_steps is None and self.time_budget_s is None:
+            raise ValueError("max_steps and time_budget_s are both unset: set at least one")
+        factor = 2 ** (len(self.channels) - 1)
+        if self.crop is not None and any(c <= 0 or c % factor for c in self.crop):
+            raise ValueError(f"crop {self.crop} must be three positive multiples of {factor}")
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image size / latent size."""
+        return 2 ** (len(self.channels) - 1)
+
+    def architecture(self) -> dict[str, Any]:
+        """``{"class_name", "kwargs", "layout", "inference_tile"}`` of the VAE (its ``config.json``)."""
+        kwargs = {
+            "spatial_dims": 3,
+            "in_channels": 1,
+            "out_channels": 1,
+            "channels": list(self.channels),
+            "latent_channels": self.latent_channels,
+            "num_res_blocks": [self.num_res_blocks] * len(self.channels),
+            "norm_num_groups": self.norm_num_groups,
+            "norm_eps": 1e-6,
+            "attention_levels": [False] * len(self.channels),
+            "with_encoder_nonlocal_attn": False,
+            "with_decoder_nonlocal_attn": False,
+            "include_fc": False,
+        }
+        tile = None if self.crop is None or self.norm == "none" else list(self.crop)
+        if self.norm == "none":
+            kwargs["norm_num_groups"] = 1  # MONAI still builds (then drops) the GroupNorms
+        return {"class_name": "AutoencoderKL", "kwargs": kwargs, "layout": LAYOUT_CANONICAL, "inference_tile": tile,
+                "norm": self.norm}
+
+
+def learning_rate(config: VAEFitConfig, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): the shared loop's warmup + constant or cosine."""
+    return scheduled_lr(config.lr, step, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
+                        max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)

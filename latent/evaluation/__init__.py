@@ -1,0 +1,1 @@
+"""Evaluation: the SynthRAD metrics, scoring a prediction folder, and dose."""
