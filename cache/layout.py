@@ -164,7 +164,10 @@ def _dir_bytes(directory: Path) -> int:
 
 
 def _leftover_name(pid: str) -> str:
-    return f"{pid}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{_HOST}"
+    """A staging / trash name: a short digest of the pid (so a long pid does not overflow the file
+    name), the writer's process id, a random part and the host (what :func:`_is_stale` reads)."""
+    digest = hashlib.sha256(pid.encode()).hexdigest()[:12]
+    return f"{digest}.{os.getpid()}.{uuid.uuid4().hex[:12]}.{_HOST}"
 
 
 def _is_stale(entry: Path) -> bool:

@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
+from latent.core.atomic import output_mode
 from latent.core.errors import InputError
 from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.core.io import VolumeProperties
@@ -50,8 +51,6 @@ WINDOW_CENTER, WINDOW_WIDTH = 40, 400
 #: Tolerance on the orthonormality of the direction matrix.
 DIRECTION_TOLERANCE = 1e-4
 SYNTHETIC_NOTE = "Synthetic CT generated from MR by latent-sct; not an acquired CT image"
-#: Permissions of the finished folder (mkdtemp creates 0700, unreadable for a TPS import share).
-FOLDER_MODE = 0o755
 
 
 class DicomWriteError(InputError, ValueError):
@@ -173,7 +172,7 @@ def _write_slice(ds: Dataset, path: Path) -> None:
 
 def _move_into_place(temporary: Path, folder: Path, overwrite: bool) -> None:
     """Rename the finished temporary folder to ``folder`` (replacing an old series if allowed)."""
-    os.chmod(temporary, FOLDER_MODE)
+    os.chmod(temporary, output_mode(folder=True))  # mkdtemp makes 0700: the umask's mode instead
     if not folder.exists():
         os.rename(temporary, folder)
         return

@@ -1,5 +1,5 @@
 """``python -m latent ...``: the ``latent`` command (what ``translate/train.py`` hands over to)."""
 
-from latent.app.cli import app
+from latent.app.cli import main
 
-app(prog_name="latent")
+main()

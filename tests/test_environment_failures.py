@@ -244,3 +244,42 @@ def test_ctrl_c_during_encode_leaves_a_valid_cache_that_a_rerun_completes(phanto
     rerun = runner.invoke(app, arguments)
     assert rerun.exit_code == 0, rerun.output
     assert "already cached" in rerun.output and runner.invoke(app, ["cache", "verify", str(cache)]).exit_code == 0
+
+
+def test_ctrl_c_outside_a_loop_over_cases_is_one_line_and_130(monkeypatch, capsys, tmp_path: Path) -> None:
+    """Ctrl-C while a command loads (here: `latent cache info`) ends with exit 130 and one line."""
+    import latent.app.cli_stages as stages
+    from latent.app.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "open_cache", interrupted, raising=False)
+    monkeypatch.setattr(sys, "argv", ["latent", "cache", "info", str(tmp_path / "x.zarr")])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 130
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["interrupted (Ctrl-C): what was already written is kept whole (cache entries, checkpoints and "
+                     "predictions are written completely or not at all)"], lines
+
+
+def test_a_240_character_case_folder_is_encoded(phantom_root: Path, tmp_path: Path) -> None:
+    """The cache's staging names carry a digest of the pid, not the pid: a long case name encodes."""
+    import torch
+    from monai.networks.nets import AutoencoderKL
+
+    from latent.core.vae.loading import save_vae_dir
+    from tests.test_bad_inputs import GRID, TINY_VAE
+
+    case = next(c for c in discover_cases(phantom_root) if c.region == "AB")
+    name = case.pid + "x" * (240 - len(case.pid))
+    data = tmp_path / "data"
+    (data / "Task1" / case.region).mkdir(parents=True)
+    os.symlink(case.folder, data / "Task1" / case.region / name)
+    torch.manual_seed(0)
+    save_vae_dir(AutoencoderKL(**TINY_VAE), {"class_name": "AutoencoderKL", "kwargs": TINY_VAE}, tmp_path / "vae")
+    result = runner.invoke(app, ["encode", "--data", str(data), "--cache", str(tmp_path / "cache.zarr"), "--vae",
+                                 str(tmp_path / "vae"), "--grid", GRID, "-q"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["cache", "verify", str(tmp_path / "cache.zarr")]).exit_code == 0

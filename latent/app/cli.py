@@ -372,8 +372,16 @@ def bench(
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point. Ctrl-C ends every command with exit status 130; where a loop over cases
+    did not already say how far it got, one line says the command was interrupted."""
+    try:
+        app(prog_name="latent")
+    except SystemExit as stop:
+        cause = getattr(stop.__context__, "__cause__", None)
+        if stop.code == 130 and isinstance(cause, KeyboardInterrupt):
+            typer.echo("interrupted (Ctrl-C): what was already written is kept whole (cache entries, checkpoints "
+                       "and predictions are written completely or not at all)", err=True)
+        raise
 
 
 if __name__ == "__main__":
