@@ -44,7 +44,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from latent.core.accelerator import make_accelerator
-from latent.core.training import LoopSettings, resume_point, run_loop, scheduled_lr
+from latent.core.training import LoopSettings, LRSchedule, resume_point, run_loop
 from latent.translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
 from latent.translate.models.base import build_model, model_class
 from latent.translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer
@@ -63,12 +63,6 @@ logger = logging.getLogger("latent.translate.train")
 #: Other processes wait at a barrier while the main process validates; NCCL's default 10 minutes
 #: is shorter than a diffusion validation with K samples per case.
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
-
-
-def learning_rate(base_lr: float, step: int, section: TrainSection) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warmup, then constant or cosine."""
-    return scheduled_lr(base_lr, step, warmup_steps=section.warmup_steps, schedule=section.lr_schedule,
-                        max_steps=section.max_steps, min_lr_ratio=section.min_lr_ratio)
 
 
 def group_learning_rate(lr: float, group: dict[str, Any], step: int) -> float:
@@ -117,7 +111,9 @@ class TranslationTask:
         return batches
 
     def learning_rate(self, step: int) -> float:
-        return learning_rate(self.config.model.lr, step, self.config.train)
+        section = self.config.train
+        return LRSchedule(self.config.model.lr, section.warmup_steps, section.lr_schedule, section.max_steps,
+                          section.min_lr_ratio)(step)
 
     def train_micro_batch(self, batch: Any, step: int) -> tuple[dict[str, float], bool]:
         section, losses_out = self.config.train, {}
@@ -233,7 +229,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     if accelerator.is_main_process:
         task.unwrapped.save_pretrained(run_dir / "final")
         (run_dir / "final" / "trainer_state.json").write_text(json.dumps(
-            {"step": state.step, "best_step": state.best_step, "best_mae": state.best_metric}, indent=2) + "\n")
+            {"step": state.step, "best_step": state.best_step, "best_metric": state.best_metric}, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir

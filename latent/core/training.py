@@ -65,6 +65,23 @@ def scheduled_lr(base_lr: float, step: int, *, warmup_steps: int, schedule: str,
     return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class LRSchedule:
+    """Every model's learning-rate schedule (the translation families and the VAE): peak ``lr``,
+    linear warmup, then constant or cosine down to ``min_lr_ratio`` x ``lr`` at ``max_steps``."""
+
+    lr: float
+    warmup_steps: int = 0
+    schedule: str = "none"
+    max_steps: int | None = None
+    min_lr_ratio: float = 0.0
+
+    def __call__(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based)."""
+        return scheduled_lr(self.lr, step, warmup_steps=self.warmup_steps, schedule=self.schedule,
+                            max_steps=self.max_steps, min_lr_ratio=self.min_lr_ratio)
+
+
 def micro_step_seed(seed: int, micro_step: int) -> int:
     """RNG seed of one micro-batch (noise, crops, timesteps): a function of the position in the run only."""
     return (seed * 1_000_003 + micro_step * 7_919) % (2**31 - 1)

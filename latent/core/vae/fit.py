@@ -46,7 +46,7 @@ from latent.core.errors import InputError
 from latent.core.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU
 from latent.core.training import LoopSettings, LoopState, latest_checkpoint, resume_point, run_loop
 from latent.core.vae.loading import LAYOUT_CANONICAL, LoadedVAE, build_vae, save_vae_dir
-from latent.core.vae.fit_config import VAE_LEVELS, VAEFitConfig, learning_rate  # noqa: F401 - re-exported
+from latent.core.vae.fit_config import VAE_LEVELS, VAEFitConfig  # noqa: F401 - re-exported
 from latent.core.vae.fit_data import _BatchSampler, _check_masks, _check_volumes
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class _VAEFitTask:
         return itertools.repeat(None)  # train_micro_batch draws its own crops
 
     def learning_rate(self, step: int) -> float:
-        return learning_rate(self.config, step)
+        return self.config.lr_schedule_of_run(step)
 
     def train_micro_batch(self, batch: Any, step: int) -> tuple[dict[str, float], bool]:
         config, accelerator = self.config, self.accelerator
@@ -159,7 +159,7 @@ class _VAEFitTask:
         rng = np.random.default_rng([config.seed, step, accelerator.process_index])
         x = torch.from_numpy(self.sampler(rng)).to(accelerator.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = config.lr_schedule_of_run(step)
         use_adversarial = self.adversary is not None and step >= config.adversarial_start_step
         with accelerator.autocast():
             reconstruction, z_mu, z_sigma = self.model(x)

@@ -1,4 +1,4 @@
-"""Typed settings of ``latent vae fit`` (:class:`VAEFitConfig`) and its learning-rate schedule."""
+"""Typed settings of ``latent vae fit`` (:class:`VAEFitConfig`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from latent.core.accelerator import MixedPrecision
-from latent.core.training import scheduled_lr
+from latent.core.training import LRSchedule
 from latent.core.vae.network import LAYOUT_CANONICAL
 
 
@@ -79,6 +79,11 @@ class VAEFitConfig(BaseModel):
         """Image size / latent size."""
         return 2 ** (len(self.channels) - 1)
 
+    @property
+    def lr_schedule_of_run(self) -> LRSchedule:
+        """The shared loop's schedule with these settings."""
+        return LRSchedule(self.lr, self.warmup_steps, self.lr_schedule, self.max_steps, self.min_lr_ratio)
+
     def architecture(self) -> dict[str, Any]:
         """``{"class_name", "kwargs", "layout", "inference_tile"}`` of the VAE (its ``config.json``)."""
         kwargs = {
@@ -100,9 +105,3 @@ class VAEFitConfig(BaseModel):
             kwargs["norm_num_groups"] = 1  # MONAI still builds (then drops) the GroupNorms
         return {"class_name": "AutoencoderKL", "kwargs": kwargs, "layout": LAYOUT_CANONICAL, "inference_tile": tile,
                 "norm": self.norm}
-
-
-def learning_rate(config: VAEFitConfig, step: int) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): the shared loop's warmup + constant or cosine."""
-    return scheduled_lr(config.lr, step, warmup_steps=config.warmup_steps, schedule=config.lr_schedule,
-                        max_steps=config.max_steps, min_lr_ratio=config.min_lr_ratio)
