@@ -61,19 +61,21 @@ def test_train_verb_fits_the_vae_recipe_with_the_shared_loop(tmp_path: Path, pha
     from latent.core.vae.loading import load_vae
 
     out = tmp_path / "vae"
-    small = ["fit.channels=[8, 8, 16]", "fit.crop=[16, 32, 32]", "fit.final_eval_volumes=0", "fit.log_every=1"]
+    small = ["model.channels=[8, 8, 16]", "model.crop=[16, 32, 32]", "model.final_eval_volumes=0", "train.log_every=1"]
     arguments = ["train", "--config", "vae_standin", "--quiet", f"data.root={phantom_root}", "data.split_file=null",
-                 "data.grid=3x3x5:32x64x64", f"run_dir={out}", *small, "fit.max_steps=2"]
+                 "data.grid=3x3x5:32x64x64", f"run_dir={out}", *small, "train.max_steps=2"]
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert load_vae(str(out)).class_name == "AutoencoderKL" and latest_checkpoint(out).name == "step_0000002"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     result = runner.invoke(app, arguments)  # a second fresh run would overwrite the checkpoints
     assert result.exit_code == 2 and "--resume" in result.output
-    result = runner.invoke(app, [*arguments[:-1], "fit.max_steps=3", "--resume"])
+    result = runner.invoke(app, [*arguments[:-1], "train.max_steps=3", "--resume"])
     assert result.exit_code == 0 and latest_checkpoint(out).name == "step_0000003", result.output
-    result = runner.invoke(app, [*arguments, "fit.lr=-1"])
-    assert result.exit_code == 2 and "fit.lr: Input should be greater than 0" in result.output
+    result = runner.invoke(app, [*arguments, "model.lr=-1"])
+    assert result.exit_code == 2 and "model.lr: Input should be greater than 0" in result.output
+    result = runner.invoke(app, [*arguments, "data.root=null"])
+    assert result.exit_code == 2 and "data.root: the VAE trains on a data set's volumes" in result.output
 
 
 def test_debug_shows_the_traceback_of_an_input_error(tmp_path: Path, phantom_root: Path) -> None:

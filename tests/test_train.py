@@ -261,3 +261,29 @@ def test_validator_names_of_earlier_recipes_load_and_native_needs_the_app(tmp_pa
     config = tiny_config(tmp_path / "run", validator="native", max_steps=1)
     with pytest.raises(BadConfigError, match=r"^train\.validator: native .* `latent train"):
         train(config, train_dataset=ToyLatents(2), val_dataset=ToyLatents(1), quiet=True)
+
+
+def test_a_vae_recipe_and_a_translation_recipe_share_one_schema(tmp_path):
+    """`model.family: vae` is a family of the one recipe schema: the same data and train sections,
+    the same dotted errors; the earlier VAE layout (family and fit at the top) reads as the same."""
+    import yaml as yaml_module
+
+    from latent.core.vae.pipeline import load_fit_config
+
+    vae, l2sct = load_config("vae_standin"), load_config("l2sct_demo")
+    assert type(vae) is type(l2sct) and type(vae.train) is type(l2sct.train) and type(vae.data) is type(l2sct.data)
+    assert vae.is_vae and not l2sct.is_vae and vae.train.max_steps == 3000
+    with pytest.raises(ConfigError, match=r"train\.max_stepz: Extra inputs are not permitted"):
+        load_config("vae_standin", ["train.max_stepz=3"])
+    with pytest.raises(ConfigError, match=r"model\.chanels: Extra inputs are not permitted"):
+        load_config("vae_standin", ["model.chanels=[8,8,8]"])
+    earlier = {"family": "vae", "data": {"root": "d", "grid": "3x3x5:32x128x128"}, "run_dir": "r",
+               "fit": {"channels": [8, 16, 16], "max_steps": 7, "time_budget_s": 30, "lr": 1e-3}}
+    (tmp_path / "earlier.yaml").write_text(yaml_module.safe_dump(earlier))
+    upgraded = load_config(str(tmp_path / "earlier.yaml"))
+    assert upgraded.is_vae and upgraded.model.channels == (8, 16, 16) and upgraded.model.lr == 1e-3
+    assert (upgraded.train.max_steps, upgraded.train.max_seconds, upgraded.train.warmup_steps) == (7, 30, 50)
+    assert load_fit_config(str(tmp_path / "earlier.yaml")) == load_fit_config(None, channels=[8, 16, 16], max_steps=7,
+                                                                                time_budget_s=30, lr=1e-3)
+    with pytest.raises(ConfigError, match=r"data\.root: only the VAE reads volumes"):
+        load_config("l2sct_demo", ["data.root=/data"])

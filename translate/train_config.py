@@ -1,132 +1,49 @@
-"""Typed training config (``TrainConfig``), YAML recipes and dotted command-line overrides.
+"""Typed training config (``TrainConfig``), YAML recipes and dotted command-line overrides: the one
+schema of every recipe, a translation model's or the VAE's.
 
-A recipe has four sections: ``data`` (where the latents come from), ``model`` (validated by the
-family's own config class, picked by ``model.family``), ``train`` (budget, schedule, precision,
+A recipe has four sections: ``data`` (where the training data come from), ``model`` (validated by
+the family's own config class, picked by ``model.family``; ``vae`` is the frozen VAE's family,
+trained by ``latent train`` through the same loop), ``train`` (budget, schedule, precision,
 checkpoints, validation, resume) and ``run_dir``. Unknown fields are refused, and every error
 names its field with a dotted path (``model.channels: ...``, ``train.max_step: Extra inputs ...``).
+VAE recipes of the earlier layout (``family: vae`` and ``fit:`` at the top) are read as this one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
+from pydantic import SerializeAsAny, ValidationError, field_validator, model_validator
 
-from latent.core.accelerator import MixedPrecision
-from latent.core.cases import parse_fold
+from latent.core.recipe_sections import VALIDATOR_ALIASES, DataConfig, Section, TrainSection  # noqa: F401
 from latent.core.recipes import ConfigError, apply_overrides, format_validation_errors, read_recipe
+from latent.core.vae.fit_config import VAEModelConfig
+from latent.core.vae.pipeline import is_earlier_vae_recipe, upgrade_earlier_vae_recipe
 from latent.translate.models.base import ModelConfig, model_class
 
 
-class _Section(BaseModel):
-    # nan and inf are refused in every float field (named with its dotted path).
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class DataConfig(_Section):
-    """Where the latents come from."""
-
-    #: Latent cache store (zarr directory).
-    cache: str | None = None
-    #: Producer key inside the store, or "auto" for the store's only producer.
-    producer: str = "auto"
-    #: JSON ``{"train": [...], "val": [...], ...}`` of case ids.
-    split_file: str | None = None
-    train_split: str = "train"
-    #: None: no validation data.
-    val_split: str | None = "val"
-    batch_size: int = Field(1, ge=1)
-    val_batch_size: int = Field(1, ge=1)
-    #: Random training crop in latent voxels (int or (d, h, w)); None = whole volumes.
-    crop: int | tuple[int, int, int] | None = None
-    #: Share of training crops centred on a body voxel (nnU-Net oversamples foreground a third of
-    #: the time); the rest are uniform over the case.
-    crop_body_fraction: float = Field(0.0, ge=0.0, le=1.0)
-    #: Validation crop (None: whole volumes, what inference sees).
-    val_crop: int | tuple[int, int, int] | None = None
-    preload: bool = False
-    #: Cache arrays added to the validation batches (e.g. ct_pixels for a decode-based validator).
-    extra_val_keys: tuple[str, ...] = ()
-    #: Validate on the first N validation cases only.
-    val_limit: int | None = Field(None, ge=1)
-    #: "k/K": split the train + val cases of ``split_file`` into K folds stratified by region and
-    #: centre, train on the other K - 1 and validate on fold k (the test split is never used).
-    fold: str | None = None
-    #: Seed of the fold assignment (keep it fixed across the K runs of one cross-validation).
-    fold_seed: int = 0
-
-    @field_validator("crop", "val_crop", mode="before")
-    @classmethod
-    def _crop(cls, value: Any) -> Any:
-        sizes = value if isinstance(value, (list, tuple)) else [value]
-        if value is not None and any(isinstance(v, (int, float)) and not isinstance(v, bool) and v < 1 for v in sizes):
-            shown = list(value) if isinstance(value, (list, tuple)) else value
-            raise ValueError(f"every size must be at least 1 voxel, got {shown}")
-        return value
-
-    @field_validator("fold", mode="before")
-    @classmethod
-    def _fold(cls, value: Any) -> Any:
-        if value is not None:
-            parse_fold(value)
-        return value
-
-
-#: Names of ``train.validator`` in recipes and runs of earlier versions.
-VALIDATOR_ALIASES = {"default": "canonical", "latent.app.validation:native_validator": "native"}
-
-
-class TrainSection(_Section):
-    """Budget, schedule, precision, checkpoints."""
-
-    seed: int = 0
-    max_steps: int = Field(1000, ge=1)
-    #: Wall-clock budget of this invocation's loop (seconds; a resumed run gets a new one); None = steps only.
-    max_seconds: float | None = Field(None, gt=0)
-    lr_schedule: Literal["none", "cosine"] = "none"
-    warmup_steps: int = Field(0, ge=0)
-    #: Cosine floor as a fraction of the model's lr.
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    optimizer: Literal["adamw", "adam"] = "adamw"
-    weight_decay: float = Field(0.0, ge=0)
-    #: Gradient-norm clip per phase; None = off.
-    grad_clip: float | None = Field(1.0, gt=0)
-    #: "auto": bf16 where the hardware runs it fast (CUDA with bf16; CPU with AVX512-BF16 or AMX), else "no".
-    mixed_precision: MixedPrecision = "no"
-    grad_accum: int = Field(1, ge=1)
-    num_workers: int = Field(0, ge=0)
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
-    #: Checkpoints kept (oldest removed first).
-    keep_checkpoints: int = Field(2, ge=1)
-    #: Validation period in steps; None = only at the end.
-    val_every: int | None = Field(500, ge=1)
-    #: Samples averaged per case by the default validator for stochastic models.
-    val_samples: int = Field(1, ge=1)
-    #: "canonical": the stage's own validator (MAE on the canonical grid, latent units for latent
-    #: outputs); "native": masked MAE in HU on each case's native grid, after decoding, which the
-    #: application layer passes in (``latent train``). Earlier spellings load as these two.
-    validator: Literal["canonical", "native"] = "canonical"
-    #: False: fresh run; True: continue from the latest checkpoint in run_dir (fresh if none);
-    #: a path: continue from that checkpoint folder.
-    resume: bool | str = False
-    tensorboard: bool = True
-
-    @field_validator("validator", mode="before")
-    @classmethod
-    def _earlier_validator_names(cls, value: Any) -> Any:
-        return VALIDATOR_ALIASES.get(value, value) if isinstance(value, str) else value
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Everything a training run needs; unknown fields are refused with their dotted name."""
 
     data: DataConfig = DataConfig()
-    #: Validated by the family's config class (``model.family`` picks it).
-    model: SerializeAsAny[ModelConfig]
+    #: Validated by the family's config class (``model.family`` picks it; ``vae``: VAEModelConfig).
+    model: SerializeAsAny[ModelConfig | VAEModelConfig]
     train: TrainSection = TrainSection()
     run_dir: str = "runs/run"
+
+    @property
+    def is_vae(self) -> bool:
+        """A recipe of the VAE (trained on the data set's volumes) rather than a translation model."""
+        return self.model.family == "vae"
+
+    @model_validator(mode="after")
+    def _data_source(self) -> "TrainConfig":
+        if self.is_vae and not self.data.root:
+            raise ValueError("data.root: the VAE trains on a data set's volumes; give its root")
+        if not self.is_vae and self.data.root:
+            raise ValueError("data.root: only the VAE reads volumes; a translation model reads data.cache")
+        return self
 
     @field_validator("model", mode="before")
     @classmethod
@@ -134,6 +51,8 @@ class TrainConfig(_Section):
         if isinstance(value, dict):
             if "family" not in value:
                 raise ValueError("model.family is required")
+            if value["family"] == "vae":
+                return VAEModelConfig.model_validate(value)
             try:
                 family_class = model_class(value["family"])
             except ValueError as error:
@@ -157,4 +76,6 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML recipe (optional; a file, or a shipped recipe's name), apply dotted overrides, validate."""
     raw = read_recipe(path) if path is not None else {}
+    if is_earlier_vae_recipe(raw):
+        raw = upgrade_earlier_vae_recipe(raw, path)
     return parse_config(apply_overrides(raw, overrides))

@@ -259,27 +259,27 @@ def train(
         "Resume even if the checkpoint's random state cannot be restored (the run is then not exact).")),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Train any model with the project's one training loop: a translation recipe (also launched as
-    `accelerate launch translate/train.py ...`) or a VAE recipe (`family: vae`, as `latent vae fit`).
-    Extra arguments are dotted overrides, e.g. `train.max_steps=20 model.lr=1e-4` or
-    `data.root=/data run_dir=runs/vae fit.max_steps=100`."""
-    from latent.core.recipes import apply_overrides, read_recipe
-    from latent.core.vae.pipeline import is_vae_recipe, parse_vae_recipe, train_vae_recipe
+    """Train any model with the project's one training loop and one recipe schema: a translation
+    model (also launched as `accelerate launch translate/train.py ...`) or the VAE (`model.family:
+    vae`, as `latent vae fit`). Extra arguments are dotted overrides, e.g. `train.max_steps=20
+    model.lr=1e-4` or `data.root=/data run_dir=runs/vae`."""
+    from latent.app.validation import train_run
+    from latent.translate.train import load_config
 
     try:
-        raw = read_recipe(config)
-        if is_vae_recipe(raw):
-            setup_logging(quiet)
-            recipe = parse_vae_recipe(apply_overrides(raw, ctx.args))
-            typer.echo(train_vae_recipe(recipe, resume=resume or resume_inexact, quiet=quiet, overwrite=overwrite,
-                                        resume_inexact=resume_inexact))
-            return
-        from latent.app.validation import train_run
-        from latent.translate.train import load_config
-
         setup_logging(quiet)
         recipe = load_config(config, [*ctx.args, *(["train.resume=true"] if resume or resume_inexact else [])])
-        run_dir = train_run(recipe, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact)
+        if recipe.is_vae:  # the frozen VAE's family: its own task in the same loop, on the data set's volumes
+            from latent.core.vae.fit_config import vae_fit_config
+            from latent.core.vae.pipeline import fit_vae_on_dataset
+
+            run_dir = fit_vae_on_dataset(recipe.data.root, recipe.run_dir, recipe.data.grid,
+                                         split_file=recipe.data.split_file,
+                                         config=vae_fit_config(recipe.model, recipe.data, recipe.train),
+                                         resume=bool(recipe.train.resume), quiet=quiet, overwrite=overwrite,
+                                         resume_inexact=resume_inexact)
+        else:
+            run_dir = train_run(recipe, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact)
     except USER_ERRORS as error:
         user_error(error, ctx)
     if int(os.environ.get("RANK", "0")) == 0:

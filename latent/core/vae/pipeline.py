@@ -1,5 +1,5 @@
-"""`latent vae fit` and `latent train` on a VAE recipe: a data set's canonical, normalised MR and CT
-volumes -> :func:`fit_vae` (the project's one training loop)."""
+"""`latent vae fit` and `latent train` on a VAE recipe (``model.family: vae``): a data set's
+canonical, normalised MR and CT volumes -> :func:`fit_vae` (the project's one training loop)."""
 
 from __future__ import annotations
 
@@ -9,83 +9,80 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from latent.core.errors import BadConfigError
 from latent.core.cases import check_split_ids, discover_cases, load_splits, read_split
 from latent.core.recipes import ConfigError, format_validation_errors, read_recipe
 from latent.core.prepare import prepare_case, resolve_grid
 from latent.core.runner import run_over_cases
+from latent.core.recipe_sections import DataConfig, TrainSection
 from latent.core.vae.fit import VAEFitConfig, fit_vae
+from latent.core.vae.fit_config import LOOP_FIELDS, VAEModelConfig, vae_fit_config
 
 logger = logging.getLogger(__name__)
 
 
-class VAEData(BaseModel):
-    """Where ``latent train`` finds the volumes of a VAE recipe."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    root: str = Field(..., description="data set root (SynthRAD2025 layout)")
-    grid: str = Field("auto", description="canonical grid the VAE is trained at (use the same for encode)")
-    split_file: str | None = Field(None, description="train on its train cases, select weights on its val CTs")
-
-
-class VAERecipe(BaseModel):
-    """A VAE recipe for ``latent train``: ``family: vae``, ``data``, ``run_dir`` and the ``fit`` settings.
-
-    ``latent vae fit --config`` reads the ``fit`` section only (its options name the data).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    family: Literal["vae"]
-    data: VAEData
-    run_dir: str
-    fit: VAEFitConfig = VAEFitConfig()
-
-
-def is_vae_recipe(raw: dict) -> bool:
-    """True for a recipe of the VAE (``family: vae`` at the top) rather than a translation model."""
+def is_earlier_vae_recipe(raw: dict) -> bool:
+    """A VAE recipe of the earlier layout: ``family: vae`` and the ``fit`` settings at the top."""
     return raw.get("family") == "vae"
 
 
-def parse_vae_recipe(raw: dict) -> VAERecipe:
-    """Validate a VAE recipe mapping; errors name the field (``fit.lr: ...``).
+def upgrade_earlier_vae_recipe(raw: dict, source: object = None) -> dict:
+    """An earlier-layout VAE recipe as the one recipe schema: ``fit`` splits into ``model`` (the
+    :class:`VAEModelConfig` fields) and ``train`` (the loop's, with the earlier defaults kept, so
+    the recipe means what it meant); ``data`` and ``run_dir`` stay.
 
     Raises:
-        ConfigError: a missing or invalid field.
+        ConfigError: an invalid ``fit`` section (the field named) or an unknown top-level key.
     """
+    unknown = sorted(set(raw) - {"family", "data", "run_dir", "fit"})
+    if unknown:
+        raise ConfigError(f"{source or 'VAE recipe'}: {', '.join(unknown)}: not a field of a VAE recipe")
     try:
-        return VAERecipe.model_validate(raw)
+        fit = VAEFitConfig.model_validate(dict(raw.get("fit") or {}))
     except ValidationError as error:
         raise ConfigError(format_validation_errors(error, "VAE recipe")) from None
+    values = fit.model_dump()
+    model = {name: values[name] for name in VAEModelConfig.model_fields}
+    train = {name: values[name] for name in LOOP_FIELDS}
+    train["max_seconds"] = values["time_budget_s"]
+    data = {**dict(raw.get("data") or {}), "batch_size": values["batch_size"]}
+    logger.warning("%s: a VAE recipe of the earlier layout (family and fit at the top), read as model.family: vae "
+                   "with its fit settings in model and train (configs/vae_standin.yaml shows the layout)",
+                   source or "recipe")
+    return {"model": model, "data": data, "train": train, **({"run_dir": raw["run_dir"]} if "run_dir" in raw else {})}
+
+
+def fit_config_of_recipe(raw: dict, source: object = None) -> VAEFitConfig:
+    """:class:`VAEFitConfig` of a VAE recipe (``model``, ``data`` and ``train`` sections)."""
+    try:
+        model = VAEModelConfig.model_validate(raw.get("model") or {})
+        data = DataConfig.model_validate(raw.get("data") or {})
+        train = TrainSection.model_validate(raw.get("train") or {})
+    except ValidationError as error:
+        raise ConfigError(format_validation_errors(error, f"VAE recipe {source or ''}".strip())) from None
+    return vae_fit_config(model, data, train)
 
 
 def load_fit_config(path: str | os.PathLike | None, **overrides) -> VAEFitConfig:
-    """A :class:`VAEFitConfig` from a recipe (its ``fit`` section) or a flat file of its fields
-    (YAML/JSON, a path or a shipped recipe's name), plus non-None overrides."""
+    """A :class:`VAEFitConfig` from a VAE recipe (its ``model`` and ``train`` sections; the command
+    names the data), an earlier-layout recipe, or a flat file of its fields (YAML/JSON, a path or a
+    shipped recipe's name), plus non-None overrides."""
     values: dict = {}
     if path is not None:
         values = read_recipe(path)
-        if is_vae_recipe(values):
-            values = dict(values.get("fit") or {})
+        if is_earlier_vae_recipe(values):
+            values = upgrade_earlier_vae_recipe(values, path)
+        if (values.get("model") or {}).get("family") == "vae":
+            values = fit_config_of_recipe(values, path).model_dump()
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return VAEFitConfig.model_validate(values)
     except ValidationError as error:
         raise ConfigError(format_validation_errors(error, f"VAE fit config {path}")) from None
-
-
-def train_vae_recipe(recipe: VAERecipe, resume: bool = False, quiet: bool = False, *, overwrite: bool = False,
-                     resume_inexact: bool = False) -> Path:
-    """Fit the VAE a recipe describes (``latent train --config vae_standin ...``); return its folder."""
-    return fit_vae_on_dataset(recipe.data.root, recipe.run_dir, recipe.data.grid, split_file=recipe.data.split_file,
-                              config=recipe.fit, resume=resume, quiet=quiet, overwrite=overwrite,
-                              resume_inexact=resume_inexact)
 
 
 @dataclass
