@@ -62,15 +62,15 @@ def main() -> int:
     parser.add_argument("--wall", required=True, help="wall time of the training, as measured")
     parser.add_argument("--revision", required=True, help="git revision the training ran at")
     args = parser.parse_args()
-    from latent.core.vae.loading import sha256_file
+    from latent.core.vae.loading import run_model_folder, sha256_file
 
     source = args.run / "vae"
     report = json.loads((source / "fit_config.json").read_text())
     grid = json.loads((source / "training_grid.json").read_text())
     grid_spec = "x".join(f"{v:g}" for v in grid["spacing"]) + ":" + "x".join(str(v) for v in grid["shape"])
     TARGET.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copyfile(source / name, TARGET / name)
+    for name in ("config.json", "model.safetensors"):  # the selected weights: best/ of the run
+        shutil.copyfile(run_model_folder(source) / name, TARGET / name)
     figures = validation_figures(TARGET, args.run / "data", args.run / "splits.json", grid_spec)
     weights, config = sha256_file(TARGET / "model.safetensors"), sha256_file(TARGET / "config.json")
     phantom = json.loads((args.run / "data" / "phantom.json").read_text())

@@ -67,6 +67,9 @@ def test_train_verb_fits_the_vae_recipe_with_the_shared_loop(tmp_path: Path, pha
     result = runner.invoke(app, arguments)
     assert result.exit_code == 0, result.output
     assert load_vae(str(out)).class_name == "AutoencoderKL" and latest_checkpoint(out).name == "step_0000002"
+    # the run layout of every family: best/ and final/ model folders, final/trainer_state.json, metrics.jsonl
+    assert (out / "best" / "model.safetensors").is_file() and (out / "final" / "model.safetensors").is_file()
+    assert set(json.loads((out / "final" / "trainer_state.json").read_text())) == {"step", "best_step", "best_metric"}
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     result = runner.invoke(app, arguments)  # a second fresh run would overwrite the checkpoints
     assert result.exit_code == 2 and "--resume" in result.output

@@ -98,7 +98,9 @@ def test_a_vae_folder_round_trips_through_the_hub(tmp_path: Path, hub: dict) -> 
     volumes = [np.random.default_rng(i).random((8, 16, 16), dtype=np.float32) for i in range(2)]
     tiny = {"channels": (8, 8, 16), "crop": None, "final_eval_volumes": 0}
     vae_dir = fit_vae(volumes, tmp_path / "vae", VAEFitConfig(max_steps=1, **tiny), quiet=True)
-    assert publishable_files(vae_dir) == ["config.json", "model.safetensors", "fit_config.json"]
+    # the run layout of every family: best/ (what load_vae reads), final/ and the run's records
+    assert publishable_files(vae_dir) == ["fit_config.json", "best/config.json", "best/model.safetensors",
+                                          "final/config.json", "final/model.safetensors", "final/trainer_state.json"]
     push(vae_dir, "lab/vae-tiny")
     hub["publish"]("lab/vae-tiny")
     local, remote = load_vae(str(vae_dir)), load_vae("hf://lab/vae-tiny")

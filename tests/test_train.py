@@ -78,6 +78,8 @@ def test_run_dir_records_checkpoints_best_and_final(tmp_path):
     best = json.loads((run_dir / "best" / "validation.json").read_text())
     assert best["mae"] == min(r["val/mae"] for r in val)
     assert "latent-space proxy, not HU" in best["selected_by"]  # the run says which metric chose best/
+    assert set(json.loads((run_dir / "final" / "trainer_state.json").read_text())) == {"step", "best_step",
+                                                                                       "best_metric"}
     final = load_pretrained(run_dir / "final")
     assert final.config.channels == (8, 8)
     with pytest.raises(FileExistsError, match="resume"):  # a fresh run never overwrites checkpoints

@@ -177,9 +177,11 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, card: str, private: 
 
 def publishable_files(folder: Path) -> list[str]:
     """Relative paths pushed for ``folder``: a model folder's two files (+ its ``fit_config.json``,
-    ``training_grid.json``, ``PROVENANCE.md``), or a run's records and its ``best/`` and ``final/``."""
-    if (folder / "producer.json").is_file():
-        names = [name for name in RUN_FILES if (folder / name).is_file()]
+    ``training_grid.json``, ``PROVENANCE.md``), or a run's records and its ``best/`` and ``final/``
+    (a translation run, or a VAE run: ``best/`` without ``producer.json``)."""
+    extras = ("fit_config.json", "training_grid.json", "PROVENANCE.md")
+    if (folder / "producer.json").is_file() or (folder / "best" / CONFIG_NAME).is_file():
+        names = [name for name in (*RUN_FILES, *extras) if (folder / name).is_file()]
         for which in ("best", "final"):
             if (folder / which / WEIGHTS_NAME).is_file():
                 names += [f"{which}/{name}" for name in (CONFIG_NAME, WEIGHTS_NAME, "validation.json",
@@ -188,5 +190,4 @@ def publishable_files(folder: Path) -> list[str]:
             raise BadFileError(f"{folder}: a run folder without best/ or final/ model: finish training first")
         return names
     read_model_config(folder)  # raises when it is not a model folder either
-    extras = ("fit_config.json", "training_grid.json", "PROVENANCE.md")
     return [CONFIG_NAME, WEIGHTS_NAME, *(name for name in extras if (folder / name).is_file())]

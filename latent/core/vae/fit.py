@@ -18,13 +18,18 @@ The steps, budgets, seeding, checkpoints, resume, logging and validation schedul
 project's one training loop (:mod:`latent.core.training`), the same as for the translation models;
 Accelerate handles device and mixed precision (``auto`` resolved by :mod:`latent.core.accelerator`).
 
-Output directory::
+Output directory, the run layout of every family::
 
-    out_dir/config.json, model.safetensors   the selected VAE (load_vae(out_dir))
+    out_dir/best/                            the selected VAE (config.json + model.safetensors);
+                                             load_vae(out_dir) loads it
+    out_dir/final/                           the kept weights at the last step + trainer_state.json
     out_dir/fit_config.json                  resolved VAEFitConfig, steps, losses, validation,
                                              which metric and step selected the weights
+    out_dir/training_grid.json               the canonical grid it was trained at (the data record)
     out_dir/metrics.jsonl                    losses and validation MAE (as every training run)
     out_dir/checkpoints/step_NNNNNNN/        accelerator state (+ EMA) + trainer_state.json (resume)
+
+A VAE fitted by an earlier version (``config.json`` + ``model.safetensors`` at the top) still loads.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from latent.core.accelerator import make_accelerator
 from latent.core.errors import InputError
 from latent.core.intensity import VAE_CT_MAX_HU, VAE_CT_MIN_HU
 from latent.core.training import LoopSettings, LoopState, latest_checkpoint, resume_point, run_loop
+from latent.core.atomic import write_text_atomic
 from latent.core.vae.loading import LAYOUT_CANONICAL, LoadedVAE, build_vae, save_vae_dir
 from latent.core.vae.fit_config import VAE_LEVELS, VAEFitConfig  # noqa: F401 - re-exported
 from latent.core.vae.fit_data import _BatchSampler, _check_masks, _check_volumes
@@ -201,9 +207,13 @@ class _VAEFitTask:
         logger.info("step %d: validation CT MAE %.1f HU", step, mae)
         return {"mae": mae}
 
-    def save_best(self, step: int, metrics: dict[str, float]) -> None:
+    def save_model(self, which: str) -> None:
+        """The kept weights as the model folder ``out_dir/<which>`` (``best`` or ``final``)."""
         save_vae_dir(self.kept_network(), {**self.architecture, "name": f"vae-fit-{self.out_dir.resolve().name}"},
-                     self.out_dir)
+                     self.out_dir / which)
+
+    def save_best(self, step: int, metrics: dict[str, float]) -> None:
+        self.save_model("best")
 
     def extra_state(self) -> dict[str, Any]:
         return {"architecture": self.architecture, "history": self.history, "val_history": self.val_history}
@@ -327,9 +337,13 @@ def fit_vae(
         return out_dir
     if not validation:
         task.save_best(state.step, {})
+    task.save_model("final")
+    write_text_atomic(out_dir / "final" / "trainer_state.json", json.dumps(
+        {"step": state.step, "best_step": state.best_step if validation else state.step,
+         "best_metric": state.best_metric}, indent=2) + "\n")
     from latent.core.vae.loading import load_vae
 
-    selected = load_vae(str(out_dir), device=accelerator.device)
+    selected = load_vae(str(out_dir / "best"), device=accelerator.device)
     final_l1 = _reconstruction_l1(selected, data, config.final_eval_volumes)
     report = {
         "config": config.model_dump(mode="json"),

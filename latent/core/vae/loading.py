@@ -206,6 +206,15 @@ def _load_directory(directory: Path, device: str | torch.device) -> LoadedVAE:
     )
 
 
+def run_model_folder(path: Path) -> Path:
+    """The model folder of a VAE directory: ``best/`` of a VAE run (``latent vae fit``, ``latent
+    train`` on a VAE recipe), or the directory itself (a model folder, or a VAE fitted by an
+    earlier version, whose weights sit at the top)."""
+    if (path / "best" / CONFIG_FILENAME).is_file():
+        return path / "best"
+    return path
+
+
 def load_vae(
     spec: str,
     *,
@@ -221,8 +230,8 @@ def load_vae(
     Args:
         spec: ``"maisi-ct"``, ``"maisi-mr"`` (or another key of ``registry``), ``"standin"`` (a
             key of ``shipped``: the small pretrained VAE inside the package, SHA-256 checked), a
-            ``.pt`` / ``.safetensors`` file of the MAISI architecture, or a directory holding
-            ``config.json`` + ``model.safetensors``.
+            ``.pt`` / ``.safetensors`` file of the MAISI architecture, a directory holding
+            ``config.json`` + ``model.safetensors``, or a VAE run folder (its ``best/``).
         cache_dir: hub cache folder (default: huggingface_hub's, i.e. ``HF_HUB_CACHE``).
             ``HF_HUB_OFFLINE=1`` makes the hub path use the cache only.
         device: device for the network.
@@ -254,7 +263,7 @@ def load_vae(
     elif path.is_dir():
         if config is not None:
             raise VAEError(f"{path} carries its own {CONFIG_FILENAME}; do not pass a config with it")
-        loaded = _load_directory(path, device)
+        loaded = _load_directory(run_model_folder(path), device)
         if is_hub_spec(spec):  # runs record the hub spec, which works on any machine, not the cache path
             loaded = dataclasses.replace(loaded, source=str(spec))
         return loaded
