@@ -190,3 +190,28 @@ def test_a_method_that_fails_on_an_input_error_is_reported_and_the_others_go_on(
     rows = list(csv.DictReader((tmp_path / "broken" / "results.csv").open()))
     assert [row["method"] for row in rows] == ["bulk"]
     assert "l2sct" in json.loads((tmp_path / "broken" / "results.json").read_text())["metadata"]["failed methods"]
+
+
+@pytest.mark.parametrize("family, first, field", [("l2sct", "l2l_regress", "init_trunk_from"),
+                                                   ("l2l_controlnet", "l2l_controlnet_prior", "prior_path")])
+def test_a_family_that_starts_from_another_run_trains_it_first(family: str, first: str, field: str, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """What a class names in ``starts_from`` is trained first (its recipe ``<name>_<size>``) and its run
+    folder goes into the field; no family is special-cased by name in the bench."""
+    from latent.app.bench import run as bench_run
+    from latent.app.bench.config import BenchConfig
+
+    calls = []
+
+    def train_or_reuse(config, name, recipe, split_file, cache, overrides):
+        calls.append((name, recipe, list(overrides)))
+        return bench_run.TrainRecord(tmp_path / name, 1.0, 0.0, 0.0, recipe, False)
+
+    monkeypatch.setattr(bench_run, "train_or_reuse", train_or_reuse)
+    config = BenchConfig(data=tmp_path, cache=tmp_path / "c", out=tmp_path / "o", size="full")
+    record = bench_run.train_learned(config, family, tmp_path / "s.json", tmp_path / "c")
+    assert calls == [(first, f"{first}_full", []), (family, f"{family}_full", [f"model.{field}={tmp_path / first}"])]
+    assert record.seconds == 2.0
+    from latent.core.recipes import find_recipe
+
+    assert find_recipe(f"{first}_full").is_file() and find_recipe(f"{first}_demo").is_file()

@@ -101,3 +101,12 @@ def test_the_registry_knows_the_shipped_families_and_refuses_others() -> None:
         model_class("base")
     with pytest.raises(BadConfigError, match=r"unknown model family '\.\./x'"):
         model_class("../x")
+
+
+def test_the_controlnet_takes_its_prior_run_folder_or_its_final(tmp_path: Path) -> None:
+    from latent.translate.models.l2l_controlnet import prior_folder
+
+    (tmp_path / "prior" / "final").mkdir(parents=True)
+    (tmp_path / "prior" / "final" / "config.json").write_text("{}")
+    assert prior_folder(str(tmp_path / "prior")) == tmp_path / "prior" / "final"
+    assert prior_folder(str(tmp_path / "prior" / "final")) == tmp_path / "prior" / "final"

@@ -85,8 +85,9 @@ class TranslationModel(nn.Module):
     #: The canonical grid has the identity direction in LPS, so ``x`` is left-right, the one
     #: mirror under which anatomy stays plausible; head-feet and front-back are not symmetric.
     flip_axes: ClassVar[tuple[str, ...]] = ("x",)
-    #: ``(family, config field)``: the demo and the bench train that family first and pass its run
-    #: folder in that field (l2sct's translator starts from an l2l_regress run); None: no start.
+    #: ``(recipe, config field)``: the demo and the bench train the recipe ``<recipe>_<size>`` first
+    #: (a family's, or one stage of a family) and pass its run folder in that field (l2sct's
+    #: translator starts from an l2l_regress run, the ControlNet from its prior); None: no start.
     starts_from: ClassVar[tuple[str, str] | None] = None
 
     def __init__(self, config: ModelConfig) -> None:

@@ -14,6 +14,7 @@ from (``prior_source``) and carries the prior's sizes, so the folder loads witho
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
@@ -63,11 +64,13 @@ class LatentControlNet(TranslationModel):
     output_space: ClassVar[str] = "ct_latent"
     stochastic: ClassVar[bool] = True
     batch_keys: ClassVar[tuple[str, ...]] = ("mr_mu", "ct_mu")
+    #: Stage 2 starts from a prior trained first with the recipe ``l2l_controlnet_prior_<size>``.
+    starts_from: ClassVar[tuple[str, str] | None] = ("l2l_controlnet_prior", "prior_path")
 
     def __init__(self, config: LatentControlNetConfig) -> None:
         prior_model = None
         if config.stage == "controlnet" and config.prior_path is not None:
-            prior_model = load_pretrained(config.prior_path)
+            prior_model = load_pretrained(prior_folder(config.prior_path))
             config = _adopt_prior_config(config, prior_model)
         super().__init__(config)
         channels = config.latent_channels
@@ -129,6 +132,12 @@ class LatentControlNet(TranslationModel):
         check_latent_size(inputs, self.config, "mr_mu")
         shape = (inputs.shape[0], self.config.latent_channels, *inputs.shape[2:])
         return self.process.sample(lambda x, t: self._denoise(x, t, inputs), shape, inputs.device, generator)
+
+
+def prior_folder(path: str) -> Path:
+    """The prior's model folder: ``path`` itself, or the ``final/`` of a prior's run folder."""
+    folder = Path(path)
+    return folder / "final" if (folder / "final" / "config.json").is_file() else folder
 
 
 def _adopt_prior_config(config: LatentControlNetConfig, prior_model: TranslationModel) -> LatentControlNetConfig:

@@ -29,15 +29,12 @@ from latent.app.methods import (MethodResult, baseline_result, grid_floor_result
 from latent.core.cases import check_split_ids, discover_cases, load_splits, make_splits, save_splits
 from latent.core.errors import BadConfigError, InputError, one_line
 from latent.core.recipes import find_recipe
-from latent.translate.models.base import model_class
+from latent.translate.models.base import family_class
 
 logger = logging.getLogger(__name__)
 
 #: Written into a run folder trained by the bench: its budget, seconds and peak memory, read back on reuse.
 TRAIN_RECORD = "bench_train.json"
-#: The shipped prior recipe of the ControlNet route at each size, if any (else the ControlNet
-#: recipe itself with :data:`PRIOR_OVERRIDES`, as its header says).
-PRIOR_OVERRIDES = ["model.stage=prior", "model.prior_path=null", "data.val_split=null"]
 #: Methods that predict without a trained run.
 NOT_TRAINED = (*BASELINES, *ORACLES, VAE_FLOOR)
 
@@ -170,28 +167,20 @@ def train_or_reuse(config: BenchConfig, name: str, recipe: str, split_file: Path
 
 def train_learned(config: BenchConfig, family: str, split_file: Path, cache: Path, fold: tuple[int, int] | None = None
                   ) -> TrainRecord:
-    """Train (or reuse) a learned family, on fold ``(k, K)`` of train + val when given (run
-    ``<family>_fold<k>of<K>``); the ControlNet's prior first, its seconds added to the row."""
+    """Train (or reuse) a learned family, or a recipe another family starts from, on fold ``(k, K)``
+    of train + val when given (run ``<name>_fold<k>of<K>``). What the family's class names in
+    ``starts_from`` (l2sct: an l2l_regress run; the ControlNet: its prior) is trained first and its
+    seconds are added to the row."""
     suffix, overrides = ("", []) if fold is None else (f"_fold{fold[0]}of{fold[1]}", [f"data.fold={fold[0]}/{fold[1]}"])
-    start = model_class(family).starts_from
-    if start is not None:  # e.g. l2sct's translator starts from an l2l_regress run: trained (or reused) first
-        first = train_learned(config, start[0], split_file, cache, fold)
-        record = train_or_reuse(config, family + suffix, config.recipe(family), split_file, cache,
-                                [*overrides, f"model.{start[1]}={first.run_dir}"])
-        record.seconds += first.seconds
-        record.peak_memory_mb = max(record.peak_memory_mb, first.peak_memory_mb)
-        return record
-    if family != "l2l_controlnet":
+    cls = family_class(family)
+    start = cls.starts_from if cls is not None else None
+    if start is None:
         return train_or_reuse(config, family + suffix, config.recipe(family), split_file, cache, overrides)
-    try:
-        prior_recipe, prior_overrides = str(find_recipe(f"l2l_controlnet_prior_{config.size}")), []
-    except BadConfigError:
-        prior_recipe, prior_overrides = config.recipe(family), PRIOR_OVERRIDES
-    prior = train_or_reuse(config, "l2l_controlnet_prior", prior_recipe, split_file, cache, prior_overrides)
+    first = train_learned(config, start[0], split_file, cache, fold)
     record = train_or_reuse(config, family + suffix, config.recipe(family), split_file, cache,
-                            [*overrides, f"model.prior_path={prior.run_dir / 'final'}"])
-    record.seconds += prior.seconds
-    record.peak_memory_mb = max(record.peak_memory_mb, prior.peak_memory_mb)
+                            [*overrides, f"model.{start[1]}={first.run_dir}"])
+    record.seconds += first.seconds
+    record.peak_memory_mb = max(record.peak_memory_mb, first.peak_memory_mb)
     return record
 
 
