@@ -8,7 +8,7 @@ a default ``DataLoader`` batch is ``(B, C, ...)`` for every key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +17,10 @@ from torch.utils.data import Dataset
 from latent.core.cases import read_split  # noqa: F401 - one split reader, re-exported
 from latent.core.standardise import destandardise, standardise  # noqa: F401 - the one standardisation, re-exported
 from latent.cache.store import ARRAY_KEYS, LATENT_KEYS, PIXEL_KEYS, CacheError, LatentCache
+
+
+#: Redraws of a training crop that contains an excluded slice before it is kept anyway (masks zeroed).
+CROP_DRAWS = 20
 
 
 class LatentPairDataset(Dataset):
@@ -38,12 +42,19 @@ class LatentPairDataset(Dataset):
         seed: crops depend only on (seed, epoch, index), so workers and reruns agree.
         normalise: standardise ``mr_mu``/``ct_mu`` with the cache's stored per-channel
             statistics (``(z - mean) / std``); undo with :func:`destandardise`.
+        exclude_z: per case, canonical axial slices (pixel z indices) training must not learn
+            from (``latent qa``'s flagged slices): crops are redrawn (up to
+            :data:`CROP_DRAWS` times) to stay clear of them, and the body masks are zeroed there,
+            so samplers that draw body slices skip them and masked losses ignore them.
     """
 
     def __init__(self, cache: LatentCache, pids: Iterable[str], keys: Sequence[str] = ("mr_mu", "ct_mu"),
                  preload: bool = False, crop: int | Sequence[int] | None = None, seed: int = 0,
-                 normalise: bool = True, body_fraction: float = 0.0) -> None:
+                 normalise: bool = True, body_fraction: float = 0.0,
+                 exclude_z: Mapping[str, Iterable[int]] | None = None) -> None:
         self.cache = cache
+        self.exclude_z = {pid: np.array(sorted(set(z)), dtype=np.int64) for pid, z in (exclude_z or {}).items()
+                          if pid in set(pids) and len(set(z))}
         self.pids = list(pids)
         self.keys = tuple(keys)
         unknown = [key for key in self.keys if key not in ARRAY_KEYS]
@@ -91,8 +102,12 @@ class LatentPairDataset(Dataset):
         pid = self.pids[index]
         arrays = (self._memory[pid] if self._memory is not None
                   else self.cache.read_case(pid, self._read_keys, as_float32=False))
+        excluded = self.exclude_z.get(pid)
+        start_z = 0
         if self.crop is not None:
-            arrays = self._crop(arrays, np.random.default_rng([self.seed, self.epoch, index]))
+            arrays, start_z = self._crop(arrays, np.random.default_rng([self.seed, self.epoch, index]), excluded)
+        if excluded is not None:
+            arrays = self._without_slices(arrays, excluded, start_z)
         item = {"pid": pid}
         for key in self.keys:
             # np.array copies: a tensor must never alias the preloaded arrays
@@ -104,8 +119,11 @@ class LatentPairDataset(Dataset):
             item[key] = tensor
         return item
 
-    def _crop(self, arrays: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """One random box in latent voxels (padded up to the crop first), scaled for pixel keys."""
+    def _crop(self, arrays: dict[str, np.ndarray], rng: np.random.Generator,
+              excluded: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], int]:
+        """One random box in latent voxels (padded up to the crop first), scaled for pixel keys;
+        returns the crops and the box's first pixel z. With ``excluded`` pixel z, boxes that
+        contain one are redrawn."""
         first = next(iter(arrays))
         grid = arrays[first].shape[-3:]
         if first in PIXEL_KEYS:
@@ -113,17 +131,43 @@ class LatentPairDataset(Dataset):
         if any(c > n for c, n in zip(self.crop, grid)):
             arrays = {key: self._pad(key, data, grid) for key, data in arrays.items()}
             grid = tuple(max(c, n) for c, n in zip(self.crop, grid))
+        scale = self.downsample or 1
+        for _ in range(CROP_DRAWS if excluded is not None else 1):
+            start = self._draw_start(arrays, grid, rng)
+            low, high = start[0] * scale, (start[0] + self.crop[0]) * scale
+            if excluded is None or not np.any((excluded >= low) & (excluded < high)):
+                break
+        out = {}
+        for key, data in arrays.items():
+            scale = self.downsample if key in PIXEL_KEYS else 1
+            box = tuple(slice(s * scale, (s + c) * scale) for s, c in zip(start, self.crop))
+            out[key] = data[(..., *box)]
+        return out, start[0] * scale
+
+    def _draw_start(self, arrays: dict[str, np.ndarray], grid: Sequence[int], rng: np.random.Generator) -> list[int]:
+        """A box corner: uniform, or (``body_fraction`` of the time) centred on a body voxel."""
         start = [int(rng.integers(0, n - c + 1)) for c, n in zip(self.crop, grid)]
         if self.body_fraction and rng.random() < self.body_fraction:
             body = np.argwhere(np.asarray(arrays["mask_latent"]).reshape(grid) > 0)
             if len(body):
                 centre = body[int(rng.integers(len(body)))]
                 start = [int(min(max(v - c // 2, 0), n - c)) for v, c, n in zip(centre, self.crop, grid)]
-        out = {}
-        for key, data in arrays.items():
-            scale = self.downsample if key in PIXEL_KEYS else 1
-            box = tuple(slice(s * scale, (s + c) * scale) for s, c in zip(start, self.crop))
-            out[key] = data[(..., *box)]
+        return start
+
+    def _without_slices(self, arrays: dict[str, np.ndarray], excluded: np.ndarray, start_z: int
+                        ) -> dict[str, np.ndarray]:
+        """Body masks zeroed on the excluded pixel slices (and the latent slices holding them)."""
+        out = dict(arrays)
+        scale = self.downsample or 1
+        for key in ("mask_pixels", "mask_latent"):
+            if key not in out:
+                continue
+            mask = np.array(out[key], copy=True)
+            per_slice = scale if key == "mask_latent" else 1
+            local = np.unique((excluded - start_z) // per_slice)
+            local = local[(local >= 0) & (local < mask.shape[-3])]
+            mask[..., local, :, :] = 0
+            out[key] = mask
         return out
 
     def _pad(self, key: str, data: np.ndarray, grid: Sequence[int]) -> np.ndarray:

@@ -582,3 +582,23 @@ def test_one_producer_pick_for_every_caller(tmp_path: Path) -> None:
     with pytest.raises(ProducerNotFoundError, match=r"--producer: .* holds 2 producers"):
         pick_producer(tmp_path / "c.zarr", None)
     assert pick_producer(tmp_path / "c.zarr", second.key)[0] == second.key
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_excluded_slices_are_kept_out_of_crops_and_masks(filled, preload: bool):
+    """``latent qa``'s flagged slices (canonical pixel z): crops avoid them, body masks are empty there."""
+    keys = ("mr_mu", "mask_latent", "mr_pixels", "mask_pixels")
+    pid = filled.case_ids()[0]  # latent depth 4 = pixel depth 16
+    excluded = [5, 6]  # inside latent slice 1
+    data = LatentPairDataset(filled, [pid], keys=keys, crop=(1, 4, 4), normalise=False, preload=preload,
+                             exclude_z={pid: excluded})
+    stored = filled.read_case(pid, ["mr_mu"])["mr_mu"]
+    for data.epoch in range(12):  # a 1-slice latent crop: never latent slice 1
+        item = data[0]
+        assert not any(torch.equal(item["mr_mu"], torch.from_numpy(f16(stored[:, 1:2, y:y + 4, x:x + 4])))
+                       for y in range(5) for x in range(5))
+    whole = LatentPairDataset(filled, [pid], keys=keys, normalise=False, preload=preload, exclude_z={pid: excluded})[0]
+    assert not whole["mask_pixels"][0, 5:7].any() and not whole["mask_latent"][0, 1].any()
+    plain = LatentPairDataset(filled, [pid], keys=keys, normalise=False, preload=preload)[0]
+    assert plain["mask_pixels"][0, :5].equal(whole["mask_pixels"][0, :5])  # elsewhere unchanged
+    assert plain["mask_pixels"][0, 5:7].any()  # and the stored data is untouched

@@ -95,8 +95,10 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
     key, record = resolve_producer(data.cache, data.producer)
     cache = LatentCache.open(data.cache, key, mode="r")
     train_ids, val_ids = split_ids(cache, data)
+    excluded = excluded_slices(cache, data.exclude_slices, train_ids) if data.exclude_slices else {}
     train_dataset = LatentPairDataset(cache, train_ids, keys=tuple(keys), preload=data.preload, crop=data.crop,
-                                      seed=seed, body_fraction=data.crop_body_fraction)
+                                      seed=seed, body_fraction=data.crop_body_fraction,
+                                      exclude_z={pid: record["canonical_z"] for pid, record in excluded.items()})
     val_dataset = None
     if val_ids is not None:
         val_dataset = LatentPairDataset(cache, val_ids, keys=tuple(val_keys), preload=data.preload,
@@ -108,9 +110,55 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
                 "train_split": data.train_split, "val_split": data.val_split}
     if data.fold is not None:
         producer.update(fold=data.fold, fold_seed=data.fold_seed, train_ids=train_ids, val_ids=val_ids)
+    qa_excluded = qa_excluded_cases(data.split_file)
+    if qa_excluded or excluded:  # what QA kept out of training, recorded in the run
+        producer["qa_exclusions"] = {"cases": qa_excluded, "slices_file": data.exclude_slices,
+                                     "slices": {pid: record["native"] for pid, record in excluded.items()}}
     logger.info("data: producer %s, %d train / %d val cases", key, len(train_dataset),
                 0 if val_dataset is None else len(val_dataset))
     return train_dataset, val_dataset, producer
+
+
+def excluded_slices(cache: Any, path: str | Path, pids: Sequence[str]) -> dict[str, dict[str, list[int]]]:
+    """``{pid: {"native": [...], "canonical_z": [...]}}`` of the training cases that ``slices.csv``
+    (``latent qa``) flags: native axial slices mapped onto each case's canonical grid.
+
+    Raises:
+        BadFileError: a missing file, or one without the ``pid`` and ``slice`` columns.
+    """
+    import csv
+
+    from latent.core.errors import BadFileError
+    from latent.core.grid import GridMapping, canonical_slices
+
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError as error:
+        raise BadFileError(f"data.exclude_slices: {path}: cannot be read ({error.strerror})") from None
+    if rows and not {"pid", "slice"} <= set(rows[0]):
+        raise BadFileError(f"data.exclude_slices: {path}: expected the columns pid and slice of latent qa's slices.csv")
+    native: dict[str, set[int]] = {}
+    for row in rows:
+        try:
+            native.setdefault(row["pid"], set()).add(int(row["slice"]))
+        except ValueError:
+            raise BadFileError(f"data.exclude_slices: {path}: slice {row['slice']!r} of {row['pid']} is not an "
+                               "integer") from None
+    out = {}
+    for pid in (pid for pid in pids if pid in native):
+        mapping = GridMapping.from_dict(cache.case_attrs(pid)["geometry"])
+        out[pid] = {"native": sorted(native[pid]), "canonical_z": sorted(canonical_slices(mapping, native[pid]))}
+    return out
+
+
+def qa_excluded_cases(split_file: str | Path | None) -> list[str]:
+    """The cases ``latent split --qa`` kept out of training and validation (``qa_excluded``)."""
+    if split_file is None:
+        return []
+    from latent.core.cases import QA_EXCLUDED, load_splits
+
+    return list(load_splits(split_file).get(QA_EXCLUDED, []))
 
 
 def fits_each_case(producer: dict[str, Any]) -> bool:

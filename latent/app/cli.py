@@ -25,8 +25,10 @@ from latent.app.cli_common import (
 )
 from latent.core.atomic import remove_stale_temporaries
 from latent.app.bench.config import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
+from latent.app.cli_data import split
 from latent.app.cli_stages import cache_app, encode, vae_app
 
+app.command()(split)
 app.command()(encode)
 app.add_typer(cache_app, name="cache")
 app.add_typer(vae_app, name="vae")
@@ -53,26 +55,6 @@ def phantom(
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {len(folders)} cases under {out}")
-
-
-@app.command()
-def split(
-    ctx: typer.Context,
-    data: Path = typer.Option(..., help="Data set root."),
-    out: Path = typer.Option(..., help="Split JSON to write."),
-    seed: int = typer.Option(0),
-    val: float = typer.Option(0.1, help="Validation fraction."),
-    test: float = typer.Option(0.2, help="Test fraction."),
-) -> None:
-    """Deterministic train/val/test split stratified by region and centre."""
-    from latent.core.cases import discover_cases, make_splits, save_splits
-
-    try:
-        splits = make_splits(discover_cases(data), (1 - val - test, val, test), seed=seed)
-    except USER_ERRORS as error:
-        user_error(error, ctx)
-    save_splits(splits, out)
-    typer.echo(" ".join(f"{name}={len(pids)}" for name, pids in splits.items()))
 
 
 #: Option groups of `latent predict --help`, so that it reads as a menu.

@@ -293,6 +293,24 @@ def save_splits(splits: dict[str, list[str]], path: str | os.PathLike) -> Path:
     return write_text_atomic(path, json.dumps(splits, indent=2) + "\n")
 
 
+#: The list of a split file that holds the cases ``latent split --qa`` kept out of training.
+QA_EXCLUDED = "qa_excluded"
+
+
+def exclude_by_label(splits: Mapping[str, Sequence[str]], labels: Mapping[str, str], exclude: Iterable[str],
+                     kept_whole: Iterable[str] = ("test",)) -> dict[str, list[str]]:
+    """``splits`` with the cases whose QA label is in ``exclude`` moved from every split but
+    ``kept_whole`` (the test split is always scored whole) into :data:`QA_EXCLUDED`."""
+    exclude, kept_whole = {label.upper() for label in exclude}, set(kept_whole)
+    out: dict[str, list[str]] = {name: [] for name in splits}
+    out[QA_EXCLUDED] = []
+    for name, pids in splits.items():
+        for pid in pids:
+            moved = name not in kept_whole and labels.get(pid, "").upper() in exclude
+            out[QA_EXCLUDED if moved else name].append(pid)
+    return out
+
+
 def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
     """Read splits written by :func:`save_splits`, checked by :func:`check_splits`.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import SimpleITK as sitk
@@ -186,6 +186,21 @@ class GridMapping:
             VolumeProperties.from_dict(data["native"]), CanonicalGrid.from_dict(data["canonical"]),
             tuple(float(v) for v in data["canonical_origin"]), float(data["mask_fraction_outside"]),
         )
+
+
+def canonical_slices(mapping: GridMapping, native_slices: Iterable[int]) -> set[int]:
+    """The canonical axial slices (z indices) that native axial slices overlap (any overlap counts)."""
+    nx, ny, _ = mapping.native.size
+    canonical = mapping.canonical_properties
+    depth = canonical.size[2]
+    covered: set[int] = set()
+    for k in native_slices:
+        corners = np.array([[x, y, k + half] for x in (0, nx - 1) for y in (0, ny - 1) for half in (-0.5, 0.5)],
+                           dtype=float)
+        z = _physical_to_index(canonical, _index_to_physical(mapping.native, corners))[:, 2]
+        low, high = int(np.floor(z.min() + 0.5)), int(np.ceil(z.max() - 0.5))
+        covered.update(range(max(low, 0), min(high, depth - 1) + 1))
+    return covered
 
 
 def _index_to_physical(properties: VolumeProperties, index_xyz: np.ndarray) -> np.ndarray:

@@ -55,6 +55,10 @@ class DataConfig(Section):
     fold: str | None = None
     #: Seed of the fold assignment (keep it fixed across the K runs of one cross-validation).
     fold_seed: int = 0
+    #: ``slices.csv`` of ``latent qa`` (columns pid, slice, reason; native axial slice indices):
+    #: training crops and body-slice samplers keep clear of these slices; validation and test
+    #: always see whole volumes. Recorded in the run's ``producer.json``.
+    exclude_slices: str | None = None
 
     @field_validator("crop", "val_crop", mode="before")
     @classmethod
