@@ -76,8 +76,8 @@ def isolation_forest(cases: list[CaseQA], features: list[str], config: QAConfig)
 
     matrix = np.array([[float(qa.values[name]) for name in features] for qa in cases])
     matrix = np.where(np.isfinite(matrix), matrix, np.nan)
-    medians = np.nanmedian(matrix, axis=0)
-    matrix = np.where(np.isnan(matrix), np.where(np.isnan(medians), 0.0, medians), matrix)
+    matrix = matrix[:, ~np.all(np.isnan(matrix), axis=0)]  # e.g. metal positions in a cohort without metal
+    matrix = np.where(np.isnan(matrix), np.nanmedian(matrix, axis=0), matrix)
     spread = matrix.std(axis=0)
     matrix = (matrix - matrix.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
     forest = IsolationForest(contamination=config.forest_contamination, random_state=config.forest_seed,
