@@ -123,14 +123,16 @@ def bias_field_ratio(mr: np.ndarray, body: np.ndarray, spacing_xyz, sigma_mm: fl
 
 def slice_log_ratios(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, min_voxels: int, dark: float,
                      same_hu: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per pair of neighbouring slices (k, k + 1), the median voxel log-ratio log(MR[k + 1] / MR[k]).
+    """Per pair of neighbouring slices (k, k + 1), the shift of the whole slice: the quartile of the voxel
+    log-ratios log(MR[k + 1] / MR[k]) nearer zero (0 when the quartiles disagree in sign).
 
     Only voxels in the mask on both slices, brighter than ``dark``, whose CT changes by less than
-    ``same_hu`` (the same tissue on both slices) count, and only pairs with at least ``min_voxels``
-    of them: a change of anatomy changes the CT too, a band (a gain change of the MR slice) does not.
+    ``same_hu`` count, and only pairs with at least ``min_voxels`` of them. A band (a gain change of
+    the MR slice) moves three quarters of the voxels and more; a change of anatomy (a tissue of the
+    same HU but another MR contrast) moves some of them, so its nearer quartile stays near zero.
 
     Returns:
-        ``(k of each judged pair, its median log-ratio)``.
+        ``(k of each judged pair, its shift)``.
     """
     body = (mask > 0) & (mr > dark)
     pairs, ratios = [], []
@@ -139,7 +141,8 @@ def slice_log_ratios(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, min_voxel
         if np.count_nonzero(both) < min_voxels:
             continue
         pairs.append(k)
-        ratios.append(float(np.median(np.log(mr[k + 1][both].astype(np.float64) / mr[k][both]))))
+        low, high = np.percentile(np.log(mr[k + 1][both].astype(np.float64) / mr[k][both]), [25.0, 75.0])
+        ratios.append(float(low if low > 0 else high if high < 0 else 0.0))
     return np.asarray(pairs, dtype=int), np.asarray(ratios)
 
 
