@@ -26,10 +26,12 @@ from latent.app.cli_common import (
 from latent.core.atomic import remove_stale_temporaries
 from latent.app.bench.config import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from latent.app.cli_data import split
+from latent.app.cli_qa import qa
 from latent.app.cli_stages import cache_app, encode, vae_app
 
 app.command()(split)
 app.command()(encode)
+app.command()(qa)
 app.add_typer(cache_app, name="cache")
 app.add_typer(vae_app, name="vae")
 

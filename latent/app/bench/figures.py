@@ -33,7 +33,7 @@ MR_PERCENTILES = (1.0, 99.0)
 OUTSIDE_GREY = "0.85"
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_png(fig: plt.Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG at :data:`DPI`, close it and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,7 @@ def pareto_plot(points: Sequence[Mapping], path: str | Path) -> Path:
     ax.set_title("Accuracy against inference time")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def step_curve(points: Sequence[tuple[float, float, float]], path: str | Path) -> Path:
@@ -107,7 +107,7 @@ def step_curve(points: Sequence[tuple[float, float, float]], path: str | Path) -
     twin.plot(steps, seconds, "s--", color="tab:orange", label="seconds / volume")
     twin.set_ylabel("seconds per volume", color="tab:orange")
     ax.set_title("DDIM sampling steps")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def region_bars(table: Sequence[Mapping], metric: str, path: str | Path, group_key: str = "region") -> Path:
@@ -151,7 +151,7 @@ def region_bars(table: Sequence[Mapping], metric: str, path: str | Path, group_k
     ax.set_title(f"{metric} per {group_key} (95 % bootstrap CI)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncols=min(4, len(methods)))
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def training_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: str | Path) -> Path:
@@ -176,7 +176,7 @@ def training_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path: s
     ax.set_title("Training curves")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _centre(mask: np.ndarray) -> tuple[int, int, int]:
@@ -255,4 +255,4 @@ def slice_panel(mr: np.ndarray, ct: np.ndarray, sct: np.ndarray, mask: np.ndarra
         fig.colorbar(images[4], ax=list(axes[:, 4]), location="bottom", shrink=0.9, label="std (HU)")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)

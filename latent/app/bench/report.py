@@ -187,7 +187,7 @@ def _pipes(cells: Sequence[str]) -> list[str]:
     return [cell.replace("|", "\\|") for cell in cells]
 
 
-def _html_table(table: Table) -> str:
+def html_table(table: Table) -> str:
     """The same table as HTML, every cell escaped."""
     headers, rows = table
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
@@ -299,7 +299,7 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
     page = [f"<h1>Benchmark report</h1><p>{html.escape(intro)}</p>"]
     for title, content in tables.items():
         markdown += [f"## {title}", "", _markdown(content), ""]
-        page.append(f"<h2>{html.escape(title)}</h2>{_html_table(content)}")
+        page.append(f"<h2>{html.escape(title)}</h2>{html_table(content)}")
     if drawn:
         markdown += ["## Figures", ""]
         page.append("<h2>Figures</h2>")
@@ -315,13 +315,13 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(markdown) + "\n")
     html_path = out_dir / "report.html"
-    html_path.write_text(HTML_TEMPLATE.format(body="\n".join(page)))
+    html_path.write_text(HTML_TEMPLATE.format(title="Benchmark report", body="\n".join(page)))
     return md_path, html_path
 
 
-#: Page around the report body; inline CSS only, so the file stands alone.
+#: Page around a report body (the bench report, ``latent qa``); inline CSS only, so the file stands alone.
 HTML_TEMPLATE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Benchmark report</title>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}
 table{{border-collapse:collapse;margin:1em 0;font-size:0.9em}}th,td{{border:1px solid #bbb;padding:3px 8px}}
 th{{background:#eee}}td{{text-align:right}}td:first-child{{text-align:left}}img{{max-width:100%}}
