@@ -452,6 +452,13 @@ def evaluate_two_formats(world: World, data: Path, tmp: Path) -> list[str]:
     return ["evaluate", "--pred", str(pred), "--data", str(data), "-q"]
 
 
+def phantom_with(*options: str) -> Callable[[World, Path, Path], list[str]]:
+    """``latent phantom`` into the test's folder with the given options (issue 33 item 4)."""
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        return ["phantom", "--out", str(tmp / "phantom"), "--cases", "2", *options]
+    return command
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -595,6 +602,14 @@ CORPUS: dict[str, Bad] = {
     "one case predicted in two formats": Bad(
         nothing, evaluate_two_formats,
         r"\w+: 2 predictions, .*pred_copy/\w+\.mha and .*pred_copy/\w+\.nii\.gz; remove all but one", 1),
+    # -- issue 33 item 4: phantom defects for QA tests
+    "phantom with an unknown defect": Bad(
+        nothing, phantom_with("--defects", "banding,streaks"),
+        r"^error: defects: unknown defect 'streaks'; expected some of banding, fov_cut, extra_object, signal_void, "
+        r"ct_offset, metal, misregistration$", 2),
+    "phantom with a defect fraction above 1": Bad(
+        nothing, phantom_with("--defects", "banding", "--defect-fraction", "1.5"),
+        r"^error: defect_fraction must be between 0 and 1, got 1\.5$", 2),
 }
 
 

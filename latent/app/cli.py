@@ -46,14 +46,22 @@ def phantom(
     size: str = typer.Option("small", help="small (fast, demo/tests) or synthrad (1 x 1 x 3 mm, SynthRAD extents)."),
     misregistration: bool = typer.Option(False, help="Small rigid MR/CT misregistration."),
     metal: bool = typer.Option(False, help="Add one metal implant (screw, pacemaker or dental crown) to every case."),
+    defects: str = typer.Option("", help=(
+        "Comma-separated defects for QA tests: banding, fov_cut, extra_object, signal_void, ct_offset, metal, "
+        "misregistration (recorded in phantom.json, docs/phantom.md).")),
+    defect_fraction: float = typer.Option(1.0, "--defect-fraction", help="Share of the cases that get --defects."),
+    defects_per_case: str = typer.Option("all", "--defects-per-case", help="all: every defect in each chosen case; "
+                                         "one: one defect per chosen case, round robin."),
 ) -> None:
     """Generate a paired MR/CT phantom data set in the SynthRAD2025 layout."""
     from latent.core.phantom.generate import generate_phantom_dataset
 
     region_list = [r.strip() for r in regions.split(",") if r.strip()]
+    defect_list = [d.strip() for d in defects.split(",") if d.strip()]
     try:
         folders = generate_phantom_dataset(out, cases, region_list, seed=seed, size=size,
-                                           misregistration=misregistration, metal=metal)
+                                           misregistration=misregistration, metal=metal, defects=defect_list,
+                                           defect_fraction=defect_fraction, defects_per_case=defects_per_case)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {len(folders)} cases under {out}")

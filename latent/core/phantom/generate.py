@@ -5,7 +5,8 @@ MetaImage, MR, CT and mask int16 (mask 0/1, as the organisers' release script wr
 grid with identity direction. Anatomy comes from :mod:`latent.core.phantom.anatomy`; this module
 adds the imaging: partial volume, tissue texture, MR bias field, per-centre gain and contrast,
 Rician MR noise, correlated CT noise, scanned field of view, optional metal (CT streaks, MR
-void) and optional rigid CT/MR misregistration, and derives the mask from the MR.
+void), optional rigid CT/MR misregistration and optional defects for QA tests
+(:mod:`latent.core.phantom.defects`), and derives the mask from the MR.
 
 A case depends only on ``(seed, pid)`` and the options: its random stream is seeded from both,
 so adding or removing other cases never changes it.
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-from scipy import fft as sp_fft
 from scipy import ndimage
 
 from latent.core.errors import BadConfigError
@@ -36,6 +36,8 @@ from latent.core.phantom.anatomy import (
     sample_tissue_values,
 )
 from latent.core.phantom.artefacts import _add_metal, _bias_field, _metal_streaks, _misregister, _unit_noise
+from latent.core.phantom.defects import DefectsPerCase, check_defects, defect_plan, inject_defects, record_artefacts
+from latent.core.phantom.mask import MASK_DILATION_MM, _mask_from_mr, mask_dilation_voxels  # noqa: F401 (re-exported)
 from latent.core.phantom.regions import build_region, sample_body
 
 logger = logging.getLogger(__name__)
@@ -45,10 +47,6 @@ CENTRES = "ABCDE"
 CT_RANGE = (-1024.0, 3071.0)
 #: Value outside the scanned field of view (SynthRAD convention).
 CT_OUTSIDE_FOV, MR_OUTSIDE_FOV = -1000, 0
-#: The body mask is the MR body outline dilated in-plane by this distance. SynthRAD2025 dilates by
-#: 10 voxels of its ~1 mm pixels; the same distance in mm keeps the air rim equally thin at every
-#: phantom size (10 voxels of a 2-3 mm pixel would put a third to a half of the mask in air).
-MASK_DILATION_MM = 10.0
 #: Empty voxels kept between the body and the in-plane grid border (room for the dilation + air).
 GRID_MARGIN_VOXELS = 13
 #: CT point-spread function (Gaussian sigma in voxels, z y x).
@@ -163,6 +161,9 @@ def generate_phantom_dataset(
     size: Literal["small", "synthrad"] = "small",
     misregistration: bool = False,
     metal: bool = False,
+    defects: Sequence[str] = (),
+    defect_fraction: float = 1.0,
+    defects_per_case: DefectsPerCase = "all",
 ) -> list[Path]:
     """Write paired phantom cases as ``<out_dir>/Task1/<REGION>/<pid>/{mr,ct,mask}.mha``.
 
@@ -174,17 +175,23 @@ def generate_phantom_dataset(
         size: ``"small"`` (~2 x 2 x 3.5 mm, <= 128 x 128 x 40) or ``"synthrad"`` (1 x 1 x 3 mm).
         misregistration: rigidly move each CT slightly against its MR.
         metal: put one metal object in every case.
+        defects: names of :data:`latent.core.phantom.defects.DEFECTS` to inject (none by default).
+        defect_fraction: share of the cases that get ``defects`` (chosen from ``seed`` only).
+        defects_per_case: ``"all"`` (each chosen case gets every defect) or ``"one"`` (round robin).
 
     Returns:
-        The case folders, in case order. A ``phantom.json`` with the parameters is written to
-        ``out_dir``.
+        The case folders, in case order. A ``phantom.json`` with the parameters and, under
+        ``defect_cases``, each defective case's ``info["defects"]`` is written to ``out_dir``.
     """
     out_dir = Path(out_dir)
     plan = case_ids(cases, regions)
-    folders = []
+    chosen = defect_plan([pid for _, pid in plan], defects, defect_fraction, seed, defects_per_case)
+    folders, defect_cases = [], {}
     for region, pid in plan:
         started = time.perf_counter()
-        case = render_case(pid, region, case_rng(seed, pid), size, misregistration, metal)
+        case = render_case(pid, region, case_rng(seed, pid), size, misregistration, metal, chosen[pid])
+        if case.info["defects"]:
+            defect_cases[pid] = case.info["defects"]
         folder = out_dir / "Task1" / region / pid
         write_volume(folder / "mr.mha", case.mr, case.properties, dtype="int16")
         write_volume(folder / "ct.mha", case.ct, case.properties, dtype="int16")
@@ -193,7 +200,9 @@ def generate_phantom_dataset(
         logger.info("phantom %s %s in %.2f s", pid, case.properties.size, time.perf_counter() - started)
     record = {"generator": "latent.core.phantom.generate", "version": PHANTOM_VERSION, "seed": seed, "size": size,
               "regions": list(_check_regions(regions)), "misregistration": misregistration,
-              "metal": metal, "mask_dtype": MASK_DTYPE, "cases": [pid for _, pid in plan]}
+              "metal": metal, "mask_dtype": MASK_DTYPE, "cases": [pid for _, pid in plan],
+              "defects": list(check_defects(defects)), "defect_fraction": float(defect_fraction),
+              "defects_per_case": defects_per_case, "defect_cases": defect_cases}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "phantom.json").write_text(json.dumps(record, indent=2) + "\n")
     return folders
@@ -206,13 +215,14 @@ def generate_case(
     size: Literal["small", "synthrad"] = "small",
     misregistration: bool = False,
     metal: bool = False,
+    defects: Sequence[str] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, VolumeProperties]:
-    """One case in memory.
+    """One case in memory (``defects``: as in :func:`render_case`).
 
     Returns:
         ``(mr int16, ct int16, mask uint8, properties)``, arrays (z, y, x) on one grid.
     """
-    case = render_case(pid, region, rng, size, misregistration, metal)
+    case = render_case(pid, region, rng, size, misregistration, metal, defects)
     return case.mr, case.ct, case.mask, case.properties
 
 
@@ -223,9 +233,18 @@ def render_case(
     size: Literal["small", "synthrad"] = "small",
     misregistration: bool = False,
     metal: bool = False,
+    defects: Sequence[str] = (),
 ) -> PhantomCase:
-    """Like :func:`generate_case` but also returns the tissue labels and sampled parameters."""
+    """Like :func:`generate_case` but also returns the tissue labels and sampled parameters.
+
+    ``defects`` names defects of :data:`latent.core.phantom.defects.DEFECTS` (``"metal"`` and
+    ``"misregistration"`` are the same as the flags); each one's record is in
+    ``info["defects"][name]`` (empty without defects). Without injected defects the case is the
+    same, byte for byte, as without the argument.
+    """
     _check_pid(pid, region)
+    names = check_defects(defects)
+    metal, misregistration = metal or "metal" in names, misregistration or "misregistration" in names
     if size not in SIZES:
         raise BadConfigError(f"unknown size {size!r}; expected one of {sorted(SIZES)}")
     profile = CENTRE_PROFILES[pid[3]]
@@ -240,7 +259,7 @@ def render_case(
     values = sample_tissue_values(anatomy_rng, grid["spacing_zyx"][2], scale, profile.mr_scale)
     canvas = Canvas(grid["x"], grid["y"], grid["t_sub"], grid["z_sub"], grid["length_mm"], scale, values)
     site = build_region(canvas, region, body, anatomy_rng)
-    info = {"centre": pid[3], "scale": scale, "t_range": (float(canvas.t[0]), float(canvas.t[-1]))}
+    info = {"centre": pid[3], "scale": scale, "t_range": (float(canvas.t[0]), float(canvas.t[-1])), "defects": {}}
     void = None
     if metal:
         void = _add_metal(canvas, site, metal_rng, info)
@@ -248,17 +267,22 @@ def render_case(
     mr = _mr_signal(canvas, profile, void, mr_rng, info)
     ct = canvas.ct
     if metal:
-        ct += _metal_streaks(canvas, site, metal_rng)
+        streaks = _metal_streaks(canvas, site, metal_rng)
+        ct += streaks
+        info["metal_streak_slices"] = [int(z) for z in np.flatnonzero(np.abs(streaks).max(axis=(1, 2)) > 0)]
     if misregistration:
         ct = _misregister(ct, grid["spacing_zyx"], motion_rng, info)
     noise_sd = ct_rng.uniform(10.0, 20.0)
     ct += noise_sd * _unit_noise(ct_rng, ct.shape, (0.0, 0.6, 0.6))
     info["ct_noise_hu"] = noise_sd
     fov = _field_of_view(ct.shape, grid_rng)
+    if set(names) - {"metal", "misregistration"}:  # drawn after the fixed draws: the clean case is unchanged
+        fov = inject_defects(names, rng, mr, ct, fov, canvas.label, grid["spacing_zyx"], info)
     mask = _mask_from_mr(mr, MR_BODY_THRESHOLD * info["mr_gain"], mask_dilation_voxels(grid["spacing_zyx"][2])) & fov
     mr[~fov], ct[~fov], canvas.label[~fov] = MR_OUTSIDE_FOV, CT_OUTSIDE_FOV, 0
     ct = np.rint(np.clip(ct, *CT_RANGE)).astype(np.int16)
     mr = np.rint(np.clip(mr, 0, np.iinfo(np.int16).max)).astype(np.int16)
+    record_artefacts(info, canvas.label, fov, metal, void, misregistration)
     return PhantomCase(pid, region, mr, ct, mask.astype(np.uint8), canvas.label, fov, grid["properties"], info)
 
 
@@ -342,40 +366,9 @@ def _mr_signal(cv: Canvas, profile: CentreProfile, void, rng, info: dict) -> np.
     sigma = gain * MR_NOISE_REFERENCE / snr
     real = signal + sigma * rng.standard_normal(signal.shape, dtype=np.float32)
     imaginary = sigma * rng.standard_normal(signal.shape, dtype=np.float32)
-    info.update(mr_gain=gain, mr_gamma=profile.gamma, mr_bias_amplitude=amplitude, mr_snr_muscle=snr)
+    info.update(mr_gain=gain, mr_gamma=profile.gamma, mr_bias_amplitude=amplitude, mr_snr_muscle=snr,
+                mr_noise_sigma=sigma)
     return np.sqrt(real**2 + imaginary**2)
-
-
-def mask_dilation_voxels(pixel_mm: float) -> int:
-    """In-plane dilation radius in voxels that covers :data:`MASK_DILATION_MM` at ``pixel_mm``."""
-    return max(1, int(round(MASK_DILATION_MM / pixel_mm)))
-
-
-def _mask_from_mr(mr: np.ndarray, threshold: float, dilation_voxels: int) -> np.ndarray:
-    """SynthRAD-style mask: MR body outline (slice-wise holes filled) dilated in-plane."""
-    inplane = np.zeros((3, 3, 3), bool)
-    inplane[1] = ndimage.generate_binary_structure(2, 1)
-    body = ndimage.uniform_filter(mr, size=(1, 3, 3)) > threshold
-    labelled, count = ndimage.label(body)
-    if count > 1:
-        body = labelled == np.argmax(np.bincount(labelled.ravel())[1:]) + 1
-    # fill holes slice by slice: background not connected in-plane to the slice border
-    background, _ = ndimage.label(~body, structure=inplane)
-    edges = np.concatenate([background[:, [0, -1], :].ravel(), background[:, :, [0, -1]].ravel()])
-    body |= ~np.isin(background, np.unique(edges))
-    return _dilate_in_plane(body, dilation_voxels)
-
-
-def _dilate_in_plane(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Slice-wise dilation of a (z, y, x) mask by a disc: an FFT convolution counting covered
-    voxels (exact, as the counts are integers; faster than a distance map)."""
-    k = np.arange(-radius, radius + 1)
-    disc = (k[:, None] ** 2 + k[None, :] ** 2 <= radius**2).astype(np.float32)
-    ny, nx = mask.shape[1:]
-    shape = [sp_fft.next_fast_len(n + 2 * radius, real=True) for n in (ny, nx)]
-    spectrum = sp_fft.rfft2(mask.astype(np.float32), s=shape, axes=(1, 2)) * sp_fft.rfft2(disc, s=shape)
-    counts = sp_fft.irfft2(spectrum, s=shape, axes=(1, 2))
-    return counts[:, radius:radius + ny, radius:radius + nx] > 0.5
 
 
 # -- validation ------------------------------------------------------------------------------------
