@@ -147,3 +147,23 @@ def test_mr_band_flags_its_slices(phantom_root, tmp_path):
     qa = describe_case(_case(tmp_path, "1THA001"), QAConfig())
     assert [k for k, code in qa.slices if code == "mr_banding"] == [10, 11, 12, 13]
     assert "MR banding on slices 10-13" in {f.text for f in qa.findings}
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_local_disagreements_of_mr_ct_and_mask_are_named(tmp_path, seed):
+    """The phantom's injected field-of-view cut, one-modality object and MR signal void are found with
+    their reason, on the slices where they were put."""
+    import json
+
+    from latent.core.qa.case import describe_case
+    from latent.core.qa.config import QAConfig
+
+    generate_phantom_dataset(tmp_path, 3, ["AB", "HN", "TH"], seed=seed, size="small",
+                             defects=("fov_cut", "extra_object", "signal_void"), defects_per_case="one")
+    injected = json.loads((tmp_path / "phantom.json").read_text())["defect_cases"]
+    codes = {"fov_cut": "fov_cut", "extra_object": "one_modality", "signal_void": "mr_void"}
+    for case in scan_cases(tmp_path).cases:
+        (name, record), = injected[case.pid].items()
+        qa = describe_case(case, QAConfig())
+        assert codes[name] in {finding.code for finding in qa.findings}, (case.pid, name, qa.findings)
+        assert {k for k, code in qa.slices if code == codes[name]} & set(record["slices"]), (case.pid, name)

@@ -8,7 +8,7 @@ import numpy as np
 
 from latent.core.cases import Case, CaseError
 from latent.core.prepare import read_native
-from latent.core.qa import fov
+from latent.core.qa import fov, mismatch
 from latent.core.qa.alignment import alignment_descriptors
 from latent.core.qa.config import QAConfig
 from latent.core.qa.descriptors import (banding_slices, ct_descriptors, metal_components, metal_descriptors,
@@ -17,7 +17,7 @@ from latent.core.qa.descriptors import (banding_slices, ct_descriptors, metal_co
 #: Labels from best to worst.
 LABELS = ("GREEN", "YELLOW", "RED")
 #: Reason codes of ``slices.csv`` (stable: training's slice exclusion reads them).
-SLICE_REASONS = ("metal", "ct_air", "mr_dark", "mr_banding")
+SLICE_REASONS = ("metal", "ct_air", "mr_dark", "mr_banding", "mr_void", "one_modality", "fov_cut")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,13 @@ def describe_case(case: Case, config: QAConfig) -> CaseQA:
     values.update(mr_descriptors(mr, mask, spacing, config))
     values.update(fov.geometry_descriptors(mask, spacing))
     values.update(alignment_descriptors(mr, ct, mask, spacing, config))
-    slices = _slice_flags(mr, ct, mask, metal.mask, config)
+    void_slices, void_mm3 = mismatch.signal_void(mr, ct, mask, metal.mask, spacing, config)
+    lone_slices, lone_mm3 = mismatch.one_modality(mr, ct, mask, spacing, config)
+    cut_slices = mismatch.fov_cut(mr, ct, mask, config)
+    values.update(mr_void_mm3=void_mm3, one_modality_mm3=lone_mm3, fov_cut_slices=float(len(cut_slices)))
+    slices = sorted(set(_slice_flags(mr, ct, mask, metal.mask, config))
+                    | {(k, "mr_void") for k in void_slices} | {(k, "one_modality") for k in lone_slices}
+                    | {(k, "fov_cut") for k in cut_slices})
     judged = fov.body_slices(mask, config)
     values.update(body_slices=float(judged), flagged_slices=float(len({k for k, _ in slices})))
     qa = CaseQA(case.pid, case.region, values, slices=slices)
@@ -116,7 +122,11 @@ def rule_findings(qa: CaseQA, borders: list[str], judged: int, config: QAConfig)
             f"CT-MR misregistration (NMI {float(v['nmi_before']):.3f} -> {float(v['nmi_after']):.3f} after a rigid "
             f"refinement moving {float(v['rigid_shift_mm']):.1f} mm, {float(v['rigid_rotation_deg']):.1f} deg)")))
     for code, words in (("ct_air", "mask overlaps CT air on slices"), ("mr_dark", "MR dark inside the mask on slices"),
-                        ("mr_banding", "MR banding on slices")):
+                        ("mr_banding", "MR banding on slices"),
+                        ("mr_void", f"MR signal void in soft tissue ({float(v['mr_void_mm3']):.0f} mm^3) on slices"),
+                        ("one_modality", f"tissue in one modality only ({float(v['one_modality_mm3']):.0f} mm^3) "
+                                         "on slices"),
+                        ("fov_cut", "body cut by the field of view on slices")):
         hits = _of(qa, code)
         if hits:
             found.append(Finding("YELLOW", code, f"{words} {fov.ranges(hits)}"))

@@ -47,6 +47,8 @@ class QAConfig(BaseModel):
     banding_same_hu: float = Field(50.0, gt=0, description="voxels whose CT changes less than this between slices "
                                                          "are the same tissue and judge the MR's slice gain (HU)")
     banding_max_slices: int = Field(20, ge=1, description="widest band between an up and a down jump (slices)")
+    banding_lone_jumps: bool = Field(False, description="a gain jump that does not come back flags a slice too "
+                                                        "(off: on phantoms they were anatomy, not banding)")
     bias_sigma_mm: float = Field(25.0, gt=0, description="smoothing of the MR for the bias field (mm)")
     bias_field_max: float = Field(3.0, gt=1, description="bias-field p95/p5 above this is named")
     # -- geometry and field of view
@@ -59,6 +61,17 @@ class QAConfig(BaseModel):
     slice_dark_share: float = Field(0.5, gt=0, le=1, description="share of a slice's mask on dark MR that flags it")
     slice_excess: float = Field(0.2, ge=0, le=1, description="... and by how much it exceeds the case's median slice")
     slices_red_fraction: float = Field(0.25, gt=0, le=1, description="flagged share of body slices that makes RED")
+    # -- local MR / CT / mask disagreement (latent.core.qa.mismatch)
+    void_soft_hu: tuple[float, float] = Field((-300.0, 150.0), description="CT HU of soft tissue under an MR void "
+                                              "(denser tissue, tendon or bone, is dark in a T1w MR anyway)")
+    void_min_mm3: float = Field(700.0, ge=0, description="smallest MR signal void named (mm^3)")
+    void_min_slices: int = Field(2, ge=1, description="... spanning at least this many slices")
+    one_modality_mr_fraction: float = Field(0.15, gt=0, description="MR above this share of its p99 in the mask is "
+                                            "tissue (lungs and gas stay below it)")
+    one_modality_ct_hu: float = Field(-500.0, description="CT above this is tissue (HU)")
+    one_modality_min_mm3: float = Field(300.0, ge=0, description="smallest tissue in one modality only named (mm^3)")
+    fov_edge_share: float = Field(0.1, gt=0, le=1, description="share of a slice's mask edge on CT tissue: FOV cut")
+    fov_min_edge_voxels: int = Field(20, ge=1, description="slices with a shorter mask edge are not judged")
     # -- alignment
     nmi_bins: int = Field(32, ge=8)
     nmi_low: float = Field(1.03, description="NMI below this: low CT-MR similarity (RED)")

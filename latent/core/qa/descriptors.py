@@ -151,7 +151,7 @@ def banding_slices(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, config: QAC
 
     The robust z of each slice-to-slice log-ratio is 0.6745 (d - median) / MAD (MAD at least
     0.02); a jump needs |z| > ``banding_z`` and |d| > ``banding_min_log``. An up jump followed by
-    a down jump within ``banding_max_slices`` flags the slices between; a lone jump flags the slice after it.
+    a down jump within ``banding_max_slices`` flags the slices between; with ``banding_lone_jumps`` a lone jump flags the slice after it (not the body's last judged slice).
     """
     dark = config.mr_dark_fraction * float(np.percentile(mr[mask > 0], 99.0))
     slices, ratio = slice_log_ratios(mr, ct, mask, config.min_slice_voxels, dark, config.banding_same_hu)
@@ -170,6 +170,6 @@ def banding_slices(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, config: QAC
         if partner is not None:
             flagged.update(range(int(slices[k]) + 1, int(slices[partner]) + 1))
             used.update((k, partner))
-        else:
+        elif config.banding_lone_jumps and int(slices[k]) + 1 < int(slices[-1]):  # not the body's partial end
             flagged.add(int(slices[k]) + 1)
     return sorted(flagged), float(np.max(np.abs(z)))
