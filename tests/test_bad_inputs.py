@@ -459,6 +459,18 @@ def phantom_with(*options: str) -> Callable[[World, Path, Path], list[str]]:
     return command
 
 
+# --------------------------------------------------------------------------- issue 33: latent qa
+
+
+def qa(world: World, data: Path, tmp: Path) -> list[str]:
+    return ["qa", "--data", str(data), "--out", str(tmp / "qa"), "-q"]
+
+
+def qa_with_config(world: World, data: Path, tmp: Path) -> list[str]:
+    (tmp / "qa.yaml").write_text("metal_treshold: 5\n")
+    return qa(world, data, tmp) + ["--config", str(tmp / "qa.yaml")]
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -610,6 +622,12 @@ CORPUS: dict[str, Bad] = {
     "phantom with a defect fraction above 1": Bad(
         nothing, phantom_with("--defects", "banding", "--defect-fraction", "1.5"),
         r"^error: defect_fraction must be between 0 and 1, got 1\.5$", 2),
+    # -- issue 33: latent qa reports a bad case in one line and goes on (exit 1), a bad config exit 2
+    "qa of a case without CT": Bad(remove("ct.mha"), qa, r"no CT file in {case}; QA needs the CT", 1),
+    "qa of a mask on another grid": Bad(shift_origin("mask.mha"), qa, r"mask {case}/mask\.mha is on another grid", 1),
+    "qa of an empty mask": Bad(mask_values(0), qa, r"empty mask {case}/mask\.mha", 1),
+    "qa config with a misspelt field": Bad(nothing, qa_with_config,
+                                           r"qa\.yaml: metal_treshold: Extra inputs are not permitted", 2),
 }
 
 
