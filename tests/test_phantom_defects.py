@@ -164,9 +164,17 @@ def check_misregistration(base, case, record):
     assert len(changed_slices(case.ct, base.ct)) >= len(record["slices"]) - 1
 
 
+def check_deformation(base, case, record):
+    assert 2.0 <= record["amplitude_mm"] <= 4.0 and 0 < record["mean_mm"] < record["amplitude_mm"]
+    np.testing.assert_array_equal(case.mr, base.mr)
+    assert len(changed_slices(case.ct, base.ct)) >= len(record["slices"]) - 1
+    # the true CT is the clean one: the motion is the only difference
+    np.testing.assert_array_equal(case.ct_true, base.ct)
+
+
 CHECKS = {"banding": check_banding, "fov_cut": check_fov_cut, "extra_object": check_extra_object,
           "signal_void": check_signal_void, "ct_offset": check_ct_offset, "metal": check_metal,
-          "misregistration": check_misregistration}
+          "misregistration": check_misregistration, "deformation": check_deformation}
 
 
 def test_each_defect_has_its_own_random_stream(defective):

@@ -1,6 +1,6 @@
 """Acquisition effects of the phantom (smooth noise, the MR bias field) and its optional
-artefacts: a metal implant (CT streaks, MR signal void) and a small rigid misregistration of the
-CT against the MR."""
+artefacts: a metal implant (CT streaks, MR signal void), a small rigid misregistration of the
+CT against the MR and a smooth deformable one."""
 
 from __future__ import annotations
 
@@ -55,6 +55,34 @@ def _misregister(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
     info["misregistration"] = {"yaw_deg": float(np.rad2deg(yaw)), "pitch_deg": float(np.rad2deg(pitch)),
                                "shift_mm_zyx": [float(v) for v in shift_mm]}
     return ndimage.affine_transform(ct, matrix, offset, order=1, mode="constant", cval=-1000.0)
+
+
+def _deform(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
+    """Smooth random deformation of the CT against the MR: a displacement field interpolated
+    (cubic) from a coarse 4 x 5 x 5 grid of Gaussian vectors, scaled so its largest in-body
+    length is ``amplitude_mm`` (2-4 mm; half along z, whose slices are thick)."""
+    amplitude = float(rng.uniform(2.0, 4.0))
+    coarse = rng.standard_normal((3, 4, 5, 5))
+    field_mm = np.stack([ndimage.zoom(c, np.array(ct.shape) / c.shape, order=3, mode="nearest") for c in coarse])
+    field_mm[0] *= 0.5
+    field_mm *= amplitude / max(float(np.linalg.norm(field_mm, axis=0).max()), 1e-6)
+    grid = np.indices(ct.shape, dtype=np.float32)
+    spacing = np.asarray(spacing_zyx, dtype=np.float32)[:, None, None, None]
+    info["deformation"] = {"amplitude_mm": amplitude, "control_grid_zyx": [4, 5, 5],
+                           "mean_mm": float(np.linalg.norm(field_mm, axis=0).mean())}
+    return ndimage.map_coordinates(ct, grid + field_mm / spacing, order=1, mode="constant", cval=-1000.0)
+
+
+def move_ct(ct: np.ndarray, spacing_zyx, rng, misregistration: bool, deformation: bool,
+            info: dict) -> np.ndarray:
+    """The CT moved against the MR: rigidly (``misregistration``), then smoothly deformed
+    (``deformation``, from its own stream spawned off ``rng``, so the rigid draw is unchanged)."""
+    deform_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]) if deformation else None
+    if misregistration:
+        ct = _misregister(ct, spacing_zyx, rng, info)
+    if deform_rng is not None:
+        ct = _deform(ct, spacing_zyx, deform_rng, info).astype(np.float32)
+    return ct
 
 
 def _unit_noise(rng, shape, sigma) -> np.ndarray:

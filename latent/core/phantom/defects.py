@@ -4,7 +4,7 @@ answers (docs/phantom.md, "Defects").
 Each defect is off by default, draws from its own random stream (so it never shifts the clean
 case or another defect) and records where it was put in the case's ``info["defects"]``:
 ``{name: {"slices": [z, ...], ...}}`` with z the slice index of the written volume (array axis 0).
-Metal and misregistration are drawn by :mod:`latent.core.phantom.artefacts`; this module only
+Metal, misregistration and deformation are drawn by :mod:`latent.core.phantom.artefacts`; this module only
 records them. The injectors live in :mod:`latent.core.phantom.defect_injectors`.
 """
 
@@ -25,7 +25,8 @@ from latent.core.phantom.defect_injectors import (
 )
 
 #: Every defect name, in the order they are listed in records.
-DEFECTS = ("banding", "fov_cut", "extra_object", "signal_void", "ct_offset", "metal", "misregistration")
+DEFECTS = ("banding", "fov_cut", "extra_object", "signal_void", "ct_offset", "metal", "misregistration",
+           "deformation")
 #: Defects injected by this module (each one's random stream is fixed by its position here).
 INJECTED = ("fov_cut", "extra_object", "signal_void", "banding", "ct_offset")
 #: ``"all"``: a chosen case gets every named defect; ``"one"``: the chosen cases get the named
@@ -103,9 +104,9 @@ _SOFT_TISSUES = ("fat", "muscle", "soft_tissue", "liver", "kidney", "spleen", "w
 
 
 def record_artefacts(info: dict, labels: np.ndarray, fov: np.ndarray, metal: bool, void,
-                     misregistration: bool) -> None:
+                     misregistration: bool, deformation: bool = False) -> None:
     """Add the metal (``void``: its MR void ``(occupancy, box)`` from artefacts.py, or None) and
-    misregistration records to ``info["defects"]``, on the final labels and field of view."""
+    misregistration (and deformation) records to ``info["defects"]``, on the final labels and field of view."""
     records = info.setdefault("defects", {})
     covered = [int(z) for z in np.flatnonzero(fov.any(axis=(1, 2)))]
     if metal:
@@ -121,5 +122,7 @@ def record_artefacts(info: dict, labels: np.ndarray, fov: np.ndarray, metal: boo
                             "mr_void_voxels": int((occupancy >= 0.5).sum()), "site_mm": dict(info.get("metal", {}))}
     if misregistration:
         records["misregistration"] = {"slices": covered, **info["misregistration"]}
+    if deformation:
+        records["deformation"] = {"slices": covered, **info["deformation"]}
     # one key order for every case: that of DEFECTS
     info["defects"] = {name: records[name] for name in DEFECTS if name in records}

@@ -35,7 +35,7 @@ from latent.core.phantom.anatomy import (
     Canvas,
     sample_tissue_values,
 )
-from latent.core.phantom.artefacts import _add_metal, _bias_field, _metal_streaks, _misregister, _unit_noise
+from latent.core.phantom.artefacts import _add_metal, _bias_field, _metal_streaks, _unit_noise, move_ct
 from latent.core.phantom.defects import DefectsPerCase, check_defects, defect_plan, inject_defects, record_artefacts
 from latent.core.phantom.mask import MASK_DILATION_MM, _mask_from_mr, mask_dilation_voxels  # noqa: F401 (re-exported)
 from latent.core.phantom.regions import build_region, sample_body
@@ -125,6 +125,8 @@ class PhantomCase:
     fov: np.ndarray
     properties: VolumeProperties
     info: dict
+    #: the CT before ``misregistration`` / ``deformation`` (same noise and field of view), else None.
+    ct_true: np.ndarray | None = None
 
 
 def case_ids(cases: int, regions: Sequence[str] = REGIONS) -> list[tuple[str, str]]:
@@ -164,6 +166,7 @@ def generate_phantom_dataset(
     defects: Sequence[str] = (),
     defect_fraction: float = 1.0,
     defects_per_case: DefectsPerCase = "all",
+    write_truth: bool = False,
 ) -> list[Path]:
     """Write paired phantom cases as ``<out_dir>/Task1/<REGION>/<pid>/{mr,ct,mask}.mha``.
 
@@ -178,6 +181,7 @@ def generate_phantom_dataset(
         defects: names of :data:`latent.core.phantom.defects.DEFECTS` to inject (none by default).
         defect_fraction: share of the cases that get ``defects`` (chosen from ``seed`` only).
         defects_per_case: ``"all"`` (each chosen case gets every defect) or ``"one"`` (round robin).
+        write_truth: also write ``ct_true.mha`` (the CT without the motion) in moved cases.
 
     Returns:
         The case folders, in case order. A ``phantom.json`` with the parameters and, under
@@ -196,13 +200,16 @@ def generate_phantom_dataset(
         write_volume(folder / "mr.mha", case.mr, case.properties, dtype="int16")
         write_volume(folder / "ct.mha", case.ct, case.properties, dtype="int16")
         write_volume(folder / "mask.mha", case.mask, case.properties, dtype=MASK_DTYPE)
+        if write_truth and case.ct_true is not None:
+            write_volume(folder / "ct_true.mha", case.ct_true, case.properties, dtype="int16")
         folders.append(folder)
         logger.info("phantom %s %s in %.2f s", pid, case.properties.size, time.perf_counter() - started)
     record = {"generator": "latent.core.phantom.generate", "version": PHANTOM_VERSION, "seed": seed, "size": size,
               "regions": list(_check_regions(regions)), "misregistration": misregistration,
               "metal": metal, "mask_dtype": MASK_DTYPE, "cases": [pid for _, pid in plan],
               "defects": list(check_defects(defects)), "defect_fraction": float(defect_fraction),
-              "defects_per_case": defects_per_case, "defect_cases": defect_cases}
+              "defects_per_case": defects_per_case, "defect_cases": defect_cases,
+              **({"write_truth": True} if write_truth else {})}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "phantom.json").write_text(json.dumps(record, indent=2) + "\n")
     return folders
@@ -270,20 +277,24 @@ def render_case(
         streaks = _metal_streaks(canvas, site, metal_rng)
         ct += streaks
         info["metal_streak_slices"] = [int(z) for z in np.flatnonzero(np.abs(streaks).max(axis=(1, 2)) > 0)]
-    if misregistration:
-        ct = _misregister(ct, grid["spacing_zyx"], motion_rng, info)
+    deformation = "deformation" in names
+    aligned = ct.copy() if misregistration or deformation else None
+    ct = move_ct(ct, grid["spacing_zyx"], motion_rng, misregistration, deformation, info)
     noise_sd = ct_rng.uniform(10.0, 20.0)
-    ct += noise_sd * _unit_noise(ct_rng, ct.shape, (0.0, 0.6, 0.6))
+    noise = noise_sd * _unit_noise(ct_rng, ct.shape, (0.0, 0.6, 0.6))
+    ct += noise
     info["ct_noise_hu"] = noise_sd
     fov = _field_of_view(ct.shape, grid_rng)
-    if set(names) - {"metal", "misregistration"}:  # drawn after the fixed draws: the clean case is unchanged
+    if set(names) - {"metal", "misregistration", "deformation"}:  # drawn after the fixed draws: the clean case is unchanged
         fov = inject_defects(names, rng, mr, ct, fov, canvas.label, grid["spacing_zyx"], info)
     mask = _mask_from_mr(mr, MR_BODY_THRESHOLD * info["mr_gain"], mask_dilation_voxels(grid["spacing_zyx"][2])) & fov
     mr[~fov], ct[~fov], canvas.label[~fov] = MR_OUTSIDE_FOV, CT_OUTSIDE_FOV, 0
     ct = np.rint(np.clip(ct, *CT_RANGE)).astype(np.int16)
     mr = np.rint(np.clip(mr, 0, np.iinfo(np.int16).max)).astype(np.int16)
-    record_artefacts(info, canvas.label, fov, metal, void, misregistration)
-    return PhantomCase(pid, region, mr, ct, mask.astype(np.uint8), canvas.label, fov, grid["properties"], info)
+    record_artefacts(info, canvas.label, fov, metal, void, misregistration, deformation)
+    truth = None if aligned is None else np.rint(np.clip(np.where(fov, aligned + noise, CT_OUTSIDE_FOV), *CT_RANGE))
+    return PhantomCase(pid, region, mr, ct, mask.astype(np.uint8), canvas.label, fov, grid["properties"], info,
+                       None if truth is None else truth.astype(np.int16))
 
 
 # -- grid --------------------------------------------------------------------------------------
