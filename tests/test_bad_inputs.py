@@ -471,6 +471,17 @@ def qa_with_config(world: World, data: Path, tmp: Path) -> list[str]:
     return qa(world, data, tmp) + ["--config", str(tmp / "qa.yaml")]
 
 
+# --------------------------------------------------------------------------- issue 34: latent register
+
+
+def register(world: World, data: Path, tmp: Path) -> list[str]:
+    return ["register", "--data", str(data), "--out", str(tmp / "registered"), "-q"]
+
+
+def register_feature(world: World, data: Path, tmp: Path) -> list[str]:
+    return register(world, data, tmp) + ["--method", "feature"]
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -628,6 +639,11 @@ CORPUS: dict[str, Bad] = {
     "qa of an empty mask": Bad(mask_values(0), qa, r"empty mask {case}/mask\.mha", 1),
     "qa config with a misspelt field": Bad(nothing, qa_with_config,
                                            r"qa\.yaml: metal_treshold: Extra inputs are not permitted", 2),
+    # -- issue 34: latent register reports a bad case in one line and goes on (exit 1)
+    "register a case without CT": Bad(remove("ct.mha"), register, r"no CT file in {case}; registration needs the CT", 1),
+    "register a mask on another grid": Bad(shift_origin("mask.mha"), register,
+                                           r"mask {case}/mask\.mha is on another grid than the MR", 1),
+    "register --method feature": Bad(nothing, register_feature, r"^error: --method feature: not implemented", 2),
 }
 
 

@@ -27,11 +27,13 @@ from latent.core.atomic import remove_stale_temporaries
 from latent.app.bench.config import DEFAULT_METHODS as DEFAULT_BENCH_METHODS
 from latent.app.cli_data import split
 from latent.app.cli_qa import qa
+from latent.app.cli_register import register
 from latent.app.cli_stages import cache_app, encode, vae_app
 
 app.command()(split)
 app.command()(encode)
 app.command()(qa)
+app.command()(register)
 app.add_typer(cache_app, name="cache")
 app.add_typer(vae_app, name="vae")
 
@@ -48,10 +50,12 @@ def phantom(
     metal: bool = typer.Option(False, help="Add one metal implant (screw, pacemaker or dental crown) to every case."),
     defects: str = typer.Option("", help=(
         "Comma-separated defects for QA tests: banding, fov_cut, extra_object, signal_void, ct_offset, metal, "
-        "misregistration (recorded in phantom.json, docs/phantom.md).")),
+        "misregistration, deformation (recorded in phantom.json, docs/phantom.md).")),
     defect_fraction: float = typer.Option(1.0, "--defect-fraction", help="Share of the cases that get --defects."),
     defects_per_case: str = typer.Option("all", "--defects-per-case", help="all: every defect in each chosen case; "
                                          "one: one defect per chosen case, round robin."),
+    write_truth: bool = typer.Option(False, "--write-truth", help="Write ct_true.mha (the CT before the motion) "
+                                     "beside ct.mha in misregistered or deformed cases."),
 ) -> None:
     """Generate a paired MR/CT phantom data set in the SynthRAD2025 layout."""
     from latent.core.phantom.generate import generate_phantom_dataset
@@ -61,7 +65,8 @@ def phantom(
     try:
         folders = generate_phantom_dataset(out, cases, region_list, seed=seed, size=size,
                                            misregistration=misregistration, metal=metal, defects=defect_list,
-                                           defect_fraction=defect_fraction, defects_per_case=defects_per_case)
+                                           defect_fraction=defect_fraction, defects_per_case=defects_per_case,
+                                           write_truth=write_truth)
     except USER_ERRORS as error:
         user_error(error, ctx)
     typer.echo(f"wrote {len(folders)} cases under {out}")

@@ -1,0 +1,1 @@
+"""Registration of each case's CT onto its MR (``latent register``; docs/registration.md)."""
