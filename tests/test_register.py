@@ -56,8 +56,10 @@ def test_truth_is_written_only_on_request_and_ignored_as_a_case_file(moved_root,
     assert "write_truth" not in json.loads((tmp_path / "phantom.json").read_text())
 
 
-def test_rigid_recovers_known_offsets_and_leaves_the_data_untouched(moved_root, tmp_path):
+def test_rigid_recovers_known_offsets_and_leaves_the_data_untouched(moved_root, tmp_path, monkeypatch):
     before = _hashes(moved_root)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # transformix must not leave files in the working folder
     out = tmp_path / "registered"
     result = runner.invoke(app, ["register", "--data", str(moved_root), "--out", str(out), "--method", "rigid", "-q"])
     assert result.exit_code == 0, result.output
@@ -76,6 +78,7 @@ def test_rigid_recovers_known_offsets_and_leaves_the_data_untouched(moved_root, 
         for name, source in (("ct_orig.mha", case.ct), ("mr.mha", case.mr), ("mask.mha", case.mask)):
             assert (folder / name).read_bytes() == source.read_bytes()
     assert [c.pid for c in discover_cases(out)] == ["1ABA001", "1ABB001"]
+    assert not list((tmp_path / "cwd").iterdir())
     assert "data:image/png;base64," in (out / "register.html").read_text()
     again = runner.invoke(app, ["register", "--data", str(moved_root), "--out", str(out), "-q"])
     assert again.exit_code == 0, again.output

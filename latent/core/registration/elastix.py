@@ -7,6 +7,7 @@ scanner frame, and the displacement field comes back in voxel-aligned millimetre
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -82,8 +83,10 @@ def register_arrays(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, spacing_zy
     _, transform = itk.elastix_registration_method(
         fixed, moving, parameter_object=parameters, fixed_mask=fixed_mask, log_to_console=False,
         number_of_threads=threads)
-    field = itk.transformix_deformation_field(moving, transform)
-    field_xyz = np.asarray(itk.array_from_image(field), dtype=np.float32)  # (z, y, x, 3), x first
+    # transformix also writes the field to its output folder (the working folder by default)
+    with tempfile.TemporaryDirectory(prefix="latent-transformix-") as scratch:
+        field = itk.transformix_deformation_field(moving, transform, output_directory=scratch)
+        field_xyz = np.array(itk.array_from_image(field), dtype=np.float32)  # (z, y, x, 3), x first
     return np.ascontiguousarray(np.moveaxis(field_xyz[..., ::-1], -1, 0))
 
 
