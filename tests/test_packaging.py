@@ -35,6 +35,8 @@ CHECK = textwrap.dedent("""
     assert load_vae("standin").name == "standin"
     from latent.translate.models.base import model_class
     assert model_class("regress3d").__module__ == "latent.translate.models.regress3d"
+    from latent.core.registration.elastix import parameter_files
+    assert all(p.is_relative_to(prefix) and p.is_file() for p in parameter_files("bspline"))
     print("wheel ok")
 """)
 
@@ -72,6 +74,7 @@ def test_the_wheel_claims_one_import_name_and_runs_in_a_fresh_environment(tmp_pa
         top_level = {name.split("/")[0] for name in archive.namelist() if not name.split("/")[0].endswith(".dist-info")}
         names = archive.namelist()
     assert top_level == {"latent"}, top_level
+    assert {"latent/configs/elastix/rigid.txt", "latent/configs/elastix/bspline.txt"} <= set(names)
     for stage in STAGES:
         assert f"latent/{stage}/__init__.py" in names, f"latent/{stage} is missing from the wheel"
     python = _fresh_environment(tmp_path / "fresh")

@@ -44,8 +44,8 @@ class RegisterSettings:
     parameter_dir: Path | None = None
     #: bins of the NMI in the mask (the same measure as ``latent qa``).
     nmi_bins: int = 32
-    #: a registration whose NMI falls by more than this is a failure (diverged).
-    nmi_tolerance: float = 0.005
+    #: a registration whose NMI falls by more than this is a failure (diverged; 0: any fall).
+    nmi_tolerance: float = 0.0
     #: a transform folding more than this share of the mask is a failure.
     max_negative_jacobian: float = 0.001
     #: elastix threads per case.
