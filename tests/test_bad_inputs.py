@@ -629,7 +629,7 @@ CORPUS: dict[str, Bad] = {
     "phantom with an unknown defect": Bad(
         nothing, phantom_with("--defects", "banding,streaks"),
         r"^error: defects: unknown defect 'streaks'; expected some of banding, fov_cut, extra_object, signal_void, "
-        r"ct_offset, metal, misregistration$", 2),
+        r"ct_offset, metal, misregistration, deformation$", 2),
     "phantom with a defect fraction above 1": Bad(
         nothing, phantom_with("--defects", "banding", "--defect-fraction", "1.5"),
         r"^error: defect_fraction must be between 0 and 1, got 1\.5$", 2),
