@@ -70,3 +70,14 @@ def test_excluded_slices_reach_the_dataset_and_the_run_record(runs, tmp_path: Pa
         (tmp_path / "bad.csv").write_text("case,z\nx,1\n")
         build_cache_datasets(data.model_copy(update={"exclude_slices": str(tmp_path / "bad.csv")}), ("mr_mu",),
                              ("mr_mu",), seed=0)
+
+
+def test_the_run_records_which_ct_each_training_case_came_from(runs, tmp_path: Path) -> None:  # noqa: F811
+    """A run trained on a registered root says so: producer.json names each training case's CT file."""
+    from latent.translate.data import build_cache_datasets
+    from latent.translate.train_config import DataConfig
+
+    data = DataConfig(cache=str(runs.cache), split_file=str(runs.split_file))
+    _, _, producer = build_cache_datasets(data, ("mr_mu", "ct_mu"), ("mr_mu",), seed=0)
+    assert set(producer["ct_sources"]) == set(runs.splits["train"])
+    assert all(Path(path).name.startswith("ct.") and Path(path).is_file() for path in producer["ct_sources"].values())

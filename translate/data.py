@@ -110,6 +110,8 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
                 "train_split": data.train_split, "val_split": data.val_split}
     if data.fold is not None:
         producer.update(fold=data.fold, fold_seed=data.fold_seed, train_ids=train_ids, val_ids=val_ids)
+    # which CT each training case's latents came from (an original root, or one `latent register` wrote)
+    producer["ct_sources"] = {pid: (cache.case_attrs(pid).get("source_paths") or {}).get("ct") for pid in train_ids}
     qa_excluded = qa_excluded_cases(data.split_file)
     if qa_excluded or excluded:  # what QA kept out of training, recorded in the run
         producer["qa_exclusions"] = {"cases": qa_excluded, "slices_file": data.exclude_slices,

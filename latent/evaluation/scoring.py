@@ -312,7 +312,8 @@ def evaluate_predictions(
     if out is not None:
         out = Path(out)
         write_rows_csv(evaluation.rows, out)
-        report = {"cases": evaluation.rows, "summary": evaluation.summary, "failures": run.failures,
-                  "skipped": run.skipped, "unlisted_files": evaluation.unlisted}
+        report = {"scored_against": f"the CT of each case in {Path(data_root).resolve()}", "cases": evaluation.rows,
+                  "summary": evaluation.summary, "failures": run.failures, "skipped": run.skipped,
+                  "unlisted_files": evaluation.unlisted}
         out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return evaluation

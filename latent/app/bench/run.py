@@ -324,6 +324,7 @@ def run_bench(config: BenchConfig) -> BenchOutcome:
         tables["Latent cache: one-time encoding amortised over N experiments"] = cache_table(facts, config.experiments)
     metadata = {
         "note": config.note, "data": str(config.data), "split_file": str(split_file),
+        "scored against": f"the CT of each test case in {Path(config.data).resolve()} (its ct.* file)",
         "split": {name: len(pids) for name, pids in splits.items()},
         "training budget per learned method (s)": config.seconds, "recipes": recipes,
         "diffusion samples per case": config.samples,
