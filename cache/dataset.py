@@ -53,9 +53,9 @@ class LatentPairDataset(Dataset):
                  normalise: bool = True, body_fraction: float = 0.0,
                  exclude_z: Mapping[str, Iterable[int]] | None = None) -> None:
         self.cache = cache
-        self.exclude_z = {pid: np.array(sorted(set(z)), dtype=np.int64) for pid, z in (exclude_z or {}).items()
-                          if pid in set(pids) and len(set(z))}
         self.pids = list(pids)
+        self.exclude_z = {pid: np.array(sorted(set(z)), dtype=np.int64) for pid, z in (exclude_z or {}).items()
+                          if pid in self.pids and len(set(z))}
         self.keys = tuple(keys)
         unknown = [key for key in self.keys if key not in ARRAY_KEYS]
         if unknown:

@@ -6,17 +6,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from latent.core.errors import BadConfigError
-from latent.translate.models.base import model_class, translating_families
 
 
 def learned_methods() -> list[str]:
     """The trained families the bench compares: every family that translates MR into CT (its class
     says so), each with a shipped recipe ``<family>_<size>.yaml`` (``--size demo|full``)."""
+    from latent.translate.models.base import translating_families  # torch: only when the bench needs it
+
     return translating_families()
 
 
 def samples_per_case(family: str, samples: int) -> int:
     """``samples`` for a family whose translation is stochastic (mean + ``<pid>_std.mha``), else 1."""
+    from latent.translate.models.base import model_class
+
     return samples if model_class(family).stochastic else 1
 
 
