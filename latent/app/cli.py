@@ -55,7 +55,7 @@ def phantom(
     defects_per_case: str = typer.Option("all", "--defects-per-case", help="all: every defect in each chosen case; "
                                          "one: one defect per chosen case, round robin."),
     write_truth: bool = typer.Option(False, "--write-truth", help="Write ct_true.mha (the CT before the motion) "
-                                     "beside ct.mha in misregistered or deformed cases."),
+                                     "and motion_true.mha (the true motion field) beside ct.mha in moved cases."),
 ) -> None:
     """Generate a paired MR/CT phantom data set in the SynthRAD2025 layout."""
     from latent.core.phantom.generate import generate_phantom_dataset

@@ -59,10 +59,15 @@ def overlay_png(case: Case, out_root: Path, path: Path) -> Path:
     return bench_figures.save_png(fig, path)
 
 
+def columns(rows: list[dict]) -> list[str]:
+    """:data:`COLUMNS` that some row has (the truth columns appear only for cases that know their truth)."""
+    return [column for column in COLUMNS if any(column in row for row in rows)] or list(COLUMNS)
+
+
 def write_tables(out: Path, rows: list[dict], run: CaseRun[dict], settings: RegisterSettings) -> dict[str, Path]:
     """``register.csv`` (one row per registered case) and ``register.json`` (settings, rows, outcome)."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns(rows), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     summary = {"method": settings.method, "parameter_dir": str(settings.parameter_dir or "latent/configs/elastix"),
@@ -76,7 +81,7 @@ def write_html(out: Path, rows: list[dict], cases: dict[str, Case], run: CaseRun
     """``register.html``: the table, the failures and each case's overlay before / after."""
     page = [f"<h1>latent register ({html.escape(rows[0]['method'] if rows else '-')})</h1>",
             f"<p>{html.escape(run.summary())}. Columns: docs/registration.md.</p>",
-            html_table((list(COLUMNS), [[str(row.get(c, "")) for c in COLUMNS] for row in rows]))]
+            html_table((columns(rows), [[str(row.get(c, "")) for c in columns(rows)] for row in rows]))]
     if run.failures:
         page.append("<h2>Failed cases</h2>" + html_table((["case", "error"], sorted(run.failures.items()))))
     for row in rows:

@@ -42,8 +42,10 @@ def _metal_streaks(cv: Canvas, site: dict, rng) -> np.ndarray:
     return (weight[:, None, None] * rays[None]).astype(np.float32)
 
 
-def _misregister(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
-    """Small rigid motion of the CT against the MR (rotation about z and x, translation)."""
+def _misregister(ct: np.ndarray, spacing_zyx, rng, info: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Small rigid motion of the CT against the MR (rotation about z and x, translation).
+
+    Returns the moved CT and the voxel map ``(matrix, offset)``: moved[p] = ct[matrix @ p + offset]."""
     yaw, pitch = np.deg2rad(rng.uniform(-2.0, 2.0)), np.deg2rad(rng.uniform(-1.0, 1.0))
     shift_mm = rng.uniform(-2.0, 2.0, size=3) * [0.75, 1.0, 1.0]  # (z, y, x)
     rz = np.array([[1, 0, 0], [0, np.cos(yaw), -np.sin(yaw)], [0, np.sin(yaw), np.cos(yaw)]])
@@ -54,13 +56,16 @@ def _misregister(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
     offset = centre - matrix @ centre + shift_mm / np.asarray(spacing_zyx)
     info["misregistration"] = {"yaw_deg": float(np.rad2deg(yaw)), "pitch_deg": float(np.rad2deg(pitch)),
                                "shift_mm_zyx": [float(v) for v in shift_mm]}
-    return ndimage.affine_transform(ct, matrix, offset, order=1, mode="constant", cval=-1000.0)
+    moved = ndimage.affine_transform(ct, matrix, offset, order=1, mode="constant", cval=-1000.0)
+    return moved, matrix, offset
 
 
-def _deform(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
+def _deform(ct: np.ndarray, spacing_zyx, rng, info: dict) -> tuple[np.ndarray, np.ndarray]:
     """Smooth random deformation of the CT against the MR: a displacement field interpolated
     (cubic) from a coarse 4 x 5 x 5 grid of Gaussian vectors, scaled so its largest in-body
-    length is ``amplitude_mm`` (2-4 mm; half along z, whose slices are thick)."""
+    length is ``amplitude_mm`` (2-4 mm; half along z, whose slices are thick).
+
+    Returns the deformed CT and the field in voxels: deformed[p] = ct[p + field[:, p]]."""
     amplitude = float(rng.uniform(2.0, 4.0))
     coarse = rng.standard_normal((3, 4, 5, 5))
     field_mm = np.stack([ndimage.zoom(c, np.array(ct.shape) / c.shape, order=3, mode="nearest") for c in coarse])
@@ -70,19 +75,33 @@ def _deform(ct: np.ndarray, spacing_zyx, rng, info: dict) -> np.ndarray:
     spacing = np.asarray(spacing_zyx, dtype=np.float32)[:, None, None, None]
     info["deformation"] = {"amplitude_mm": amplitude, "control_grid_zyx": [4, 5, 5],
                            "mean_mm": float(np.linalg.norm(field_mm, axis=0).mean())}
-    return ndimage.map_coordinates(ct, grid + field_mm / spacing, order=1, mode="constant", cval=-1000.0)
+    field = field_mm / spacing
+    return ndimage.map_coordinates(ct, grid + field, order=1, mode="constant", cval=-1000.0), field
 
 
 def move_ct(ct: np.ndarray, spacing_zyx, rng, misregistration: bool, deformation: bool,
-            info: dict) -> np.ndarray:
+            info: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """The CT moved against the MR: rigidly (``misregistration``), then smoothly deformed
-    (``deformation``, from its own stream spawned off ``rng``, so the rigid draw is unchanged)."""
+    (``deformation``, from its own stream spawned off ``rng``, so the rigid draw is unchanged).
+
+    Returns the moved CT and the true motion (None when nothing moved): a (3, z, y, x) field in mm
+    (z, y, x components) such that the moved CT at voxel p is the unmoved CT at p + motion[:, p] / spacing.
+    """
     deform_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]) if deformation else None
+    if not (misregistration or deformation):
+        return ct, None
+    grid = np.indices(ct.shape, dtype=np.float32)
+    reading = grid
     if misregistration:
-        ct = _misregister(ct, spacing_zyx, rng, info)
+        ct, matrix, offset = _misregister(ct, spacing_zyx, rng, info)
     if deform_rng is not None:
-        ct = _deform(ct, spacing_zyx, deform_rng, info).astype(np.float32)
-    return ct
+        ct, field = _deform(ct, spacing_zyx, deform_rng, info)
+        ct, reading = ct.astype(np.float32), grid + field
+    if misregistration:
+        reading = (np.einsum("ij,j...->i...", matrix.astype(np.float32), reading)
+                   + offset.astype(np.float32)[:, None, None, None])
+    spacing = np.asarray(spacing_zyx, dtype=np.float32)[:, None, None, None]
+    return ct, ((reading - grid) * spacing).astype(np.float32)
 
 
 def _unit_noise(rng, shape, sigma) -> np.ndarray:

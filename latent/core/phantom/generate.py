@@ -3,13 +3,10 @@
 ``generate_phantom_dataset`` writes ``<out>/Task1/<REGION>/<pid>/{mr,ct,mask}.mha``: compressed
 MetaImage, MR, CT and mask int16 (mask 0/1, as the organisers' release script writes it), all three on one
 grid with identity direction. Anatomy comes from :mod:`latent.core.phantom.anatomy`; this module
-adds the imaging: partial volume, tissue texture, MR bias field, per-centre gain and contrast,
-Rician MR noise, correlated CT noise, scanned field of view, optional metal (CT streaks, MR
-void), optional rigid CT/MR misregistration and optional defects for QA tests
-(:mod:`latent.core.phantom.defects`), and derives the mask from the MR.
-
-A case depends only on ``(seed, pid)`` and the options: its random stream is seeded from both,
-so adding or removing other cases never changes it.
+adds the imaging (partial volume, texture, MR bias field, per-centre gain and contrast, Rician MR
+noise, correlated CT noise, field of view, optional metal, CT/MR motion and QA defects
+(:mod:`latent.core.phantom.defects`)) and derives the mask from the MR. A case depends only on
+``(seed, pid)`` and the options, so adding or removing other cases never changes it.
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ from latent.core.phantom.artefacts import _add_metal, _bias_field, _metal_streak
 from latent.core.phantom.defects import DefectsPerCase, check_defects, defect_plan, inject_defects, record_artefacts
 from latent.core.phantom.mask import MASK_DILATION_MM, _mask_from_mr, mask_dilation_voxels  # noqa: F401 (re-exported)
 from latent.core.phantom.regions import build_region, sample_body
+from latent.core.phantom.truth import write_truth as write_truth_files
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +125,8 @@ class PhantomCase:
     info: dict
     #: the CT before ``misregistration`` / ``deformation`` (same noise and field of view), else None.
     ct_true: np.ndarray | None = None
+    #: the true motion, (3, z, y, x) mm: ``ct`` at p is ``ct_true`` at p + motion (truth.py), else None.
+    motion_mm: np.ndarray | None = None
 
 
 def case_ids(cases: int, regions: Sequence[str] = REGIONS) -> list[tuple[str, str]]:
@@ -181,7 +181,7 @@ def generate_phantom_dataset(
         defects: names of :data:`latent.core.phantom.defects.DEFECTS` to inject (none by default).
         defect_fraction: share of the cases that get ``defects`` (chosen from ``seed`` only).
         defects_per_case: ``"all"`` (each chosen case gets every defect) or ``"one"`` (round robin).
-        write_truth: also write ``ct_true.mha`` (the CT without the motion) in moved cases.
+        write_truth: also write ``ct_true.mha`` and ``motion_true.mha`` in moved cases (truth.py).
 
     Returns:
         The case folders, in case order. A ``phantom.json`` with the parameters and, under
@@ -201,7 +201,7 @@ def generate_phantom_dataset(
         write_volume(folder / "ct.mha", case.ct, case.properties, dtype="int16")
         write_volume(folder / "mask.mha", case.mask, case.properties, dtype=MASK_DTYPE)
         if write_truth and case.ct_true is not None:
-            write_volume(folder / "ct_true.mha", case.ct_true, case.properties, dtype="int16")
+            write_truth_files(folder, case.ct_true, case.motion_mm, case.properties)
         folders.append(folder)
         logger.info("phantom %s %s in %.2f s", pid, case.properties.size, time.perf_counter() - started)
     record = {"generator": "latent.core.phantom.generate", "version": PHANTOM_VERSION, "seed": seed, "size": size,
@@ -279,7 +279,7 @@ def render_case(
         info["metal_streak_slices"] = [int(z) for z in np.flatnonzero(np.abs(streaks).max(axis=(1, 2)) > 0)]
     deformation = "deformation" in names
     aligned = ct.copy() if misregistration or deformation else None
-    ct = move_ct(ct, grid["spacing_zyx"], motion_rng, misregistration, deformation, info)
+    ct, motion_mm = move_ct(ct, grid["spacing_zyx"], motion_rng, misregistration, deformation, info)
     noise_sd = ct_rng.uniform(10.0, 20.0)
     noise = noise_sd * _unit_noise(ct_rng, ct.shape, (0.0, 0.6, 0.6))
     ct += noise
@@ -294,7 +294,7 @@ def render_case(
     record_artefacts(info, canvas.label, fov, metal, void, misregistration, deformation)
     truth = None if aligned is None else np.rint(np.clip(np.where(fov, aligned + noise, CT_OUTSIDE_FOV), *CT_RANGE))
     return PhantomCase(pid, region, mr, ct, mask.astype(np.uint8), canvas.label, fov, grid["properties"], info,
-                       None if truth is None else truth.astype(np.int16))
+                       None if truth is None else truth.astype(np.int16), motion_mm)
 
 
 # -- grid --------------------------------------------------------------------------------------

@@ -20,15 +20,17 @@ from latent.core.cases import Case, CaseError
 from latent.core.hashing import sha256_file
 from latent.core.io import write_volume
 from latent.core.prepare import read_native
+from latent.core.phantom.truth import CT_TRUE, MOTION_TRUE, read_truth
 from latent.core.qa.alignment import nmi
 from latent.core.registration.elastix import (displacement_stats, negative_jacobian_fraction, parameter_files,
                                               register_arrays, warp)
+from latent.core.registration.truth import TRUTH_COLUMNS, truth_columns
 
 #: Folder of ``<out>`` holding the per-case records and overlay figures (not a case folder).
 RECORD_DIR = "register"
-#: Columns of ``register.csv``, in order.
+#: Columns of ``register.csv``, in order (the truth columns only on cases that know their truth).
 COLUMNS = ("pid", "region", "method", "nmi_before", "nmi_after", "mean_displacement_mm", "p95_displacement_mm",
-           "negative_jacobian_fraction", "seconds")
+           "negative_jacobian_fraction", "seconds", *TRUTH_COLUMNS)
 
 
 class RegistrationError(CaseError):
@@ -65,6 +67,7 @@ def record_path(out_root: Path, pid: str) -> Path:
 def _sources(case: Case, settings: RegisterSettings) -> dict[str, str]:
     files = {role: getattr(case, role) for role in ("mr", "ct", "mask")}
     files.update({f"map:{p.name}": p for p in parameter_files(settings.method, settings.parameter_dir)})
+    files.update({f"truth:{name}": case.folder / name for name in (CT_TRUE, MOTION_TRUE) if (case.folder / name).is_file()})
     return {role: sha256_file(path) for role, path in files.items()}
 
 
@@ -115,6 +118,9 @@ def register_case(case: Case, data_root: Path, out_root: Path, settings: Registe
     row = {"pid": case.pid, "region": case.region, "method": settings.method, "nmi_before": round(before, 5),
            "nmi_after": round(after, 5), "mean_displacement_mm": round(mean_mm, 3),
            "p95_displacement_mm": round(p95_mm, 3), "negative_jacobian_fraction": round(folding, 6)}
+    truth = read_truth(case.folder)
+    if truth is not None:
+        row.update(truth_columns(ct, moved, field, mask, spacing_zyx, *truth))
     if after < before - settings.nmi_tolerance:
         raise RegistrationError(f"{case.pid}: {settings.method} registration diverged (NMI in the mask "
                                 f"{before:.4f} -> {after:.4f}); no registered CT written")
