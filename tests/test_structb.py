@@ -44,7 +44,8 @@ def test_disjoint_masks_of_equal_volume():
 
 
 def test_cube_shifted_by_one_voxel():
-    # Side s shifted one voxel along x: 2 s^2 voxels differ, so StructB = 2 sqrt(2 s^2) N / (sqrt(N) 2 s^3) = sqrt(2N) / s^2.
+    # Side s shifted one voxel along x: 2 s^2 voxels differ,
+    # so StructB = 2 sqrt(2 s^2) N / (sqrt(N) 2 s^3) = sqrt(2N) / s^2.
     side = 4
     real, synthetic = cube((2, 2, 2), side), cube((2, 2, 3), side)
     assert structural_bias(real, synthetic) == pytest.approx(math.sqrt(2 * N) / side**2)
