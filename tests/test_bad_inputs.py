@@ -452,6 +452,13 @@ def evaluate_two_formats(world: World, data: Path, tmp: Path) -> list[str]:
     return ["evaluate", "--pred", str(pred), "--data", str(data), "-q"]
 
 
+def evaluate_structb_grid(grid: str) -> Callable[[World, Path, Path], list[str]]:
+    """``latent evaluate`` with a StructB common grid (issue 36 item 3)."""
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        return evaluate(world, data, tmp) + ["--structb-grid", grid]
+    return command
+
+
 def phantom_with(*options: str) -> Callable[[World, Path, Path], list[str]]:
     """``latent phantom`` into the test's folder with the given options (issue 33 item 4)."""
     def command(world: World, data: Path, tmp: Path) -> list[str]:
@@ -625,6 +632,12 @@ CORPUS: dict[str, Bad] = {
     "one case predicted in two formats": Bad(
         nothing, evaluate_two_formats,
         r"\w+: 2 predictions, .*pred_copy/\w+\.mha and .*pred_copy/\w+\.nii\.gz; remove all but one", 1),
+    # -- issue 36 item 3: StructB needs one common grid
+    "evaluate with a fitted StructB grid": Bad(
+        nothing, evaluate_structb_grid("2x2x3:fit"),
+        r"^error: --structb-grid 2x2x3:fit: StructB needs one shape for every case; give a fixed shape", 2),
+    "evaluate with a malformed StructB grid": Bad(
+        nothing, evaluate_structb_grid("3x3"), r"^error: --structb-grid: grid spec '3x3': expected a preset", 2),
     # -- issue 33 item 4: phantom defects for QA tests
     "phantom with an unknown defect": Bad(
         nothing, phantom_with("--defects", "banding,streaks"),

@@ -109,6 +109,8 @@ def test_parallel_scoring_equals_serial(data_copy: Path, tmp_path: Path) -> None
     assert len(serial.rows) == len(cases) - 1
     assert json.dumps(parallel.rows) == json.dumps(serial.rows)
     assert json.dumps(parallel.summary) == json.dumps(serial.summary)
+    assert json.dumps(parallel.structural_bias) == json.dumps(serial.structural_bias)
+    assert serial.structural_bias["regions"][-1]["n"] == len(cases) - 1
     assert parallel.run.failures == serial.run.failures and cases[0].pid in serial.run.failures
 
 

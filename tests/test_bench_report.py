@@ -12,6 +12,7 @@ import pytest
 from matplotlib import image as mpimg
 
 from latent.app.bench import figures, stats
+from latent.app.bench.config import BASELINES, ORACLES, REFERENCES, VAE_FLOOR
 from latent.app.bench.report import (COMPUTE_LABELS, METRIC_LABELS, PAIRED_HEADERS, TISSUE_LABELS, library_versions,
                                  write_report)
 
@@ -94,9 +95,30 @@ def test_pareto_front_drops_dominated_method():
     assert [p["name"] for p in stats.pareto_front(points)] == ["fast", "middle", "accurate"]
 
 
+def test_pareto_front_runs_over_choices_only():
+    # The oracle and the baseline would be the whole front (fastest and most accurate); as references they
+    # neither join the front nor knock a choice off it.
+    points = [{"name": "grid_floor", "mae": 5.0, "seconds_per_volume": 0.01, "reference": REFERENCES["grid_floor"]},
+              {"name": "water", "mae": 550.0, "seconds_per_volume": 0.001, "reference": REFERENCES["water"]},
+              {"name": "regress3d", "mae": 130.0, "seconds_per_volume": 1.0},
+              {"name": "ddim", "mae": 180.0, "seconds_per_volume": 9.0},
+              {"name": "pix2pix", "mae": 140.0, "seconds_per_volume": 0.5}]
+    assert [p["name"] for p in stats.pareto_front(points)] == ["pix2pix", "regress3d"]
+    unmarked = [{key: value for key, value in p.items() if key != "reference"} for p in points]
+    assert [p["name"] for p in stats.pareto_front(unmarked)] == ["water", "grid_floor"]
+
+
+def test_references_are_the_baselines_and_the_methods_that_see_the_ct():
+    assert set(REFERENCES) == {*BASELINES, *ORACLES, VAE_FLOOR}
+    assert {REFERENCES[name] for name in (*ORACLES, VAE_FLOOR)} == {"sees the CT"}
+    assert set(REFERENCES.values()) <= set(figures.REFERENCE_STYLES)
+
+
 def test_figures_write_valid_pngs(tmp_path, rows_by_method):
-    points = [{"name": "water", "mae": 550.0, "seconds_per_volume": 0.0}, {"name": "bulk", "mae": 150.0,
-                                                                           "seconds_per_volume": 0.15}]
+    points = [{"name": "water", "mae": 550.0, "seconds_per_volume": 0.0, "reference": "baseline"},
+              {"name": "grid_floor", "mae": 8.0, "seconds_per_volume": 0.3, "reference": "sees the CT"},
+              {"name": "bulk", "mae": 150.0, "seconds_per_volume": 0.15}]
+    assert_valid_png(figures.pareto_plot(points[:2], tmp_path / "references_only.png"))
     table = stats.method_table(rows_by_method, ["mae"])
     written = [figures.pareto_plot(points, tmp_path / "pareto.png"),
                figures.step_curve([(50, 200.0, 4.0), (10, 230.0, 1.0), (20, 210.0, 2.0)], tmp_path / "steps.png"),
@@ -157,6 +179,29 @@ def test_write_report(tmp_path, rows_by_method):
     assert not re.search(r'src="(?!data:)', page) and ".png" not in page and "href=" not in page
     for header in METRIC_LABELS.values():
         assert f"<th>{header}</th>" in page
+
+
+def test_write_report_cohort_tables(tmp_path, rows_by_method):
+    # bulk has a std map whose case means rank its MAE perfectly; both methods have a StructB per region.
+    for row in rows_by_method["bulk"]:
+        row["std_mean"] = row["mae"] / 10.0
+    structb = {name: {"grid": "3x3x3:96x160x160", "structures": {},
+                      "regions": [{"region": "AB", "n": 2, "bone": 0.4 + offset, "body": 0.05},
+                                  {"region": "all", "n": 6, "bone": 0.3 + offset, "body": 0.04}]}
+               for name, offset in (("water", 1.0), ("bulk", 0.0))}
+    md_path, _ = write_report(tmp_path / "report", rows_by_method, COMPUTE, metadata=METADATA,
+                              structural_bias=structb)
+    markdown = md_path.read_text()
+    assert "## StructB of bone (HU >= 250 inside the mask) per region, on the common grid 3x3x3:96x160x160" in markdown
+    assert "| water | 1.400 (n=2) | 1.300 (n=6) |" in markdown and "| bulk | 0.050 (n=2) | 0.040 (n=6) |" in markdown
+    assert "| bulk | 6 | 1.000 |" in markdown and "| water | 6 |" not in markdown.split("Per-case uncertainty")[1]
+    results = json.loads((md_path.parent / "results.json").read_text())
+    assert results["cohort"]["case_uncertainty"]["bulk"][-1] == pytest.approx({"region": "all", "n": 6,
+                                                                              "spearman": 1.0, "p": 0.0}, abs=1e-9)
+    assert set(results["cohort"]["structural_bias"]) == {"water", "bulk"}
+    methods = {row["method"]: row for row in results["methods"]}
+    assert methods["water"]["structb_bone"] == 1.3 and methods["water"]["AB_structb_body"] == 0.05
+    assert methods["bulk"]["case_std_mae_spearman_n"] == 6 and "case_std_mae_spearman" not in methods["water"]
 
 
 def test_library_versions_lists_installed():

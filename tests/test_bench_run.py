@@ -128,6 +128,12 @@ def test_bench_writes_every_table_column_and_valid_p_values(first_bench: Path) -
     assert metadata["cache"]["built by this bench"] is True and metadata["cache"]["grid"] == GRID
     cache_rows = results["tables"]["Latent cache: one-time encoding amortised over N experiments"]["rows"]
     assert [row[0] for row in cache_rows] == ["1", "5", "20"]
+    structb = results["cohort"]["structural_bias"]
+    assert set(structb) == set(rows) and all(r["regions"][-1]["n"] == 2 for r in structb.values())
+    assert "StructB of bone" in markdown and "StructB of body" in markdown
+    assert math.isfinite(float(rows["water"]["structb_body"]))
+    assert set(results["cohort"]["case_uncertainty"]) == {"l2l_regress+tta", "l2l_regress+ens2"}
+    assert results["cohort"]["case_uncertainty"]["l2l_regress+tta"][-1]["n"] == 2
 
 
 def test_bench_figures_are_valid_pngs_embedded_in_the_html(first_bench: Path) -> None:

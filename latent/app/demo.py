@@ -209,7 +209,7 @@ def write_bench_report(out: Path, results: list[MethodResult], data: Path, pid: 
                         "parameters": r.parameters, **{f"{k}_s": v for k, v in r.stage_seconds.items()}}
                for r in results}
     _, html_path = write_report(out / "report", {r.name: r.rows for r in results if r.rows}, compute, figures,
-                                {"note": notes.strip()})
+                                {"note": notes.strip()}, structural_bias={r.name: r.structural_bias for r in results})
     return html_path
 
 

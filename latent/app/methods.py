@@ -35,6 +35,8 @@ class MethodResult:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     pred_dir: Path | None = None
     dose: dict[str, float] = field(default_factory=dict)
+    #: StructB per region of the scored cases (latent.evaluation.structb.structb_by_region)
+    structural_bias: dict | None = None
 
 
 def score_method(name: str, data: Path, pred_dir: Path, out: Path, test: list[str], seconds: float,
@@ -43,7 +45,8 @@ def score_method(name: str, data: Path, pred_dir: Path, out: Path, test: list[st
     evaluation = evaluate_predictions(pred_dir, data, out / "scores" / f"{name}.csv", pids=test, quiet=True)
     for message in evaluation.run.failures.values():
         logger.error("%s: %s", name, message)
-    return MethodResult(name, evaluation.rows, seconds, pred_dir=pred_dir, **extra)
+    return MethodResult(name, evaluation.rows, seconds, pred_dir=pred_dir,
+                        structural_bias=evaluation.structural_bias, **extra)
 
 
 def baseline_result(method: str, data: Path, out: Path, splits: dict[str, list[str]]) -> MethodResult:
@@ -84,7 +87,8 @@ def vae_floor_result(data: Path, out: Path, vae_spec: str, cache_path: Path, tes
     evaluation = vae_check(cache, vae, data, out / "predictions" / name, pids=test, quiet=True)
     seconds = (time.perf_counter() - started) / max(1, len(evaluation.rows))
     parameters = sum(p.numel() for p in (vae.network if decoder is None else vae).parameters())
-    return MethodResult(name, evaluation.rows, seconds, vae_seconds, parameters, pred_dir=out / "predictions" / name)
+    return MethodResult(name, evaluation.rows, seconds, vae_seconds, parameters, pred_dir=out / "predictions" / name,
+                        structural_bias=evaluation.structural_bias)
 
 
 def train_recipe(recipe: str | Path, run_dir: Path, cache: Path, split_file: Path, seconds: float | None,

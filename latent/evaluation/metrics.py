@@ -197,6 +197,8 @@ METRICS: dict[str, Metric] = {metric.name: metric for metric in (
       for name, (low, high) in TISSUE_CLASSES.items()),
     *(Metric(f"bias_{name}", f"bias {name}", 1, "zero", "tissue") for name in TISSUE_CLASSES),
     Metric("std_error_spearman", "Spearman (std, |error|)", 3, "higher", "uncertainty"),
+    # A case's mean std: no direction of its own; it matters as a ranking of the cases' MAE.
+    Metric("std_mean", "mean std (HU)", 1, "lower", "uncertainty"),
 )}
 
 

@@ -2,12 +2,14 @@
 
 A prediction folder holds ``<pid>.mha`` (or ``.nii.gz``) per case on the case's native grid,
 and optionally ``<pid>_std.mha``, a per-voxel uncertainty map (samples, flips, ensembles) whose
-ranking against the absolute error is reported as ``std_error_spearman``.
+ranking against the absolute error is reported as ``std_error_spearman`` and whose mean over the
+mask as ``std_mean`` (ranked against the cases' MAE in :mod:`latent.evaluation.case_uncertainty`).
 Every case with a CT and a mask is scored; a missing prediction, two of one case (``<pid>.mha``
 and ``<pid>.nii.gz``), one on another grid, or a broken input is a one-line per-case error, the
 others are still scored. A folder written by ``latent predict`` holds ``predict_manifest.json``:
 then only the cases it lists are scored, and other prediction files (an earlier method's) are
-named and skipped.
+named and skipped. Over the scored cases, the structural bias of bone and body per region
+(:mod:`latent.evaluation.structb`) is computed on one common grid.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from latent.core.atomic import write_atomic
 from latent.core.cases import Case, CaseError, discover_cases
 from latent.core.intensity import check_ct_range, check_mask_values
 from latent.core.errors import BadFileError
-from latent.core.io import VolumeError, read_volume
+from latent.core.io import VolumeError, VolumeProperties, read_volume
+from latent.core.grid import CanonicalGrid
+from latent.evaluation.case_uncertainty import case_uncertainty
 from latent.evaluation.metrics import metric_digits, metric_names, score_case
+from latent.evaluation.structb import STRUCTB_GRID, CaseStructures, case_structures, structb_by_region, structb_grid
 from latent.core.runner import CaseRun, default_workers, run_over_cases, select_cases
 
 #: The image-metric columns of the summary, in table order (latent.evaluation.metrics.METRICS).
@@ -146,9 +151,23 @@ def std_error_spearman(std: np.ndarray, error: np.ndarray, max_voxels: int = SPE
     return float(spearmanr(std, error).statistic)
 
 
-def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
-    """Score one prediction file against its case's CT inside the case's mask; with a
-    ``<pid>_std`` map beside it, also ``std_error_spearman`` (std vs. |sCT - CT| in the mask)."""
+@dataclass
+class ScoredInputs:
+    """One case's volumes as scored: (z, y, x) arrays on the CT's grid, and that grid."""
+
+    ct: np.ndarray
+    sct: np.ndarray
+    mask: np.ndarray
+    std: np.ndarray | None
+    properties: VolumeProperties
+
+
+def read_scored_inputs(case: Case, prediction: Path) -> ScoredInputs:
+    """Read and check a case's CT and mask, the prediction and its ``<pid>_std`` map (if any).
+
+    Raises:
+        CaseError: no CT or mask, a volume on another grid than the CT, or an empty mask.
+    """
     if case.ct is None or case.mask is None:
         raise CaseError(f"{case.pid}: needs ct and mask to be scored")
     ct, ct_properties = read_volume(case.ct, dtype=np.float32)
@@ -165,12 +184,32 @@ def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
             raise CaseError(f"{case.pid}: {name} {path} is on another grid than the CT: {'; '.join(differences)}")
     if not np.any(mask):
         raise CaseError(f"{case.pid}: empty mask {case.mask}")
-    scores = score_case(ct, sct, mask > 0, ct_properties.spacing)
+    return ScoredInputs(ct, sct, mask, std, ct_properties)
+
+
+def score_inputs(case: Case, inputs: ScoredInputs) -> dict[str, float | str]:
+    """The evaluation row of one case: every metric inside the mask; with a std map, also
+    ``std_error_spearman`` (std vs. |sCT - CT| in the mask) and ``std_mean`` (its mean there)."""
+    ct, sct, inside = inputs.ct, inputs.sct, inputs.mask > 0
+    scores = score_case(ct, sct, inside, inputs.properties.spacing)
     row = {"pid": case.pid, "region": case.region, "centre": case.centre, **{k: float(v) for k, v in scores.items()}}
-    if std is not None:
-        inside = mask > 0
-        row["std_error_spearman"] = std_error_spearman(std[inside], np.abs(sct[inside] - ct[inside]))
+    if inputs.std is not None:
+        row["std_error_spearman"] = std_error_spearman(inputs.std[inside], np.abs(sct[inside] - ct[inside]))
+        row["std_mean"] = float(inputs.std[inside].astype(np.float64).mean())
     return row
+
+
+def score_prediction(case: Case, prediction: Path) -> dict[str, float | str]:
+    """Score one prediction file against its case's CT inside the case's mask (:func:`score_inputs`)."""
+    return score_inputs(case, read_scored_inputs(case, prediction))
+
+
+@dataclass(frozen=True)
+class ScoredCase:
+    """A case's evaluation row and, when StructB is asked for, its structure masks on the common grid."""
+
+    row: dict
+    structures: CaseStructures | None = None
 
 
 #: Cases smaller than this score faster than a worker process starts (phantoms, demos).
@@ -192,10 +231,14 @@ def default_evaluate_workers(cases: Sequence[Case]) -> int:
     return default_workers() if voxels >= POOL_MIN_VOXELS else 1
 
 
-def _score_from_folder(case: Case, pred_dir: Path, manifest: PredictManifest | None = None) -> dict[str, float | str]:
+def _score_from_folder(case: Case, pred_dir: Path, manifest: PredictManifest | None = None,
+                       grid: CanonicalGrid | None = None) -> ScoredCase:
     if manifest is not None:
         manifest.check(case.pid)
-    return score_prediction(case, find_prediction(pred_dir, case.pid))
+    inputs = read_scored_inputs(case, find_prediction(pred_dir, case.pid))
+    structures = None if grid is None else case_structures(inputs.ct, inputs.sct, inputs.mask, inputs.properties,
+                                                           grid)
+    return ScoredCase(score_inputs(case, inputs), structures)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -246,6 +289,10 @@ class Evaluation:
     summary: list[dict]
     #: prediction files left out because the folder's manifest does not list their case
     unlisted: list[str] = field(default_factory=list)
+    #: :func:`latent.evaluation.structb.structb_by_region` of the scored cases (None: not asked for)
+    structural_bias: dict | None = None
+    #: :func:`latent.evaluation.case_uncertainty.case_uncertainty` (empty: no std map)
+    case_uncertainty: list[dict] = field(default_factory=list)
 
     def unlisted_line(self, shown: int = 5) -> str | None:
         """One line naming the files skipped for not being in the manifest (None: there are none)."""
@@ -282,15 +329,19 @@ def evaluate_predictions(
     pids: Iterable[str] | None = None,
     quiet: bool = False,
     workers: int | None = None,
+    structb: str | None = STRUCTB_GRID,
 ) -> Evaluation:
     """Score every case with a CT in ``data_root`` (or only ``pids``) against ``pred_dir``.
 
     Cases are scored in ``workers`` processes (default :func:`default_evaluate_workers`); the
     scores do not depend on it. With a ``predict_manifest.json`` in ``pred_dir``, the cases it
     names (``pids`` still narrows them) are scored, and only the predictions it lists count.
+    ``structb`` is the common grid of the structural bias (a fixed-shape grid spec; None: none).
 
-    Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary, failures and skipped cases).
+    Writes ``out`` (.csv, plus a .json beside it with per-case rows, summary, the structural bias,
+    the per-case uncertainty, failures and skipped cases).
     """
+    grid = None if structb is None else structb_grid(structb)
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise CaseError(f"{pred_dir}: prediction folder not found")
@@ -303,17 +354,23 @@ def evaluate_predictions(
         raise CaseError(f"{data_root}: no case with a CT to score"
                         + (f" ({len(selection.skipped)} skipped, e.g. {next(iter(selection.skipped.values()))})"
                            if selection.skipped else ""))
-    work = functools.partial(_score_from_folder, pred_dir=pred_dir, manifest=manifest)
+    work = functools.partial(_score_from_folder, pred_dir=pred_dir, manifest=manifest, grid=grid)
     run = run_over_cases(None, work, "evaluate", quiet, selection=selection,
                          workers=default_evaluate_workers(selection.cases) if workers is None else workers)
+    scored, run.results = run.results, {pid: case.row for pid, case in run.results.items()}
     columns = list(METRIC_COLUMNS) + [column for column in metric_names("uncertainty")
                                       if any(column in row for row in run.results.values())]
-    evaluation = Evaluation(run, summarise(run.results.values(), columns=columns) if run.results else [], unlisted)
+    evaluation = Evaluation(run, summarise(run.results.values(), columns=columns) if run.results else [], unlisted,
+                            case_uncertainty=case_uncertainty(run.results.values()))
+    if grid is not None:
+        evaluation.structural_bias = structb_by_region(
+            ((case.row["region"], case.structures) for _, case in sorted(scored.items())), grid)
     if out is not None:
         out = Path(out)
         write_rows_csv(evaluation.rows, out)
         report = {"scored_against": f"the CT of each case in {Path(data_root).resolve()}", "cases": evaluation.rows,
-                  "summary": evaluation.summary, "failures": run.failures, "skipped": run.skipped,
+                  "summary": evaluation.summary, "structural_bias": evaluation.structural_bias,
+                  "case_uncertainty": evaluation.case_uncertainty, "failures": run.failures, "skipped": run.skipped,
                   "unlisted_files": evaluation.unlisted}
         out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return evaluation

@@ -33,6 +33,11 @@ BASELINES = ("water", "bulk")
 ORACLES = ("grid_floor", "grid_floor_vae")
 #: decode(encode(CT)) through the cache's VAE.
 VAE_FLOOR = "vae_floor"
+#: References, not choices, with the reason: the oracles and the VAE floor see the test CT, and the
+#: baselines (no model) are the floors every method must beat. The Pareto plot draws them as
+#: labelled lines and its front runs over the other methods, which see only the MR.
+REFERENCES: dict[str, str] = {**{name: "baseline" for name in BASELINES},
+                              **{name: "sees the CT" for name in (*ORACLES, VAE_FLOOR)}}
 #: The DDIM step sweep runs on this family's trained run.
 SWEPT = "l2l_ddim"
 #: Variants of a learned family, appended to its name: ``+tta`` (flip test-time augmentation) and

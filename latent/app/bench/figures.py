@@ -29,6 +29,8 @@ ERROR_RANGE = 500.0
 MIN_SECONDS = 1e-3
 #: MR display percentiles inside the mask: MR has no absolute unit, so window on its own spread.
 MR_PERCENTILES = (1.0, 99.0)
+#: Line style of a reference in the Pareto plot, by its reason (latent.app.bench.config.REFERENCES).
+REFERENCE_STYLES = {"sees the CT": ":", "baseline": "--"}
 #: Grey shown where the error or std is undefined (outside the mask).
 OUTSIDE_GREY = "0.85"
 
@@ -42,33 +44,58 @@ def save_png(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+def _choices_and_references(points: Sequence[Mapping]) -> tuple[list[dict], list[dict]]:
+    """The plottable methods that are choices (finite MAE and seconds) and references (finite MAE)."""
+    choices = [dict(p, seconds_per_volume=max(float(p["seconds_per_volume"]), MIN_SECONDS)) for p in points
+               if not p.get("reference") and math.isfinite(float(p["mae"]))
+               and math.isfinite(float(p["seconds_per_volume"]))]
+    references = sorted((dict(p) for p in points if p.get("reference") and math.isfinite(float(p["mae"]))),
+                        key=lambda p: float(p["mae"]))
+    return choices, references
+
+
 def pareto_plot(points: Sequence[Mapping], path: str | Path) -> Path:
-    """MAE against inference seconds per volume, one labelled point per method, with the Pareto front.
+    """MAE against inference seconds per volume: the choices as labelled points with their Pareto
+    front, each reference as a labelled horizontal line at its MAE.
 
     Args:
-        points: ``{"name", "mae", "seconds_per_volume"}`` per method.
+        points: ``{"name", "mae", "seconds_per_volume"}`` per method; a reference (a baseline, or an
+            oracle that sees the CT) also has ``"reference"``, the reason shown in its label.
         path: PNG to write.
 
     Returns:
         ``path``.
     """
-    valid = [dict(p, seconds_per_volume=max(float(p["seconds_per_volume"]), MIN_SECONDS)) for p in points
-             if math.isfinite(float(p["mae"])) and math.isfinite(float(p["seconds_per_volume"]))]
-    if not valid:
+    choices, references = _choices_and_references(points)
+    if not choices and not references:
         raise ValueError("pareto_plot: no method with a finite MAE and seconds per volume")
-    front = pareto_front(valid)
+    front = pareto_front(choices)
     on_front = {p["name"] for p in front}
     fig, ax = plt.subplots(figsize=(6.4, 4.4), layout="constrained")
-    for point in valid:
+    for point in choices:
         best = point["name"] in on_front
         ax.scatter(point["seconds_per_volume"], point["mae"], s=60 if best else 40, zorder=3,
                    color="tab:red" if best else "tab:blue", edgecolor="black" if best else "none")
         ax.annotate(point["name"], (point["seconds_per_volume"], point["mae"]), textcoords="offset points",
                     xytext=(6, 4), fontsize=8)
-    # Post step: a method's MAE stays attainable at every larger time budget until the next front point.
-    ax.step([p["seconds_per_volume"] for p in front], [p["mae"] for p in front], where="post",
-            color="tab:red", alpha=0.7, label="Pareto front")
+    if front:
+        # Post step: a method's MAE stays attainable at every larger time budget until the next front point.
+        ax.step([p["seconds_per_volume"] for p in front], [p["mae"] for p in front], where="post",
+                color="tab:red", alpha=0.7, label="Pareto front (methods that see only the MR)")
+    for index, reference in enumerate(references):
+        style = REFERENCE_STYLES.get(str(reference["reference"]), "--")
+        ax.axhline(reference["mae"], color="0.35", linestyle=style, linewidth=1.0, zorder=1)
+        # Alternate sides, in MAE order, so close references (the two grid floors) keep apart labels.
+        left = index % 2 == 0
+        ax.annotate(f"{reference['name']} ({reference['reference']})", (0.01 if left else 0.99, reference["mae"]),
+                    xycoords=("axes fraction", "data"), ha="left" if left else "right", va="bottom", fontsize=7,
+                    color="0.25")
+    for reason, style in REFERENCE_STYLES.items():
+        if any(r["reference"] == reason for r in references):
+            ax.plot([], [], color="0.35", linestyle=style, linewidth=1.0, label=f"reference: {reason}")
     ax.set_xscale("log")
+    if not choices:
+        ax.set_xlim(MIN_SECONDS, 1.0)
     # Ticks at 1-2-5 per decade, labelled plainly: a split of methods often spans under one decade.
     ax.xaxis.set_major_locator(LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from latent.app.bench import figures as bench_figures
+from latent.app.bench.cohort import cohort_columns, cohort_results, cohort_tables
+from latent.app.bench.config import REFERENCES
 from latent.app.bench.stats import compare_to_best, method_table
 from latent.evaluation.scoring import write_rows_csv
 from latent.evaluation.metrics import METRICS, metric_digits, metric_names
@@ -43,7 +45,8 @@ PAIRED_HEADERS = ["method", "n", "mean difference (method - best)", "Wilcoxon p"
 #: Libraries whose versions are recorded (only those installed).
 LIBRARIES = ("numpy", "scipy", "torch", "monai", "SimpleITK", "matplotlib")
 #: Captions of the figures the report draws itself or commonly receives.
-CAPTIONS = {"pareto": "MAE against inference seconds per volume; red: the Pareto front.",
+CAPTIONS = {"pareto": ("MAE against inference seconds per volume of the methods that see only the MR; red: their "
+                       "Pareto front. Lines: references (baselines, and oracles that see the test CT), not choices."),
             "region_mae": "MAE per region with 95 % bootstrap confidence intervals.",
             "step_curve": "DDIM sampling steps: MAE and seconds per volume.",
             "training_curves": "Validation MAE against training seconds."}
@@ -211,9 +214,11 @@ def _collect_figures(out_dir: Path, rows_by_method: Mapping[str, Sequence[dict]]
     figure_dir = out_dir / "figures"
     drawn: dict[str, Path] = {}
     overall = {e["method"]: e for e in table if e["region"] == "all"}
-    points = [{"name": name, "mae": overall[name]["mae"], "seconds_per_volume": compute[name]["seconds_per_volume"]}
-              for name in rows_by_method if name in overall and "seconds_per_volume" in compute.get(name, {})]
-    if any(math.isfinite(p["mae"]) and math.isfinite(float(p["seconds_per_volume"])) for p in points):
+    points = [{"name": name, "mae": overall[name]["mae"], "reference": REFERENCES.get(name),
+               "seconds_per_volume": compute.get(name, {}).get("seconds_per_volume", math.nan)}
+              for name in rows_by_method if name in overall]
+    if any(math.isfinite(p["mae"]) and (p["reference"] or math.isfinite(float(p["seconds_per_volume"])))
+           for p in points):
         drawn["pareto"] = bench_figures.pareto_plot(points, figure_dir / "pareto.png")
     if table:
         drawn["region_mae"] = bench_figures.region_bars(table, "mae", figure_dir / "region_mae.png")
@@ -250,7 +255,8 @@ def _case_note(rows_by_method: Mapping[str, Sequence[dict]]) -> str:
 
 def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict]],
                  compute: Mapping[str, Mapping] | None = None, figures: Mapping[str, Path] | None = None,
-                 metadata: Mapping | None = None, tables: Mapping[str, Table] | None = None) -> tuple[Path, Path]:
+                 metadata: Mapping | None = None, tables: Mapping[str, Table] | None = None,
+                 structural_bias: Mapping[str, Mapping | None] | None = None) -> tuple[Path, Path]:
     """Write ``report.md``, ``report.html``, ``results.json`` and ``results.csv`` under ``out_dir``.
 
     Args:
@@ -262,6 +268,8 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
         metadata: machine, library versions, git revision, recipes, note; missing machine, git
             revision and library versions are filled in.
         tables: extra sections ``title -> (headers, rows of cell strings)`` after the compute table.
+        structural_bias: method -> its evaluation's StructB per region
+            (:func:`latent.evaluation.structb.structb_by_region`); a table per structure.
 
     Returns:
         ``(report.md path, report.html path)``.
@@ -280,15 +288,18 @@ def write_report(out_dir: str | Path, rows_by_method: Mapping[str, Sequence[dict
     metrics = [*METRIC_LABELS, *TISSUE_LABELS, *([UNCERTAINTY] if uncertain else [])]
     table = method_table(rows_by_method, metrics)
     paired = {metric: compare_to_best(rows_by_method, metric, lower) for metric, lower in PAIRED_METRICS.items()}
-    rows = results_rows(table, paired, compute)
+    cohort = cohort_results(rows_by_method, structural_bias or {})
+    rows, columns = results_rows(table, paired, compute), cohort_columns(cohort)
+    for row in rows:
+        row.update(columns.get(row["method"], {}))
     extra_tables = dict(tables or {})
-    tables = {**build_tables(table, paired, compute), **extra_tables}
+    tables = {**build_tables(table, paired, compute), **cohort_tables(cohort), **extra_tables}
     drawn = _collect_figures(out_dir, rows_by_method, table, compute, figures or {})
 
     write_rows_csv(rows, out_dir / "results.csv")
     results = {"methods": rows, "table": table,
                "paired": {m: {"best": best, "comparisons": c} for m, (best, c) in paired.items()},
-               "compute": compute, "tables": {title: {"headers": h, "rows": r} for title, (h, r) in extra_tables.items()},
+               "compute": compute, "cohort": cohort, "tables": {title: {"headers": h, "rows": r} for title, (h, r) in extra_tables.items()},
                "metadata": metadata, "note": note,
                "figures": {name: str(path.relative_to(out_dir)) for name, path in drawn.items()}}
     # Python's json writes NaN / Infinity (as latent.evaluation.scoring does): unscored and unbounded values survive.

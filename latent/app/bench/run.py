@@ -338,7 +338,7 @@ def run_bench(config: BenchConfig) -> BenchOutcome:
         metadata["cache"] = {"path": str(facts.path), "producer": facts.producer_key, "grid": facts.grid,
                              "vae": facts.vae, "cases": facts.cases, "built by this bench": facts.built_here}
     _, html_path = write_report(config.out, {r.name: r.rows for r in results if r.rows}, compute, figures,
-                                metadata, tables=tables)
+                                metadata, tables=tables, structural_bias={r.name: r.structural_bias for r in results})
     return BenchOutcome(html_path, failures)
 
 

@@ -214,15 +214,18 @@ def compare_to_best(rows_by_method: Mapping[str, Sequence[dict]], metric: str = 
 
 
 def pareto_front(points: Sequence[dict]) -> list[dict]:
-    """The methods no other method beats on both MAE and inference time.
+    """The methods no other method beats on both MAE and inference time, among the choices.
 
     Args:
-        points: ``{"name", "mae", "seconds_per_volume"}`` per method (lower is better for both).
+        points: ``{"name", "mae", "seconds_per_volume"}`` per method (lower is better for both),
+            with ``"reference"`` (why: ``"sees the CT"``, ``"baseline"``) for a reference that is
+            no choice (:data:`latent.app.bench.config.REFERENCES`): it neither joins nor bounds the front.
 
     Returns:
         The non-dominated points, fastest first; points with a NaN coordinate are left out.
     """
-    valid = [p for p in points if not (math.isnan(float(p["mae"])) or math.isnan(float(p["seconds_per_volume"])))]
+    valid = [p for p in points if not (p.get("reference") or math.isnan(float(p["mae"]))
+                                       or math.isnan(float(p["seconds_per_volume"])))]
 
     def dominates(q: dict, p: dict) -> bool:
         no_worse = q["mae"] <= p["mae"] and q["seconds_per_volume"] <= p["seconds_per_volume"]
