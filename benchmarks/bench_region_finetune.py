@@ -1,6 +1,6 @@
 """Does a per-region fine-tune beat one global model at the same total budget? (unetpp25d, phantoms)
 
-    python benchmarks/bench_region_finetune.py [--seconds 240] [--work bench_region] [--note "..."]
+    python benchmarks/bench_region_finetune.py [--seconds 120] [--work bench_region] [--note "..."]
         [--data bench_run/data --cache bench_run/cache.zarr --split-file bench_run/work/splits.json]
 
 The two-stage recipe of the third-placed SynthRAD2025 team against one stage, on the phantom
@@ -115,7 +115,7 @@ def markdown(record: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=240.0, help="total training budget T of each arm")
+    parser.add_argument("--seconds", type=float, default=120.0, help="total training budget T of each arm (the phantom study: 120)")
     parser.add_argument("--work", type=Path, default=Path("bench_region"), help="scratch folder (replaced)")
     parser.add_argument("--data", type=Path, default=None, help="phantom data root (default: generated)")
     parser.add_argument("--cache", type=Path, default=None, help="latent cache of --data (default: encoded)")
