@@ -66,6 +66,12 @@ class TrainedRun:
         return torch.tensor(stats["mean"], dtype=torch.float32), torch.tensor(stats["std"], dtype=torch.float32)
 
     @property
+    def regions(self) -> tuple[str, ...] | None:
+        """The regions the run was trained on (``data.regions``), or None: every region."""
+        regions = self.producer.get("regions")
+        return None if regions is None else tuple(regions)
+
+    @property
     def needs_vae(self) -> bool:
         """Latent input (MR encode) or latent output (CT decode) needs the run's VAE."""
         return self.model.input_key == "mr_mu" or self.model.output_space == "ct_latent"

@@ -88,7 +88,9 @@ Member = tuple[TrainedRun, Any]
 @dataclass
 class RunPredictor:
     """A trained run, or several averaged in HU on the native grid (an ensemble, each member with
-    its own VAE and statistics), with ``samples`` samples and flip TTA.
+    its own VAE and statistics), with ``samples`` samples and flip TTA. Runs trained on some
+    regions only predict the cases of those regions (:meth:`routed`): an ensemble of region runs
+    routes each case to its region's run(s).
 
     ``cache``: read each case's inputs from this cache (each member's own producer group);
     otherwise from the case's files (prepared once per canonical grid).
@@ -119,10 +121,25 @@ class RunPredictor:
             prepared[key] = inputs_from_files(case, run.grid, vae, keys, self.allow_truncation, self.tile)
         return prepared[key]
 
+    def routed(self, case: Case) -> list[int]:
+        """Indices of the members that predict ``case``: every member, except that a member trained
+        on some regions only (``data.regions``, recorded in its run) predicts only their cases.
+
+        Raises:
+            CaseError: no member covers the case's region (naming the case, its region and theirs).
+        """
+        regions = [run.regions for run, _ in self.members]
+        chosen = [index for index, covered in enumerate(regions) if covered is None or case.region in covered]
+        if not chosen:
+            listed = "; ".join(f"{run.run_dir.name}: {', '.join(run.regions)}" for run, _ in self.members)
+            raise CaseError(f"{case.pid}: region {case.region!r} is covered by no run ({listed})")
+        return chosen
+
     def predict(self, case: Case) -> NativePrediction:
         prepared: dict[str, CaseInputs] = {}
         predictions, mappings = [], []
-        for index, (run, vae) in enumerate(self.members):
+        for index in self.routed(case):
+            run, vae = self.members[index]
             inputs = self._inputs(case, index, prepared)
             mappings.append(inputs.mapping)
             predictions.append(predict_inputs(run, vae, inputs, self.samples, self.seed, self.tile, self.tta))

@@ -277,6 +277,9 @@ def train_with(recipe_changes: dict) -> Callable[[World, Path, Path], list[str]]
             "run_dir": str(tmp / "train_run"),
         }
         for dotted, value in recipe_changes.items():
+            if "." not in dotted:  # a top-level field (init_from)
+                recipe[dotted] = value
+                continue
             section, key = dotted.split(".")
             recipe[section].pop(key.lstrip("~"), None) if key.startswith("~") else recipe[section].__setitem__(key, value)
         (tmp / "recipe.json").write_text(json.dumps(recipe))
@@ -544,6 +547,12 @@ CORPUS: dict[str, Bad] = {
     "fold out of range": Bad(nothing, train_with({"data.fold": "6/5"}),
                              r"invalid training config: data\.fold: expected k/K .* got '6/5'", 2),
     "ensemble of one run": Bad(nothing, predict_ensemble_of_one, r"--ensemble: .* names one run", 2),
+    "unknown region": Bad(nothing, train_with({"data.regions": ["AB", "XX"]}),
+                          r"invalid training config: data\.regions: .*unknown region 'XX'; known: AB, HN, TH", 2),
+    "region without training cases": Bad(nothing, train_with({"data.regions": ["brain"]}),
+                                         r"data\.regions: none of the 1 cases is of brain \(their regions: AB\)", 2),
+    "init_from not a run": Bad(nothing, train_with({"init_from": "/nonexistent/run"}),
+                               r"init_from: /nonexistent/run is neither a training run", 2),
     # issue 32, inputs are verified, not trusted; messages for people
     "corrupted .nii.gz mr": Bad(as_nii_gz("mr", flip_bytes("mr.nii.gz", 64)), predict,
                                 r"{case}/mr\.nii\.gz: corrupted compressed data \(gzip (CRC check failed|stream is damaged)\)",

@@ -56,6 +56,8 @@ FAMILIES = {
     "pix2pix": {"family": "pix2pix", **PIXEL_GAN},
     "cyclegan": {"family": "cyclegan", **PIXEL_GAN},
     "cut": {"family": "cut", **PIXEL_GAN, "nce_layers": [0, 1, 2], "nce_patches": 16, "nce_dim": 8},
+    "unetpp25d": {"family": "unetpp25d", "backbone": "resnet10", "decoder_channels": [8, 8, 8, 8, 8],
+                  "context_slices": 3, "slices_per_volume": 2, "lr": 1e-3},
 }
 PRIOR = {"family": "l2l_controlnet", "stage": "prior", **DIFFUSION}
 #: The run that also validates with the native-grid validator (HU metrics inside ``train()``).

@@ -95,6 +95,11 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
     key, record = resolve_producer(data.cache, data.producer)
     cache = LatentCache.open(data.cache, key, mode="r")
     train_ids, val_ids = split_ids(cache, data)
+    if data.regions is not None:
+        train_ids = in_regions(cache, train_ids, data)
+        val_ids = None if val_ids is None else in_regions(cache, val_ids, data, required=False) or None
+        if val_ids is None and data.val_split is not None:
+            logger.warning("data.regions: no %s case is of %s; no validation", data.val_split, ", ".join(data.regions))
     excluded = excluded_slices(cache, data.exclude_slices, train_ids) if data.exclude_slices else {}
     train_dataset = LatentPairDataset(cache, train_ids, keys=tuple(keys), preload=data.preload, crop=data.crop,
                                       seed=seed, body_fraction=data.crop_body_fraction,
@@ -108,6 +113,8 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
     producer = {"producer_key": key, "record": record, "latent_stats": cache.latent_stats(),
                 "cache": str(data.cache), "split_file": str(data.split_file),
                 "train_split": data.train_split, "val_split": data.val_split}
+    if data.regions is not None:
+        producer.update(regions=list(data.regions), train_ids=train_ids, val_ids=val_ids)
     if data.fold is not None:
         producer.update(fold=data.fold, fold_seed=data.fold_seed, train_ids=train_ids, val_ids=val_ids)
     # which CT each training case's latents came from (an original root, or one `latent register` wrote)
@@ -119,6 +126,20 @@ def build_cache_datasets(data: Any, keys: Sequence[str], val_keys: Sequence[str]
     logger.info("data: producer %s, %d train / %d val cases", key, len(train_dataset),
                 0 if val_dataset is None else len(val_dataset))
     return train_dataset, val_dataset, producer
+
+
+def in_regions(cache: Any, pids: Sequence[str], data: Any, required: bool = True) -> list[str]:
+    """The cases of ``pids`` whose region (recorded in the cache) is one of ``data.regions``.
+
+    Raises:
+        BadConfigError: naming ``data.regions`` when none is left and ``required``.
+    """
+    kept = [pid for pid in pids if str(cache.case_attrs(pid).get("region")) in data.regions]
+    if not kept and pids and required:
+        found = sorted({str(cache.case_attrs(pid).get("region")) for pid in pids})
+        raise BadConfigError(f"data.regions: none of the {len(pids)} cases is of {', '.join(data.regions)} "
+                             f"(their regions: {', '.join(found)})")
+    return kept
 
 
 def excluded_slices(cache: Any, path: str | Path, pids: Sequence[str]) -> dict[str, dict[str, list[int]]]:

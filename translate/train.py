@@ -46,6 +46,7 @@ from torch.utils.data import Dataset
 from latent.core.accelerator import make_accelerator
 from latent.core.training import LoopSettings, LRSchedule, resume_point, run_loop
 from latent.translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
+from latent.translate.init_from import init_from_run
 from latent.translate.models.base import build_model, model_class
 from latent.translate.train_config import (  # noqa: F401 - re-exported: the config API lives with the trainer
     ConfigError,
@@ -210,6 +211,9 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
 
     # -- model and one optimizer per phase
     model = build_model(model_config_for_grid(config.model, config.data, model_cls, producer))
+    if config.init_from is not None:  # a resumed run starts from its checkpoint instead
+        producer["init_from"] = str(config.init_from if checkpoint is not None
+                                    else init_from_run(model, config.init_from))
     model.prepare_training()
     optimizer_class = torch.optim.AdamW if section.optimizer == "adamw" else torch.optim.Adam
     phase_params = {phase: model.phase_parameters(phase) for phase in model.phases}

@@ -31,6 +31,9 @@ class TrainConfig(Section):
     model: SerializeAsAny[ModelConfig | VAEModelConfig]
     train: TrainSection = TrainSection()
     run_dir: str = "runs/run"
+    #: Start from another run's weights (its ``best/``, else ``final/``; same family and sizes):
+    #: the second stage of a two-stage training (latent.translate.init_from). None: fresh weights.
+    init_from: str | None = None
 
     @property
     def is_vae(self) -> bool:
@@ -43,6 +46,9 @@ class TrainConfig(Section):
             raise ValueError("data.root: the VAE trains on a data set's volumes; give its root")
         if not self.is_vae and self.data.root:
             raise ValueError("data.root: only the VAE reads volumes; a translation model reads data.cache")
+        if self.is_vae and (self.init_from is not None or self.data.regions is not None):
+            field = "init_from" if self.init_from is not None else "data.regions"
+            raise ValueError(f"{field}: translation models only (the VAE trains on every region from scratch)")
         return self
 
     @field_validator("model", mode="before")

@@ -104,7 +104,9 @@ def predict(
     model: Optional[Path] = typer.Option(None, help="Training run folder (translate/train.py output), or hf://owner/name[@rev] (latent push).",
                                          rich_help_panel=PANEL_MODEL),
     ensemble: Optional[str] = typer.Option(None, rich_help_panel=PANEL_MODEL, help=(
-        "RUN1,RUN2,...: average these runs in HU on the native grid (each with its own VAE); std map written.")),
+        "RUN1,RUN2,...: average these runs in HU on the native grid (each with its own VAE); std map written. "
+        "Runs trained on some regions (data.regions) predict only their regions' cases: an ensemble of "
+        "region runs routes each case to its region's run.")),
     tta: str = typer.Option("none", rich_help_panel=PANEL_MODEL, help=(
         "none, or flip: also predict the input mirrored along the family's flip axes (left-right) and average.")),
     vae: Optional[str] = typer.Option(None, help="VAE spec (default: the one recorded in the run).",
@@ -323,7 +325,11 @@ def demo(
     train_seconds: Optional[float] = typer.Option(None, min=1.0, help="Training budget of each method (default: per-method)."),
     dose: bool = typer.Option(True, help="Dose evaluation of one test case (needs the dose extra)."),
 ) -> None:
-    """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose."""
+    """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose.
+
+    Bench-only families (latent bench --methods ...): l2l_controlnet, regress3d, cyclegan, cut, unetpp25d
+    (the 2.5D U-Net++, and its region fine-tunes in benchmarks/bench_region_finetune.py).
+    """
     from latent.app.demo import DEMO_METHODS, DemoConfig, run_demo
 
     setup_logging(False)
@@ -344,7 +350,7 @@ def bench(
     out: Path = typer.Option(..., help="Report folder: report.md, report.html, results.json/csv, figures/."),
     methods: str = typer.Option(",".join(DEFAULT_BENCH_METHODS), help=(
         "Comma-separated: water, bulk, grid_floor, grid_floor_vae, vae_floor, l2sct, l2l_regress, l2l_ddim, "
-        "l2l_controlnet, regress3d, pix2pix, cyclegan, cut; a learned family with +tta (flip TTA) and/or "
+        "l2l_controlnet, regress3d, pix2pix, cyclegan, cut, unetpp25d; a learned family with +tta (flip TTA) and/or "
         "+ensK (K fold runs averaged), e.g. regress3d+tta, l2sct+ens3.")),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON (default: a stratified split, seed 0)."),
     runs: Optional[Path] = typer.Option(None, help="Training runs: <runs>/<method> is reused when complete, else trained there."),

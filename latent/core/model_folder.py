@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from latent.core.atomic import publish, remove_stale_temporaries, temporary_path, write_atomic
-from latent.core.errors import BadFileError, WeightsError, one_line
+from latent.core.errors import BadConfigError, BadFileError, WeightsError, one_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -107,6 +107,22 @@ def check_state_fits(state: Mapping[str, torch.Tensor], expected: Mapping[str, t
                    ([f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []) + \
                    ([f"{len(unexpected)} unexpected, e.g. {unexpected[0]}"] if unexpected else [])
         raise WeightsError(f"{where}: {'; '.join(problems)}")
+
+
+def trained_weights_folder(source: str | os.PathLike, field: str) -> Path:
+    """The model folder another run starts from: a training run's ``best/`` (lowest validation
+    error), else its ``final/``, or ``source`` itself when it is a model folder.
+
+    Raises:
+        BadConfigError: naming ``field`` (e.g. ``init_from``) and the folder, when it is neither.
+    """
+    folder = resolve_folder(source)
+    for which in ("best", "final"):
+        if (folder / which / CONFIG_NAME).is_file():
+            return folder / which
+    if (folder / CONFIG_NAME).is_file():
+        return folder
+    raise BadConfigError(f"{field}: {folder} is neither a training run (best/ or final/) nor a model folder")
 
 
 def is_hub_spec(spec: str | os.PathLike) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from latent.core.accelerator import MixedPrecision
-from latent.core.cases import parse_fold
+from latent.core.cases import REGION_CODES, parse_fold
 
 
 class Section(BaseModel):
@@ -59,6 +59,10 @@ class DataConfig(Section):
     #: training crops and body-slice samplers keep clear of these slices; validation and test
     #: always see whole volumes. Recorded in the run's ``producer.json``.
     exclude_slices: str | None = None
+    #: Train and validate only on the cases of these regions (e.g. [AB, TH] for a region fine-tune
+    #: after a run on every region, see ``init_from``); None: every region. Recorded in the run's
+    #: ``producer.json`` (``regions``): an ensemble of region runs routes each case to its region's.
+    regions: tuple[str, ...] | None = None
 
     @field_validator("crop", "val_crop", mode="before")
     @classmethod
@@ -68,6 +72,17 @@ class DataConfig(Section):
             shown = list(value) if isinstance(value, (list, tuple)) else value
             raise ValueError(f"every size must be at least 1 voxel, got {shown}")
         return value
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        unknown = [region for region in value if region not in REGION_CODES]
+        if unknown or not value:
+            raise ValueError(f"unknown region {unknown[0]!r}; known: {', '.join(REGION_CODES)}" if unknown
+                             else "give at least one region, or leave the field out for every region")
+        return tuple(dict.fromkeys(value))
 
     @field_validator("fold", mode="before")
     @classmethod

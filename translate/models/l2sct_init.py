@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from latent.core.errors import BadConfigError
-from latent.core.model_folder import CONFIG_NAME, read_model_config, read_model_weights, resolve_folder
+from latent.core.model_folder import read_model_config, read_model_weights, trained_weights_folder
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +73,7 @@ def init_decoder_from_vae(decoder: nn.Module, vae_dir: str | Path) -> int:
 
 def _model_folder(source: str, field: str = "init_trunk_from") -> Path:
     """A run's ``best/`` (else ``final/``), or a model folder itself."""
-    folder = resolve_folder(source)
-    for which in ("best", "final"):
-        if (folder / which / CONFIG_NAME).is_file():
-            return folder / which
-    if (folder / CONFIG_NAME).is_file():
-        return folder
-    raise BadConfigError(f"model.{field}: {folder} is neither a training run (best/ or final/) nor a model folder")
+    return trained_weights_folder(source, f"model.{field}")
 
 
 def init_trunk_from_run(trunk: nn.Module, source: str, config: Any) -> int:

@@ -21,13 +21,15 @@ never switched to training mode.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, field_validator, model_validator
 from torch import nn
 
 from latent.core.errors import BadConfigError, BadFileError, WeightsError, one_line
@@ -185,3 +187,86 @@ def load_perception_network(folder: str | Path, layers: Sequence[str] = ()) -> P
         raise BadConfigError(f"{config_path}: {class_name} has no layer {unknown[0]!r} (perception_layers); "
                              f"top-level modules: {', '.join(known)}")
     return PerceptionNetwork(network, chosen, _intensity(config, config_path), str(folder))
+
+
+class PerceptionSettings(BaseModel):
+    """The perception-loss fields of a model config (a mixin of the families that offer the loss).
+
+    Attributes:
+        perception_weights: folder of a frozen segmentation network (module docstring); ``None``: off.
+        perception_weight: weight of the perception loss (0: off).
+        perception_layers: module names of the segmentation network whose features are compared;
+            empty: the ``layers`` of the weights folder's ``config.json``.
+        perception: derived, ``"on"`` with weights and a positive weight, else ``"off"``; recorded
+            in the resolved config (a recipe may leave it out).
+    """
+
+    perception_weights: str | None = None
+    perception_weight: float = 0.1
+    perception_layers: tuple[str, ...] = ()
+    perception: Literal["off", "on"] = "off"
+
+    @field_validator("perception", mode="before")
+    @classmethod
+    def _yaml_switch(cls, value: object) -> object:
+        """YAML reads an unquoted ``off`` / ``on`` as a boolean."""
+        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _derive_perception(self) -> "PerceptionSettings":
+        if self.perception_weight < 0:
+            raise ValueError(f"perception_weight: must be >= 0, got {self.perception_weight}")
+        derived = "on" if self.perception_weights and self.perception_weight > 0 else "off"
+        if "perception" in self.model_fields_set and self.perception != derived:
+            raise ValueError(f"perception: derived from perception_weights and perception_weight ({derived!r} "
+                             f"here), got {self.perception!r}; leave it out")
+        self.perception = derived
+        return self
+
+
+def network_spatial_dims(network: nn.Module) -> int:
+    """2 or 3: the spatial dimensions of the first convolution of ``network``."""
+    first = next((m for m in network.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))), None)
+    return 2 if isinstance(first, nn.Conv2d) else 3
+
+
+class PerceptionTerm:
+    """The perception loss of a model with :class:`PerceptionSettings`, loaded once for training only.
+
+    A plain object (not a module): the frozen network is not in the model's ``state_dict`` (the
+    saved model), not in ``parameters()`` (the optimiser) and not switched by ``train()``.
+    """
+
+    def __init__(self, settings: PerceptionSettings, family: str, spatial_dims: int) -> None:
+        self.settings, self.family, self.spatial_dims = settings, family, spatial_dims
+        self._network: PerceptionNetwork | None = None
+        logger = logging.getLogger(f"latent.translate.models.{family}")  # the family module's logger
+        if settings.perception == "on":
+            logger.info("%s: perception loss on (weight %g, weights %s, loaded for training only)", family,
+                        settings.perception_weight, settings.perception_weights)
+        else:
+            logger.info("%s: perception loss off (no perception_weights)", family)
+
+    def network(self) -> PerceptionNetwork | None:
+        """The frozen segmentation network (loaded on the first call), or ``None`` when off.
+
+        Raises:
+            BadConfigError: also when the network's spatial dimensions differ from the model's outputs.
+        """
+        if self.settings.perception == "on" and self._network is None:
+            network = load_perception_network(self.settings.perception_weights, self.settings.perception_layers)
+            dims = network_spatial_dims(network.network)
+            if dims != self.spatial_dims:
+                raise BadConfigError(
+                    f"model.perception_weights: {network.source} holds a {dims}D network; {self.family} compares "
+                    f"{self.spatial_dims}D outputs (spatial_dims: {self.spatial_dims} in its config.json kwargs)")
+            self._network = network
+        return self._network
+
+    def __call__(self, sct: torch.Tensor, ct: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The unweighted loss on the batch's device, or ``None`` when off."""
+        network = self.network()
+        if network is None:
+            return None
+        network.to(sct.device)
+        return network.loss(sct, ct, mask)

@@ -21,13 +21,12 @@ clipped to [-1, 1] (CT on [-1024, 3071] HU).
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import ClassVar, Literal
 
 import torch
 from monai.networks.nets import DynUNet
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 from torch import nn
 
 from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
@@ -35,7 +34,7 @@ from latent.translate.models.base import ModelConfig, PositiveRate, Size3, Trans
 from latent.translate.models.gan_common import pad_volume_to
 from latent.translate.models.gan_views import make_inferer, sliding_window_translate
 from latent.translate.models.l2sct import AIR_VALUE, START_VALUE
-from latent.translate.models.perception import PerceptionNetwork, load_perception_network
+from latent.translate.models.perception import PerceptionNetwork, PerceptionSettings, PerceptionTerm
 from latent.translate.models.regress3d_parts import (
     downsample_target,
     gradient_l1,
@@ -54,7 +53,6 @@ MR_PAD, CT_PAD, MASK_PAD = 0.0, -1.0, 0.0
 #: Half the full-range width: [-1, 1] units -> HU differences.
 HU_PER_UNIT = (FULL_CT_MAX_HU - FULL_CT_MIN_HU) / 2.0
 
-logger = logging.getLogger(__name__)
 Topology = tuple[list[list[int]], list[list[int]]]
 
 
@@ -100,7 +98,7 @@ def total_stride(strides: list[list[int]]) -> tuple[int, ...]:
     return tuple(math.prod(level[axis] for level in strides) for axis in range(3))
 
 
-class Regress3DConfig(ModelConfig):
+class Regress3DConfig(PerceptionSettings, ModelConfig):
     """Config of :class:`Regress3D`.
 
     Attributes:
@@ -119,13 +117,7 @@ class Regress3DConfig(ModelConfig):
             batch of one small 3D tensor through a slow fallback convolution (docs/models.md).
         channels_last: keep the network in the channels-last 3D memory layout (faster convolutions
             on a CPU, docs/models.md); saved weights are contiguous either way.
-        perception_weights: folder of a frozen segmentation network (translate/models/perception.py);
-            ``None``: no perception loss.
-        perception_weight: weight of the perception loss (0: off).
-        perception_layers: module names of the segmentation network whose features are compared;
-            empty: the ``layers`` of the weights folder's ``config.json``.
-        perception: derived, ``"on"`` with weights and a positive weight, else ``"off"``; recorded
-            in the resolved config (a recipe may leave it out).
+        perception_*: the optional perception loss (:class:`PerceptionSettings`).
     """
 
     family: Literal["regress3d"] = "regress3d"
@@ -146,16 +138,6 @@ class Regress3DConfig(ModelConfig):
     overlap: float = 0.5
     sw_batch_size: int = 4
     channels_last: bool = True
-    perception_weights: str | None = None
-    perception_weight: float = 0.1
-    perception_layers: tuple[str, ...] = ()
-    perception: Literal["off", "on"] = "off"
-
-    @field_validator("perception", mode="before")
-    @classmethod
-    def _yaml_switch(cls, value: object) -> object:
-        """YAML reads an unquoted ``off`` / ``on`` as a boolean."""
-        return {False: "off", True: "on"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check(self) -> "Regress3DConfig":
@@ -174,14 +156,9 @@ class Regress3DConfig(ModelConfig):
             raise ValueError(f"body_patch_fraction: must be in [0, 1], got {self.body_patch_fraction}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap: must be in [0, 1), got {self.overlap}")
-        for name in ("background_weight", "gradient_weight", "perception_weight"):
+        for name in ("background_weight", "gradient_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        derived = "on" if self.perception_weights and self.perception_weight > 0 else "off"
-        if "perception" in self.model_fields_set and self.perception != derived:
-            raise ValueError(f"perception: derived from perception_weights and perception_weight ({derived!r} "
-                             f"here), got {self.perception!r}; leave it out")
-        self.perception = derived
         kernels, strides = self.topology
         if len(strides) < MIN_LEVELS:
             raise ValueError(f"patch_size: {list(self.patch_size)} plans only {len(strides)} levels "
@@ -297,29 +274,16 @@ class Regress3D(TranslationModel):
         self.supervision_scales = head_scales(strides, config.deep_supr_num)
         self.supervision_weights = supervision_weights(config.deep_supr_num)
         self._init_heads()
-        self._perception: PerceptionNetwork | None = None
-        if config.perception == "on":
-            logger.info("regress3d: perception loss on (weight %g, weights %s, loaded for training only)",
-                        config.perception_weight, config.perception_weights)
-        else:
-            logger.info("regress3d: perception loss off (no perception_weights)")
+        self.perception_term = PerceptionTerm(config, self.family, spatial_dims=3)
 
     def prepare_training(self) -> None:
         """Load the frozen perception network now, so that bad weights fail before the first step."""
         self.perception_network()
 
     def perception_network(self) -> PerceptionNetwork | None:
-        """The frozen segmentation network of the perception loss (loaded once), or ``None`` when off.
-
-        It is kept out of the registered modules: not in ``state_dict`` (the saved model), not in
-        ``parameters()`` (the optimiser), not switched by ``train()``; ``forward`` moves it to the
-        batch's device. Prediction never loads it.
-        """
-        config: Regress3DConfig = self.config
-        if config.perception == "on" and self._perception is None:
-            network = load_perception_network(config.perception_weights, config.perception_layers)
-            object.__setattr__(self, "_perception", network)
-        return self._perception
+        """The frozen segmentation network of the perception loss (loaded once), or ``None`` when off;
+        never part of the saved model or the optimiser (:class:`PerceptionTerm`)."""
+        return self.perception_term.network()
 
     def _init_heads(self) -> None:
         """Every output head starts at exactly 0 HU: zero weights (MONAI's kaiming init gives a fresh
@@ -372,10 +336,8 @@ class Regress3D(TranslationModel):
             gradient = gradient_l1(full, target, mask)
             loss = loss + config.gradient_weight * gradient
             losses["gradient"] = gradient.detach()
-        perception = self.perception_network()
-        if perception is not None:
-            perception.to(full.device)
-            term = perception.loss(full, target, mask)
+        term = self.perception_term(full, target, mask)
+        if term is not None:
             loss = loss + config.perception_weight * term
             losses["perception"] = term.detach()
         return {"loss": loss, **losses}

@@ -45,7 +45,7 @@ SWEPT = "l2l_ddim"
 VARIANT_HELP = "a learned family with +tta and/or +ensK (K >= 2), e.g. regress3d+tta, l2sct+ens3+tta"
 #: What ``latent bench`` runs when ``--methods`` is not given.
 DEFAULT_METHODS = ("water", "bulk", "grid_floor", "grid_floor_vae", "vae_floor", "l2sct", "l2l_regress", "l2l_ddim",
-                   "regress3d", "pix2pix")
+                   "regress3d", "pix2pix", "unetpp25d")
 RECIPE_SIZES = ("demo", "full")
 
 
