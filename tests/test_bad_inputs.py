@@ -498,6 +498,19 @@ def register_feature(world: World, data: Path, tmp: Path) -> list[str]:
     return register(world, data, tmp) + ["--method", "feature"]
 
 
+# --------------------------------------------------------------------------- issue 36: latent tune
+
+
+def tune_with(space: str, *extra: str) -> Callable[[World, Path, Path], list[str]]:
+    """`latent tune` of a tiny l2sct recipe on the written cache (no trial runs: the input is refused first)."""
+    def command(world: World, data: Path, tmp: Path) -> list[str]:
+        (tmp / "space.yaml").write_text(space)
+        arguments = train_with({"train.validator": "native"})(world, data, tmp)
+        return ["tune", *arguments[1:3], "--space", str(tmp / "space.yaml"), "--trials", "1",
+                "--out", str(tmp / "tune"), *extra, "-q"]
+    return command
+
+
 @dataclass(frozen=True)
 class Bad:
     """One malformed input: how the case is broken, the command run on it, what it must say."""
@@ -672,6 +685,14 @@ CORPUS: dict[str, Bad] = {
     "register a mask on another grid": Bad(shift_origin("mask.mha"), register,
                                            r"mask {case}/mask\.mha is on another grid than the MR", 1),
     "register --method feature": Bad(nothing, register_feature, r"^error: --method feature: not implemented", 2),
+    # -- issue 36: latent tune refuses a bad space, an unknown field and a storage it cannot open
+    "tune space with an unknown type": Bad(nothing, tune_with("model.lr: {type: gaussian, low: 1, high: 2}\n"),
+                                           r"space\.yaml: model\.lr\.type: Input should be 'loguniform'", 2),
+    "tune space with an unknown field": Bad(nothing, tune_with("model.lrr: {type: uniform, low: 0, high: 1}\n"),
+                                            r"space\.yaml: model\.lrr: not a field of the recipe's config", 2),
+    "tune storage that cannot be opened": Bad(nothing, tune_with("model.lr: {type: uniform, low: 0.001, high: 0.01}\n",
+                                                                 "--storage", "nosuchdb://host/x"),
+                                              r"^error: --storage nosuchdb://host/x: cannot be opened", 2),
 }
 
 

@@ -69,9 +69,10 @@ class ToyTask:
 def run(run_dir: Path, max_steps: int, checkpoint: Path | None = None, **settings: Any) -> tuple[ToyTask, LoopState]:
     accelerator = make_accelerator("no", cpu=True)
     task = ToyTask(accelerator, settings.pop("validation", None))
+    on_validation = settings.pop("on_validation", None)
     accelerator.register_for_checkpointing(_Weight(task.weight))
     loop = LoopSettings(run_dir=run_dir, seed=1, max_steps=max_steps, log_every=1, checkpoint_every=3, **settings)
-    return task, run_loop(accelerator, task, loop, checkpoint, quiet=True)
+    return task, run_loop(accelerator, task, loop, checkpoint, quiet=True, on_validation=on_validation)
 
 
 class _Weight:
@@ -125,6 +126,21 @@ def test_validation_keeps_the_lowest_metric_and_time_budget_stops(tmp_path: Path
         LoopSettings(run_dir=tmp_path, max_steps=None, max_seconds=None)
     _, state = run(tmp_path / "time", None, max_seconds=1e-6)
     assert state.step == 1 and latest_checkpoint(tmp_path / "time").name == "step_0000001"
+
+
+def test_on_validation_sees_every_validation_and_may_stop_the_run(tmp_path: Path) -> None:
+    seen: list[tuple[int, float]] = []
+
+    def watch(step: int, metrics: dict[str, float]) -> bool:
+        seen.append((step, metrics["mae"]))
+        return metrics["mae"] > 4.5  # the second validation asks to stop
+
+    task, state = run(tmp_path / "stopped", 10, val_every=2, validation=[3.0, 5.0, 1.0], on_validation=watch)
+    assert seen == [(2, 3.0), (4, 5.0)] and state.step == 4 and task.saved == [2]
+    assert latest_checkpoint(tmp_path / "stopped").name == "step_0000004"  # checkpointed as at the end
+    seen.clear()
+    _, state = run(tmp_path / "full", 6, val_every=2, validation=[3.0, 2.0, 1.0], on_validation=watch)
+    assert [step for step, _ in seen] == [2, 4, 6] and state.step == 6
 
 
 def test_schedule_warms_up_then_follows_the_cosine() -> None:

@@ -37,7 +37,7 @@ import logging
 import os
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -156,7 +156,7 @@ class TranslationTask:
 # ----------------------------------------------------------------------------- the run
 def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_dataset: Dataset | None = None,
           validator: Validator | None = None, quiet: bool = False, overwrite: bool = False,
-          resume_inexact: bool = False) -> Path:
+          resume_inexact: bool = False, on_validation: Callable[[int, dict[str, float]], bool] | None = None) -> Path:
     """Train ``config.model`` on the cache (or on the given datasets) and return the run directory.
 
     Args:
@@ -168,6 +168,8 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
         overwrite: a fresh run may replace the run ``run_dir`` holds (its records are removed
             just before training starts); without it such a folder is refused.
         resume_inexact: resume even when the checkpoint's random state cannot be restored (warned).
+        on_validation: ``(step, metrics) -> stop?`` after each validation (see
+            :func:`latent.core.training.run_loop`; ``latent tune`` reports to its pruner here).
 
     Returns:
         ``Path(config.run_dir)`` holding ``final/`` (and ``best/`` when validation ran).
@@ -226,7 +228,8 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
     state = run_loop(accelerator, task, loop_settings(config, overwrite), checkpoint, quiet=quiet, desc="train",
-                     before_start=lambda: write_run_records(run_dir, config, producer, accelerator.mixed_precision))
+                     before_start=lambda: write_run_records(run_dir, config, producer, accelerator.mixed_precision),
+                     on_validation=on_validation)
     if state.num_processes != accelerator.num_processes:
         logger.warning("checkpoint written by %d processes, resumed with %d: the data order differs from an "
                        "uninterrupted run", state.num_processes, accelerator.num_processes)

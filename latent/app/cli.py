@@ -30,12 +30,14 @@ from latent.app.cli_evaluate import evaluate
 from latent.app.cli_qa import qa
 from latent.app.cli_register import register
 from latent.app.cli_stages import cache_app, encode, vae_app
+from latent.app.cli_tune import tune
 
 app.command()(split)
 app.command()(encode)
 app.command()(evaluate)
 app.command()(qa)
 app.command()(register)
+app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(tune)
 app.add_typer(cache_app, name="cache")
 app.add_typer(vae_app, name="vae")
 

@@ -4,15 +4,13 @@ distributions with the flagged cases marked, and overlays of each flagged case's
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from pathlib import Path
 
 import numpy as np
 
 from latent.app.bench import figures as bench_figures
-from latent.app.bench.report import HTML_TEMPLATE, html_table
+from latent.app.bench.report import HTML_TEMPLATE, html_figure, html_table, png_data
 from latent.core.atomic import write_text_atomic
 from latent.core.cases import Case
 from latent.core.errors import user_message
@@ -34,19 +32,6 @@ COLOURS = {"GREEN": "tab:green", "YELLOW": "orange", "RED": "tab:red"}
 #: Row colours of the summary table.
 ROW_STYLE = """<style>tr.GREEN td{background:#e3f5e1}tr.YELLOW td{background:#fff3c4}tr.RED td{background:#fbd5d5}
 td.reasons{text-align:left}</style>"""
-
-
-def png_data(fig) -> str:
-    """A figure as a base64 PNG (closed afterwards)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=bench_figures.DPI, format="png")
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figure(data: str, caption: str) -> str:
-    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def distributions(cohort: Cohort) -> str:
@@ -124,7 +109,7 @@ def write_qa_html(path: Path, cohort: Cohort, cases: dict[str, Case], config: QA
         page.append("<h2>Failed cases</h2>" + html_table((["case", "error"], [[p, m] for p, m in failures.items()])))
     if cohort.cases:
         page += ["<h2>Cohort distributions</h2>",
-                 _figure(distributions(cohort), "One point per case; YELLOW and RED cases outlined and named.")]
+                 html_figure(distributions(cohort), "One point per case; YELLOW and RED cases outlined and named.")]
     flagged = [qa for qa in cohort.cases if qa.values.get("label") != "GREEN"]
     if flagged:
         page.append("<h2>Flagged cases</h2>")
@@ -132,7 +117,7 @@ def write_qa_html(path: Path, cohort: Cohort, cases: dict[str, Case], config: QA
         page.append(f"<h3>{html.escape(qa.pid)} ({html.escape(str(qa.values.get('label')))})</h3><ul>"
                     + "".join(f"<li>{html.escape(f.text)}</li>" for f in qa.findings) + "</ul>")
         try:
-            page.append(_figure(overlay(cases[qa.pid], qa, config), (
+            page.append(html_figure(overlay(cases[qa.pid], qa, config), (
                 "CT (grey) with the MR (magenta), the mask contour (yellow) and metal (red)")))
         except (OSError, ValueError) as error:
             page.append(f"<p>no overlay: {html.escape(user_message(error) or str(error))}</p>")

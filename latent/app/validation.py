@@ -98,10 +98,12 @@ def native_validator(config) -> NativeValidator:
     return NativeValidator(config, samples=config.train.val_samples, seed=config.train.seed)
 
 
-def train_run(config, quiet: bool = False, overwrite: bool = False, resume_inexact: bool = False) -> Path:
+def train_run(config, quiet: bool = False, overwrite: bool = False, resume_inexact: bool = False,
+              on_validation=None) -> Path:
     """Train a translation recipe with the validator it asks for (``native``: built here);
-    ``overwrite`` and ``resume_inexact`` as in ``latent.translate.train.train``."""
+    ``overwrite``, ``resume_inexact`` and ``on_validation`` as in ``latent.translate.train.train``."""
     from latent.translate.train import train
 
     validator = native_validator(config) if config.train.validator == "native" and config.data.cache else None
-    return train(config, validator=validator, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact)
+    return train(config, validator=validator, quiet=quiet, overwrite=overwrite, resume_inexact=resume_inexact,
+                 on_validation=on_validation)

@@ -19,8 +19,9 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def shipped_recipes() -> list[str]:
-    """Names of the shipped recipes (file stems), sorted."""
-    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+    """Names of the shipped recipes (file stems), sorted; ``*_space.yaml`` are search spaces of
+    ``latent tune``, not recipes."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml") if not path.stem.endswith("_space"))
 
 
 def find_recipe(spec: str | os.PathLike) -> Path:
@@ -61,20 +62,30 @@ def read_recipe(spec: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
+def set_dotted(raw: dict[str, Any], path: str, value: Any, what: str | None = None) -> dict[str, Any]:
+    """Set the field ``a.b.c`` of a config dict to ``value`` (sections created when missing).
+
+    Raises:
+        ConfigError: a part of the path is not a section (``what`` names the source in the message).
+    """
+    node = raw
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{what or path}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (values parsed with ``yaml.safe_load``) to a config dict."""
     for override in overrides:
         path, sep, text = override.partition("=")
         if not sep or not path:
             raise ConfigError(f"override {override!r}: expected dotted.key=value")
-        node = raw
-        parts = path.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part} is not a section")
-            node = child
-        node[parts[-1]] = yaml.safe_load(text)
+        set_dotted(raw, path, yaml.safe_load(text), f"override {override!r}")
     return raw
 
 

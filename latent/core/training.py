@@ -16,7 +16,8 @@ weights); :func:`run_loop` owns everything that must behave the same for all of 
 - logging: ``run_dir/metrics.jsonl`` (window means of the losses, validation metrics; records
   past the resumed step are dropped) and optionally TensorBoard through Accelerate;
 - validation: every ``val_every`` steps and at the end; the lowest ``selection_metric`` wins
-  and the task saves those weights.
+  and the task saves those weights; an optional ``on_validation(step, metrics)`` callback sees
+  each validation and may stop the run there (a hyperparameter search's pruner, ``latent tune``).
 
 The loop lives in the core because the VAE (core) and the translation models (a stage) share it;
 it knows no model, data set or file format (docs/architecture.md).
@@ -227,7 +228,8 @@ class TrainingTask(Protocol):
 
 
 def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, checkpoint: Path | None = None, *,
-             quiet: bool = False, desc: str = "train", before_start: Callable[[], None] | None = None) -> LoopState:
+             quiet: bool = False, desc: str = "train", before_start: Callable[[], None] | None = None,
+             on_validation: Callable[[int, dict[str, float]], bool] | None = None) -> LoopState:
     """Train ``task`` until its step or time budget is spent; return the final state.
 
     Args:
@@ -241,6 +243,8 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
         before_start: called on the main process once the checkpoint has loaded (and, with
             ``settings.overwrite``, the earlier run's records are gone), before the loop writes
             anything: the task writes its run records here, so a failed resume leaves them untouched.
+        on_validation: called on the main process after each validation with the step and the
+            metrics; True stops the run at this step on every process (checkpointed as at the end).
 
     Returns:
         The state after the last step; a checkpoint of it is in ``run_dir/checkpoints``. The
@@ -296,8 +300,9 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    def validate() -> None:
+    def validate() -> bool:
         nonlocal best
+        stop = False
         if is_main:
             metrics = task.validate(state.step)
             if metrics is not None:
@@ -307,7 +312,11 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
                 if metrics[settings.selection_metric] < best:
                     best, state.best_step = metrics[settings.selection_metric], state.step
                     task.save_best(state.step, metrics)
+                stop = on_validation is not None and bool(on_validation(state.step, metrics))
+        if on_validation is not None:  # every process stops at the same step
+            stop = bool(accelerator.reduce(torch.tensor([float(stop)], device=accelerator.device), "max").item())
         accelerator.wait_for_everyone()
+        return stop
 
     max_steps = math.inf if settings.max_steps is None else settings.max_steps
     progress = tqdm(total=settings.max_steps, initial=state.step, disable=quiet or not is_main, desc=desc)
@@ -357,7 +366,7 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
                 progress.set_postfix({name: f"{record[name]:.4g}" for name in names if name.split("/")[-1] == "loss"})
                 window, window_micro, window_steps = {}, 0, 0
             if done or (settings.val_every and state.step % settings.val_every == 0):
-                validate()
+                done = validate() or done
             if state.step % settings.checkpoint_every == 0 or done:
                 save_checkpoint()
                 last_checkpoint = state.step

@@ -11,6 +11,7 @@ import base64
 import html
 import importlib.metadata
 import importlib.util
+import io
 import json
 import math
 import shutil
@@ -196,6 +197,20 @@ def html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def png_data(fig) -> str:
+    """A matplotlib figure as base64 PNG text at the reports' resolution (the figure is closed)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=bench_figures.DPI, format="png")
+    bench_figures.plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def html_figure(data: str, caption: str) -> str:
+    """An embedded PNG (base64 text, :func:`png_data`) with its caption, for a self-contained page."""
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _metadata_lines(metadata: Mapping) -> list[tuple[str, str]]:
