@@ -56,6 +56,8 @@ FAMILIES = {
     "pix2pix": {"family": "pix2pix", **PIXEL_GAN},
     "cyclegan": {"family": "cyclegan", **PIXEL_GAN},
     "cut": {"family": "cut", **PIXEL_GAN, "nce_layers": [0, 1, 2], "nce_patches": 16, "nce_dim": 8},
+    "resvit": {"family": "resvit", **PIXEL_GAN, "art_blocks": 2, "vit_blocks": [1], "vit_grid": 4, "vit_hidden": 8,
+               "vit_heads": 2, "vit_mlp": 16, "vit_layers": 1},
 }
 PRIOR = {"family": "l2l_controlnet", "stage": "prior", **DIFFUSION}
 #: The run that also validates with the native-grid validator (HU metrics inside ``train()``).
