@@ -152,3 +152,22 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
 def test_bad_configs_fail_naming_the_field(changes, field):
     with pytest.raises(ValidationError, match=field):
         build_model(tiny(**changes))
+
+
+def test_recipes_load_with_the_paper_layout_and_the_demo_grid():
+    from latent.app.demo import DEMO_GRID
+    from latent.core.recipes import find_recipe
+    from latent.translate.train import load_config
+
+    full, demo = (load_config(find_recipe(f"resvit_{size}")).model for size in ("full", "demo"))
+    for config in (full, demo):
+        assert config.family == "resvit" and config.mode == "2.5d" and config.art_blocks == 9
+        assert config.vit_blocks == (1, 6) and config.share_transformer and config.vit_downsampling == 2
+        assert config.lambda_l1 == 100.0 and config.lr == 2e-4 and config.betas == (0.5, 0.999)
+    assert full.channels == (64, 128, 256) and (full.vit_hidden, full.vit_heads, full.vit_mlp, full.vit_layers) == (
+        768, 12, 3072, 12)
+    assert full.vit_grid * full.downsampling == 512  # the full recipe's 512 px crops
+    side = int(DEMO_GRID.split(":")[1].split("x")[-1])
+    assert demo.vit_grid * demo.downsampling == side  # tokens on the grid the embedding was learned on
+    model = build_model(demo)
+    assert model.phases == ("generator", "discriminator") and len(model.generator.transformers) == 1
