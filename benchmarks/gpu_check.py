@@ -37,7 +37,7 @@ VAE_SHAPES = ((96, 320, 320), (128, 512, 512))
 E2E_FAMILIES = {"l2sct": "l2sct_full.yaml", "l2l_ddim": "l2l_ddim_full.yaml"}
 E2E_DDIM_STEPS = 25
 TRAIN_RECIPES = ("l2l_ddim_full.yaml", "l2l_controlnet_full.yaml", "l2l_regress_full.yaml", "l2sct_full.yaml",
-                 "regress3d_full.yaml", "pix2pix_full.yaml", "cyclegan_full.yaml", "cut_full.yaml")
+                 "regress3d_full.yaml", "pix2pix_full.yaml", "resvit_full.yaml", "cyclegan_full.yaml", "cut_full.yaml")
 #: Extra train rows: a recipe with one model field changed (YAML value).
 TRAIN_VARIANTS = (("regress3d_full.yaml", "channels_last=false"),)
 #: The canonical grid of the full recipes (each case its own shape; bench_grid_spacing chose it).

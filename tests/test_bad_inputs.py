@@ -267,12 +267,12 @@ def evaluate_without_prediction(world: World, data: Path, tmp: Path) -> list[str
     return ["evaluate", "--pred", str(tmp / "empty_pred"), "--data", str(data), "-q"]
 
 
-def train_with(recipe_changes: dict) -> Callable[[World, Path, Path], list[str]]:
+def train_with(recipe_changes: dict, model: dict = TINY_L2SCT) -> Callable[[World, Path, Path], list[str]]:
     def command(world: World, data: Path, tmp: Path) -> list[str]:
         recipe = {
             "data": {"cache": str(world.cache), "split_file": str(world.written / "splits.json"), "batch_size": 1,
                      "val_split": None},
-            "model": dict(TINY_L2SCT),
+            "model": dict(model),
             "train": {"max_steps": 1, "mixed_precision": "no", "tensorboard": False},
             "run_dir": str(tmp / "train_run"),
         }
@@ -565,6 +565,9 @@ CORPUS: dict[str, Bad] = {
                                      r"data\.producer: '0123456789abcdef' is not in .*cache\.zarr", 2),
     "fold out of range": Bad(nothing, train_with({"data.fold": "6/5"}),
                              r"invalid training config: data\.fold: expected k/K .* got '6/5'", 2),
+    "resvit transformer in a block it lacks": Bad(nothing, train_with({"model.vit_blocks": [1, 12]}, {"family": "resvit"}),
+                                                  r"invalid training config: model\.vit_blocks: distinct ART block "
+                                                  r"numbers in 1\.\.art_blocks=9, got \[1, 12\]", 2),
     "ensemble of one run": Bad(nothing, predict_ensemble_of_one, r"--ensemble: .* names one run", 2),
     "unknown region": Bad(nothing, train_with({"data.regions": ["AB", "XX"]}),
                           r"invalid training config: data\.regions: .*unknown region 'XX'; known: AB, HN, TH", 2),

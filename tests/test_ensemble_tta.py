@@ -98,7 +98,7 @@ def test_flip_variants_and_mirror() -> None:
     assert torch.equal(mirror(volume, (-1,)), volume.flip(-1))
 
 
-@pytest.mark.parametrize("family", ["l2l_regress", "pix2pix"])
+@pytest.mark.parametrize("family", ["l2l_regress", "pix2pix", "resvit"])
 def test_flipped_passes_come_back_in_the_input_orientation(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A model whose output is its (left-right asymmetric) input: every TTA output equals the
     plain output, so nothing was left mirrored; the flipped pass did see a mirrored input."""

@@ -92,7 +92,7 @@ def test_a_family_is_one_file_and_its_recipe(dummy_family: str, tmp_path: Path) 
 def test_the_registry_knows_the_shipped_families_and_refuses_others() -> None:
     families = model_families()
     for name in ("l2sct", "l2l_regress", "l2l_ddim", "l2l_controlnet", "decoder_adapt", "pix2pix", "cyclegan", "cut",
-                 "regress3d"):
+                 "regress3d", "resvit"):
         assert families[name].family == name
     assert "decoder_adapt" not in translating_families()  # it reads CT latents: no MR -> CT method
     assert "base" not in families and "gan_common" not in families  # helper modules are no family

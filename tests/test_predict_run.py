@@ -58,6 +58,8 @@ FAMILIES = {
     "cut": {"family": "cut", **PIXEL_GAN, "nce_layers": [0, 1, 2], "nce_patches": 16, "nce_dim": 8},
     "unetpp25d": {"family": "unetpp25d", "backbone": "resnet10", "decoder_channels": [8, 8, 8, 8, 8],
                   "context_slices": 3, "slices_per_volume": 2, "lr": 1e-3},
+    "resvit": {"family": "resvit", **PIXEL_GAN, "art_blocks": 2, "vit_blocks": [1], "vit_grid": 4, "vit_hidden": 8,
+               "vit_heads": 2, "vit_mlp": 16, "vit_layers": 1},
 }
 PRIOR = {"family": "l2l_controlnet", "stage": "prior", **DIFFUSION}
 #: The run that also validates with the native-grid validator (HU metrics inside ``train()``).

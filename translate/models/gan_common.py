@@ -1,4 +1,5 @@
-"""Shared pieces of the pixel-space GANs: config, generator, discriminator, sampling, inference.
+"""Shared pieces of the pixel-space GANs: config, generator, discriminator, sampling, inference,
+and the paired (conditional) GAN skeleton of Pix2Pix and ResViT.
 
 Tensor layouts: volumes are ``(B, 1, D, H, W)`` (z, y, x); 2D/2.5D training views are stacks of
 ``k`` neighbouring axial slices as channels, ``(N, k, H, W)``; 3D views are patches
@@ -20,7 +21,15 @@ from torch import nn
 
 from latent.core.intensity import AIR_HU, ct_to_full
 from latent.translate.models.base import ModelConfig, PositiveRate, Size3, TranslationModel
-from latent.translate.models.gan_losses import build_discriminator, check_discriminator_input
+from latent.translate.models.gan_losses import (
+    AdversarialLoss,
+    background_l1,
+    build_discriminator,
+    check_discriminator_input,
+    discriminator_logits,
+    frozen,
+    masked_l1,
+)
 from latent.translate.models.gan_views import (  # noqa: F401 - re-exported: the GAN families import them from here
     SIGNED_BACKGROUND, avoid_same, body_slices, centre_channel, gather_patches, gather_stacks, make_inferer, pad_to_multiple,
     pad_volume_to, sample_patch_starts, sample_slices, sliding_window_translate, slicewise_translate,
@@ -138,6 +147,17 @@ class PixelGANConfig(ModelConfig):
         return math.prod(self.generator_strides)
 
 
+def water_head(spatial_dims: int, in_channels: int, out_channels: int, initial_output: float,
+               kernel_size: int = 1) -> nn.Module:
+    """A convolution whose weights start at 0 and bias at ``atanh(initial_output)``: followed by
+    ``tanh``, a fresh generator outputs exactly ``initial_output`` (water) everywhere."""
+    convolution = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+    head = convolution(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2)
+    nn.init.zeros_(head.weight)
+    nn.init.constant_(head.bias, math.atanh(initial_output))
+    return head
+
+
 class TanhUNet(nn.Module):
     """MONAI residual ``UNet`` + zero-initialised 1x1 convolution head + ``tanh``; encoder exposed for CUT.
 
@@ -151,10 +171,7 @@ class TanhUNet(nn.Module):
         self.unet = UNet(spatial_dims=config.spatial_dims, in_channels=in_channels, out_channels=config.channels[0],
                          channels=config.channels, strides=config.generator_strides,
                          num_res_units=config.num_res_units, norm=config.norm)
-        convolution = nn.Conv3d if config.spatial_dims == 3 else nn.Conv2d
-        self.head = convolution(config.channels[0], out_channels, kernel_size=1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.constant_(self.head.bias, math.atanh(initial_output))
+        self.head = water_head(config.spatial_dims, config.channels[0], out_channels, initial_output)
         #: Channels of :meth:`encode`'s feature maps: the input, then every encoder level.
         self.encoder_channels = [in_channels, *config.channels]
 
@@ -193,7 +210,7 @@ class TanhUNet(nn.Module):
 class PixelGAN(TranslationModel):
     """Base of the pixel GANs: view sampling, step counter, phase hand-over, whole-volume inference.
 
-    Subclasses set ``self.generator`` (the MR -> CT :class:`TanhUNet`), ``self.output_channel``
+    Subclasses set ``self.generator`` (the MR -> CT network, e.g. :class:`TanhUNet`), ``self.output_channel``
     (the output channel that is the centre slice) and implement ``forward``. Phases run
     generator first: the generator phase stashes its detached fakes and views, and the
     discriminator phase of the same batch reuses them (one generator pass per step); called
@@ -203,7 +220,7 @@ class PixelGAN(TranslationModel):
     input_key = "mr_pixels"
     output_space = "ct_full"
     phases = ("generator", "discriminator")
-    generator: TanhUNet
+    generator: nn.Module
     output_channel: int = 0
 
     def __init__(self, config: PixelGANConfig) -> None:
@@ -318,3 +335,63 @@ class PixelGAN(TranslationModel):
             output = slicewise_translate(signed, self.generator, config.stack_depth, config.inference_batch_size,
                                          config.downsampling, self.output_channel)
         return output.clamp(-1.0, 1.0)
+
+
+class PairedGAN(PixelGAN):
+    """Base of the paired conditional GANs (Pix2Pix, ResViT): MR views -> centre CT slice or patch.
+
+    Subclasses set ``generator``, ``discriminator`` (sees the MR views and a CT, concatenated) and
+    ``adversarial``, and implement ``_generator_losses(batch)``; the generator phase stashes
+    ``condition`` / ``target`` / ``fake`` / ``warmup`` for :meth:`_discriminator_losses`.
+    """
+
+    discriminator: nn.Module
+    adversarial: AdversarialLoss
+
+    def phase_parameters(self, phase: str) -> list[torch.nn.Parameter]:
+        """Generator parameters for ``"generator"``, discriminator ones for ``"discriminator"``."""
+        if phase == "generator":
+            return list(self.generator.parameters())
+        if phase == "discriminator":
+            return list(self.discriminator.parameters())
+        raise ValueError(f"unknown phase {phase!r}; {type(self).__name__} has {self.phases}")
+
+    def forward(self, batch: dict[str, torch.Tensor], phase: str = "generator") -> dict[str, torch.Tensor]:
+        """Losses of one phase; ``loss`` is back-propagated."""
+        if phase == "generator":
+            return self._generator_losses(batch)
+        if phase == "discriminator":
+            return self._discriminator_losses(batch)
+        raise ValueError(f"unknown phase {phase!r}; {type(self).__name__} has {self.phases}")
+
+    def in_warmup(self, step: int) -> bool:
+        """Whether generator step ``step`` (0-based) is a warm-up step without GAN (default: never)."""
+        return False
+
+    def paired_terms(self, condition: torch.Tensor, fake: torch.Tensor, target: torch.Tensor,
+                     mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The terms every paired generator loss has: ``l1`` to the CT inside the body mask,
+        ``background`` (L1 to air outside it) and ``gan`` (the frozen discriminator fooled)."""
+        with frozen(self.discriminator):
+            logits = discriminator_logits(self.discriminator(torch.cat([condition, fake], 1)))
+        return {"l1": masked_l1(fake, target, mask), "background": background_l1(fake, mask, AIR_SIGNED),
+                "gan": self.adversarial.generator(logits)}
+
+    def _discriminator_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        stashed = self.unstash(batch)
+        if stashed is None:
+            warmup = self.in_warmup(int(self.generator_steps))
+            stashed = {"warmup": torch.tensor(float(warmup))}
+            if not warmup:
+                views = self.sample_views(batch, paired=True)
+                with torch.no_grad():
+                    stashed.update(condition=views["mr"], target=centre_channel(views["ct"]),
+                                   fake=self.generator(views["mr"]))
+        if bool(stashed["warmup"]):
+            return {"loss": self.zero_loss(self.discriminator)}
+        condition = stashed["condition"]
+        real_logits = discriminator_logits(self.discriminator(torch.cat([condition, stashed["target"]], 1)))
+        fake_logits = discriminator_logits(self.discriminator(torch.cat([condition, stashed["fake"]], 1)))
+        loss = self.adversarial.discriminator(real_logits, fake_logits)
+        return {"loss": loss, "d_real": torch.stack([r.mean() for r in real_logits]).mean().detach(),
+                "d_fake": torch.stack([f.mean() for f in fake_logits]).mean().detach()}

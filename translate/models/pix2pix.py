@@ -23,24 +23,8 @@ from typing import ClassVar, Literal
 
 import torch
 
-from latent.translate.models.gan_common import (
-    AIR_SIGNED,
-    WATER_SIGNED,
-    PixelGAN,
-    PixelGANConfig,
-    TanhUNet,
-    centre_channel,
-)
-from latent.translate.models.gan_losses import (
-    NGF_EPS,
-    AdversarialLoss,
-    background_l1,
-    discriminator_logits,
-    frozen,
-    masked_l1,
-    ngf_loss,
-    robust_range,
-)
+from latent.translate.models.gan_common import WATER_SIGNED, PairedGAN, PixelGANConfig, TanhUNet, centre_channel
+from latent.translate.models.gan_losses import NGF_EPS, AdversarialLoss, ngf_loss, robust_range
 
 
 class Pix2PixConfig(PixelGANConfig):
@@ -67,7 +51,7 @@ class Pix2PixConfig(PixelGANConfig):
     warmup_steps: int = 0
 
 
-class Pix2Pix(PixelGAN):
+class Pix2Pix(PairedGAN):
     """Conditional GAN MR -> sCT on 2D slices, 2.5D stacks (k slices in, centre out) or 3D patches."""
 
     family: ClassVar[str] = "pix2pix"
@@ -82,25 +66,9 @@ class Pix2Pix(PixelGAN):
         self.adversarial = AdversarialLoss(config.gan_criterion)
         self.output_channel = 0
 
-    def phase_parameters(self, phase: str) -> list[torch.nn.Parameter]:
-        """Generator parameters for ``"generator"``, discriminator ones for ``"discriminator"``."""
-        if phase == "generator":
-            return list(self.generator.parameters())
-        if phase == "discriminator":
-            return list(self.discriminator.parameters())
-        raise ValueError(f"unknown phase {phase!r}; Pix2Pix has {self.phases}")
-
     def in_warmup(self, step: int) -> bool:
         """Whether generator step ``step`` (0-based) is a warm-up (identity) step."""
         return step < self.config.warmup_steps
-
-    def forward(self, batch: dict[str, torch.Tensor], phase: str = "generator") -> dict[str, torch.Tensor]:
-        """Losses of one phase; ``loss`` is back-propagated."""
-        if phase == "generator":
-            return self._generator_losses(batch)
-        if phase == "discriminator":
-            return self._discriminator_losses(batch)
-        raise ValueError(f"unknown phase {phase!r}; Pix2Pix has {self.phases}")
 
     def _generator_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         config: Pix2PixConfig = self.config
@@ -119,33 +87,11 @@ class Pix2Pix(PixelGAN):
                     "ngf": ngf.detach(), "warmup": torch.ones(())}
         target = centre_channel(views["ct"])
         self.check_view(condition)
-        l1 = masked_l1(fake, target, mask)
+        terms = self.paired_terms(condition, fake, target, mask)
         ngf = ngf_loss(fake, mr_centre, config.ngf_eps, mask=mask, relative_eps=config.ngf_relative_eps,
                        prediction_range=robust_range(target))
-        background = background_l1(fake, mask, AIR_SIGNED)
-        with frozen(self.discriminator):
-            gan = self.adversarial.generator(discriminator_logits(self.discriminator(torch.cat([condition, fake], 1))))
-        loss = (config.lambda_l1 * l1 + config.lambda_ngf * ngf + config.lambda_gan * gan
-                + config.lambda_bg * background)
+        loss = (config.lambda_l1 * terms["l1"] + config.lambda_ngf * ngf + config.lambda_gan * terms["gan"]
+                + config.lambda_bg * terms["background"])
         self.stash(batch, condition=condition, target=target, fake=fake, warmup=torch.zeros(()))
-        return {"loss": loss, "l1": l1.detach(), "ngf": ngf.detach(), "gan": gan.detach(),
-                "background": background.detach(), "warmup": torch.zeros(())}
-
-    def _discriminator_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        stashed = self.unstash(batch)
-        if stashed is None:
-            warmup = self.in_warmup(int(self.generator_steps))
-            stashed = {"warmup": torch.tensor(float(warmup))}
-            if not warmup:
-                views = self.sample_views(batch, paired=True)
-                with torch.no_grad():
-                    stashed.update(condition=views["mr"], target=centre_channel(views["ct"]),
-                                   fake=self.generator(views["mr"]))
-        if bool(stashed["warmup"]):
-            return {"loss": self.zero_loss(self.discriminator)}
-        condition = stashed["condition"]
-        real_logits = discriminator_logits(self.discriminator(torch.cat([condition, stashed["target"]], 1)))
-        fake_logits = discriminator_logits(self.discriminator(torch.cat([condition, stashed["fake"]], 1)))
-        loss = self.adversarial.discriminator(real_logits, fake_logits)
-        return {"loss": loss, "d_real": torch.stack([r.mean() for r in real_logits]).mean().detach(),
-                "d_fake": torch.stack([f.mean() for f in fake_logits]).mean().detach()}
+        return {"loss": loss, **{name: value.detach() for name, value in terms.items()}, "ngf": ngf.detach(),
+                "warmup": torch.zeros(())}
