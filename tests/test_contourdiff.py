@@ -70,7 +70,7 @@ def test_mr_and_ct_contour_maps_agree_on_the_phantom(phantom_root: Path) -> None
         scores.append(map_dice(mr_map, ct_map))
         shifted.append(map_dice(mr_map, ct_map.roll(4, dims=-1)))  # 12 mm off: the Dice must notice
     assert np.mean(scores) > MIN_AGREEMENT, scores
-    assert np.mean(shifted) < np.mean(scores) - 0.2, (shifted, scores)
+    assert np.mean(shifted) < np.mean(scores) - 0.1, (shifted, scores)
 
 
 def test_contour_map_ignores_the_intensity_scale() -> None:

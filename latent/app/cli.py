@@ -313,7 +313,10 @@ def demo(
     train_seconds: Optional[float] = typer.Option(None, min=1.0, help="Training budget of each method (default: per-method)."),
     dose: bool = typer.Option(True, help="Dose evaluation of one test case (needs the dose extra)."),
 ) -> None:
-    """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose."""
+    """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose.
+
+    Families the demo does not train (contourdiff among them) are bench only: `latent bench --methods ...`.
+    """
     from latent.app.demo import DEMO_METHODS, DemoConfig, run_demo
 
     setup_logging(False)
@@ -334,7 +337,7 @@ def bench(
     out: Path = typer.Option(..., help="Report folder: report.md, report.html, results.json/csv, figures/."),
     methods: str = typer.Option(",".join(DEFAULT_BENCH_METHODS), help=(
         "Comma-separated: water, bulk, grid_floor, grid_floor_vae, vae_floor, l2sct, l2l_regress, l2l_ddim, "
-        "l2l_controlnet, regress3d, pix2pix, cyclegan, cut; a learned family with +tta (flip TTA) and/or "
+        "l2l_controlnet, regress3d, pix2pix, cyclegan, cut, contourdiff; a learned family with +tta (flip TTA) and/or "
         "+ensK (K fold runs averaged), e.g. regress3d+tta, l2sct+ens3.")),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON (default: a stratified split, seed 0)."),
     runs: Optional[Path] = typer.Option(None, help="Training runs: <runs>/<method> is reused when complete, else trained there."),

@@ -10,7 +10,9 @@ Per axial slice (``(N, 1, H, W)``, any intensity scale; z, y, x order of the can
    slice's pixels darker than it, a per-image histogram equalisation that makes the two
    modalities' contrasts comparable in size whatever their order), smoothed at each of
    ``edge_scales`` (gaussian sigmas in pixels); a pixel is an edge where the gradient magnitude
-   is above the ``edge_quantile`` of the magnitudes inside the body.
+   is above the ``edge_quantile`` of the magnitudes in the body's interior. The interior is the
+   body eroded by ``ceil(2 sigma)`` pixels: the air-to-skin step would otherwise take every
+   edge of the slice, and the outline channel already holds it.
 
 Channels of the map: the outline, then one edge map per scale, each in {0, 1}. Nothing of the
 image's absolute intensity survives, which is what lets a model trained on CT maps read MR maps
@@ -18,6 +20,8 @@ image's absolute intensity survives, which is what lets a model trained on CT ma
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -76,14 +80,14 @@ def body_mask(percentile: torch.Tensor, threshold: float) -> torch.Tensor:
     return torch.from_numpy(opened)[:, None].to(device=percentile.device, dtype=torch.float32)
 
 
-def contour_map(image: torch.Tensor, body_threshold: float = 0.1, edge_quantile: float = 0.9,
+def contour_map(image: torch.Tensor, body_threshold: float = 0.1, edge_quantile: float = 0.8,
                 edge_scales: tuple[float, ...] = (1.0, 2.0)) -> torch.Tensor:
     """The contour map of each slice (module docstring).
 
     Args:
         image: ``(N, 1, H, W)`` slices of one modality (CT in any HU scaling, MR in any units).
         body_threshold: body threshold on the percentile-normalised, smoothed slice.
-        edge_quantile: share of the body's gradient magnitudes below the edge threshold.
+        edge_quantile: share of the interior's gradient magnitudes below the edge threshold.
         edge_scales: gaussian sigmas (pixels) of the edge maps.
 
     Returns:
@@ -96,8 +100,10 @@ def contour_map(image: torch.Tensor, body_threshold: float = 0.1, edge_quantile:
     outline = body - (-F.max_pool2d(-body, 3, stride=1, padding=1))
     maps = [outline]
     for sigma in edge_scales:
-        magnitude = gradient_magnitude(smooth(ranks, sigma)) * body
-        inside = torch.where(body > 0, magnitude, torch.full_like(magnitude, float("nan"))).flatten(1)
+        band = math.ceil(2 * sigma)
+        interior = -F.max_pool2d(-body, 2 * band + 1, stride=1, padding=band)
+        magnitude = gradient_magnitude(smooth(ranks, sigma)) * interior
+        inside = torch.where(interior > 0, magnitude, torch.full_like(magnitude, float("nan"))).flatten(1)
         threshold = inside.nanquantile(edge_quantile, dim=1).nan_to_num(float("inf")).view(-1, 1, 1, 1)
         maps.append(((magnitude > threshold) & (magnitude > 0)).float())
     return torch.cat(maps, dim=1)

@@ -73,7 +73,7 @@ class ContourDiffConfig(DiffusionConfig):
     context_slices: int = 3
     slices_per_volume: int = Field(8, ge=1)
     body_threshold: float = Field(0.1, gt=0.0, lt=1.0)
-    edge_quantile: float = Field(0.9, gt=0.0, lt=1.0)
+    edge_quantile: float = Field(0.8, gt=0.0, lt=1.0)
     edge_scales: tuple[float, ...] = (1.0, 2.0)
     inference_batch_size: int = Field(16, ge=1)
 
