@@ -262,3 +262,14 @@ def test_prediction_reads_no_ct_and_writes_native_volumes_with_a_std_map(cached:
             assert properties.size == mr_properties.size and properties.spacing == mr_properties.spacing
             mask = read_volume(cases[pid].mask)[0] > 0
             assert std[mask].max() > 0 and np.all(std[~mask] == 0)
+
+
+def test_the_bench_trains_it_and_samples_it_k_times() -> None:
+    from latent.app.bench.config import BenchConfig, learned_methods, parse_methods, samples_per_case
+    from latent.translate.models.base import model_families
+
+    assert "contourdiff" in learned_methods() and "contour_map" not in model_families()  # the operator is no family
+    assert parse_methods("water,cyclegan,cut,contourdiff+tta") == ("water", "cyclegan", "cut", "contourdiff+tta")
+    assert samples_per_case("contourdiff", 3) == 3
+    assert BenchConfig(data=Path("."), cache=Path("c"), out=Path("o"), methods=("contourdiff",)).recipe(
+        "contourdiff") == "contourdiff_demo"
