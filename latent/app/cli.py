@@ -292,7 +292,8 @@ def demo(
     """The main job on phantom data: baselines, frozen VAE + latent cache, trained methods, evaluation, dose.
 
     Trains l2l_regress, l2sct, l2l_ddim, pix2pix; bench-only (latent bench --methods ...): l2l_controlnet,
-    regress3d, resvit, unetpp25d (and its region fine-tunes, benchmarks/bench_region_finetune.py), cyclegan, cut.
+    regress3d, resvit, unetpp25d (and its region fine-tunes, benchmarks/bench_region_finetune.py), cyclegan, cut,
+    contourdiff.
     """
     from latent.app.demo import DEMO_METHODS, DemoConfig, run_demo
 
@@ -314,7 +315,7 @@ def bench(
     out: Path = typer.Option(..., help="Report folder: report.md, report.html, results.json/csv, figures/."),
     methods: str = typer.Option(",".join(DEFAULT_BENCH_METHODS), help=(
         "Comma-separated: water, bulk, grid_floor, grid_floor_vae, vae_floor, l2sct, l2l_regress, l2l_ddim, "
-        "l2l_controlnet, regress3d, pix2pix, resvit, cyclegan, cut, unetpp25d; a learned family with +tta (flip TTA) and/or "
+        "l2l_controlnet, regress3d, pix2pix, resvit, cyclegan, cut, contourdiff, unetpp25d; a learned family with +tta (flip TTA) and/or "
         "+ensK (K fold runs averaged), e.g. regress3d+tta, l2sct+ens3.")),
     split_file: Optional[Path] = typer.Option(None, "--split-file", help="Split JSON (default: a stratified split, seed 0)."),
     runs: Optional[Path] = typer.Option(None, help="Training runs: <runs>/<method> is reused when complete, else trained there."),

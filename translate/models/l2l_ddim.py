@@ -67,10 +67,11 @@ class LatentUNetConfig(ModelConfig):
         return 2 ** (len(self.channels) - 1)
 
 
-def diffusion_unet(config: LatentUNetConfig, in_channels: int, out_channels: int) -> DiffusionModelUNet:
-    """A 3D MONAI ``DiffusionModelUNet`` of the configured sizes."""
+def diffusion_unet(config: LatentUNetConfig, in_channels: int, out_channels: int,
+                   spatial_dims: int = 3) -> DiffusionModelUNet:
+    """A MONAI ``DiffusionModelUNet`` of the configured sizes (3D on latents; 2D on slices: contourdiff)."""
     return DiffusionModelUNet(
-        spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
+        spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
         channels=config.channels, num_res_blocks=config.num_res_blocks,
         attention_levels=config.attention_levels or (False,) * len(config.channels),
         norm_num_groups=config.norm_num_groups, num_head_channels=config.num_head_channels,
