@@ -35,7 +35,8 @@ def deformed_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_a_known_shift_is_recovered_in_the_register_arrays_convention():
+def _toy_shift(**settings) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """A smooth random volume, the same moved by (0, -2, 3) mm, and the field fitted between them."""
     rng = np.random.default_rng(0)
     fixed = ndimage.gaussian_filter(rng.normal(size=(16, 24, 24)).astype(np.float32), 2)
     spacing = (3.0, 2.0, 2.0)
@@ -45,12 +46,23 @@ def test_a_known_shift_is_recovered_in_the_register_arrays_convention():
     field = optimise_displacement(torch.from_numpy(fixed)[None, None], torch.from_numpy(moving)[None, None],
                                   np.ones(fixed.shape, bool), spacing,
                                   FeatureSettings(feature_spacing_mm=1.0, levels=1, steps=50, lr_mm=0.2,
-                                                  smoothness=1.0))
+                                                  smoothness=1.0, **settings))
+    return fixed, moving, field, spacing
+
+
+def test_a_known_shift_is_recovered_in_the_register_arrays_convention():
+    fixed, moving, field, spacing = _toy_shift()
     assert field.shape == (3, *fixed.shape) and field.dtype == np.float32
     inner = field[:, 5:11, 8:16, 8:16].reshape(3, -1).mean(axis=1)
     np.testing.assert_allclose(inner, [0.0, -2.0, 3.0], atol=0.4)
     registered = warp(moving, field, spacing, 0.0)[5:11, 8:16, 8:16]
     assert np.abs(registered - fixed[5:11, 8:16, 8:16]).mean() < 0.5 * np.abs(moving - fixed)[5:11, 8:16, 8:16].mean()
+
+
+def test_the_anchor_holds_the_field_back():
+    free = _toy_shift()[2]
+    anchored = _toy_shift(anchor=1000.0)[2]
+    assert np.abs(anchored).mean() < 0.5 * np.abs(free).mean()
 
 
 def test_the_features_are_the_standin_encoders_full_resolution_level():

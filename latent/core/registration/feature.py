@@ -100,7 +100,8 @@ def optimise_displacement(fixed: torch.Tensor, moving: torch.Tensor, mask: np.nd
             dense = F.interpolate(coarse, size=size, mode="trilinear", align_corners=True)
             squared_correlation = -similarity(warper(source, dense / voxel_mm), target).mean(dim=1)[0]
             loss = (1.0 - (squared_correlation * weight).sum()
-                    + settings.smoothness * penalty(coarse / settings.grid_spacing_mm))
+                    + settings.smoothness * penalty(coarse / settings.grid_spacing_mm)
+                    + settings.anchor * (coarse / settings.grid_spacing_mm).square().mean())
             loss.backward()
             optimiser.step()
     with torch.no_grad():

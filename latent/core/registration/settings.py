@@ -27,6 +27,8 @@ class FeatureSettings(BaseModel):
     steps: int = Field(60, ge=1, description="Adam steps per resolution")
     lr_mm: float = Field(0.03, gt=0, description="Adam step size (mm of control-point displacement)")
     smoothness: float = Field(100.0, ge=0, description="weight of the squared displacement gradient on the grid")
+    anchor: float = Field(0.0, ge=0, description="weight of the mean squared displacement (in grid spacings): "
+                          "holds still what the features do not see")
     window: int = Field(5, ge=3, description="window (voxels) of the local correlation")
 
 
