@@ -494,8 +494,8 @@ def register(world: World, data: Path, tmp: Path) -> list[str]:
     return ["register", "--data", str(data), "--out", str(tmp / "registered"), "-q"]
 
 
-def register_feature(world: World, data: Path, tmp: Path) -> list[str]:
-    return register(world, data, tmp) + ["--method", "feature"]
+def register_feature_vae(world: World, data: Path, tmp: Path) -> list[str]:
+    return register(world, data, tmp) + ["--method", "feature", "--feature-vae", str(tmp / "no_such_vae")]
 
 
 # --------------------------------------------------------------------------- issue 36: latent tune
@@ -687,7 +687,8 @@ CORPUS: dict[str, Bad] = {
     "register a case without CT": Bad(remove("ct.mha"), register, r"no CT file in {case}; registration needs the CT", 1),
     "register a mask on another grid": Bad(shift_origin("mask.mha"), register,
                                            r"mask {case}/mask\.mha is on another grid than the MR", 1),
-    "register --method feature": Bad(nothing, register_feature, r"^error: --method feature: not implemented", 2),
+    "register --feature-vae that does not exist": Bad(nothing, register_feature_vae,
+                                                      r"^error: VAE spec '.*no_such_vae' does not exist", 2),
     # -- issue 36: latent tune refuses a bad space, an unknown field and a storage it cannot open
     "tune space with an unknown type": Bad(nothing, tune_with("model.lr: {type: gaussian, low: 1, high: 2}\n"),
                                            r"space\.yaml: model\.lr\.type: Input should be 'loguniform'", 2),

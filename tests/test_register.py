@@ -163,10 +163,3 @@ def test_a_diverging_registration_writes_nothing(moved_root, tmp_path):
     with pytest.raises(RegistrationError, match=r"1ABA001: rigid registration diverged .*no registered CT written"):
         register_case(case, moved_root, tmp_path, RegisterSettings(nmi_tolerance=-1.0))
     assert not (tmp_path / "Task1").exists()
-
-
-def test_feature_method_is_not_implemented(tmp_path):
-    result = runner.invoke(app, ["register", "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-                                 "--method", "feature"])
-    assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["error: --method feature: not implemented (use rigid or bspline)"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from latent.app.cli_common import USER_ERRORS, check_output_folder, fail, report_run, setup_logging, user_error
+from latent.app.cli_common import USER_ERRORS, check_output_folder, report_run, setup_logging, user_error
 
 
 def register(
@@ -14,29 +14,33 @@ def register(
     data: Path = typer.Option(..., help="Data set root (SynthRAD layout); never modified."),
     out: Path = typer.Option(..., help="New SynthRAD-layout root: registered ct.mha, ct_orig, MR and mask copies, "
                              "register.csv, register.json, register.html."),
-    method: str = typer.Option("rigid", help="rigid (Euler) or bspline (rigid, then B-spline); feature: not implemented."),
+    method: str = typer.Option("rigid", help="rigid (Euler), bspline (rigid, then B-spline), or feature (rigid, then a "
+                               "smooth field fitted on frozen VAE features with torch)."),
     parameter_dir: Path = typer.Option(None, "--parameter-dir", help="Folder of edited elastix maps (rigid.txt, "
                                        "bspline.txt; default latent/configs/elastix)."),
+    feature_vae: str = typer.Option("standin", "--feature-vae", help="--method feature: the frozen VAE whose first "
+                                    "encoder level gives the features (a --vae spec of `latent encode`: name, folder, file)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes registering cases side by side."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
-    """Register each case's CT onto its MR with elastix (Mattes mutual information in the dilated mask) into a
-    new data root, with NMI before / after and the displacement per case (docs/registration.md)."""
-    if method == "feature":
-        fail("--method feature: not implemented (use rigid or bspline)")
+    """Register each case's CT onto its MR (elastix with Mattes mutual information, or a frozen-feature metric, in
+    the dilated mask) into a new data root, with NMI before / after and the displacement per case
+    (docs/registration.md)."""
     from latent.app.register_run import run_register
     from latent.core.errors import BadFileError
-    from latent.core.registration.case import RegisterSettings
-    from latent.core.registration.elastix import parameter_files
+    from latent.core.registration.methods import method_files, method_identity
+    from latent.core.registration.settings import FeatureSettings, RegisterSettings
 
     setup_logging(quiet)
     try:
-        parameter_files(method, parameter_dir)
+        settings = RegisterSettings(method=method, parameter_dir=parameter_dir, threads=max(1, 2 // workers),
+                                    feature=FeatureSettings(vae=feature_vae))
+        method_files(settings)
+        method_identity(settings)  # --method feature: the VAE loads and has a full-resolution level
         check_output_folder(out, "--out")
         if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
             raise BadFileError(f"--out {out}: inside --data {data}; latent register never writes under the data")
-        settings = RegisterSettings(method=method, parameter_dir=parameter_dir, threads=max(1, 2 // workers))
         outcome = run_register(data, out, settings, workers=workers, quiet=quiet)
     except USER_ERRORS as error:
         user_error(error, ctx)

@@ -72,6 +72,7 @@ def write_tables(out: Path, rows: list[dict], run: CaseRun[dict], settings: Regi
     writer.writerows(rows)
     summary = {"method": settings.method, "parameter_dir": str(settings.parameter_dir or "latent/configs/elastix"),
                "nmi_tolerance": settings.nmi_tolerance, "max_negative_jacobian": settings.max_negative_jacobian,
+               **({"feature": settings.feature.model_dump()} if settings.method == "feature" else {}),
                "cases": rows, **run.manifest()}
     return {"register.csv": write_text_atomic(out / "register.csv", buffer.getvalue()),
             "register.json": write_text_atomic(out / "register.json", json.dumps(summary, indent=2) + "\n")}

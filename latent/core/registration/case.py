@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +21,14 @@ from latent.core.io import write_volume
 from latent.core.prepare import read_native
 from latent.core.phantom.truth import CT_TRUE, MOTION_TRUE, read_truth
 from latent.core.qa.alignment import nmi
-from latent.core.registration.elastix import (displacement_stats, negative_jacobian_fraction, parameter_files,
-                                              register_arrays, warp)
+from latent.core.registration.elastix import displacement_stats, negative_jacobian_fraction, warp
+from latent.core.registration.methods import method_files, method_identity, register_field
+from latent.core.registration.settings import RegisterSettings
 from latent.core.registration.truth import TRUTH_COLUMNS, truth_columns
+
+__all__ = ["COLUMNS", "RECORD_DIR", "RegisterSettings", "RegistrationError", "case_folder", "record_path",
+           "register_case"]
+
 
 #: Folder of ``<out>`` holding the per-case records and overlay figures (not a case folder).
 RECORD_DIR = "register"
@@ -35,23 +39,6 @@ COLUMNS = ("pid", "region", "method", "nmi_before", "nmi_after", "mean_displacem
 
 class RegistrationError(CaseError):
     """A registration that made the pair worse (diverged) or folded: nothing was written."""
-
-
-@dataclass(frozen=True)
-class RegisterSettings:
-    """How ``latent register`` registers and what it accepts (docs/registration.md)."""
-
-    method: str = "rigid"
-    #: another folder of parameter maps named like the shipped ones (None: latent/configs/elastix).
-    parameter_dir: Path | None = None
-    #: bins of the NMI in the mask (the same measure as ``latent qa``).
-    nmi_bins: int = 32
-    #: a registration whose NMI falls by more than this is a failure (diverged; 0: any fall).
-    nmi_tolerance: float = 0.0
-    #: a transform folding more than this share of the mask is a failure.
-    max_negative_jacobian: float = 0.001
-    #: elastix threads per case.
-    threads: int = 1
 
 
 def case_folder(out_root: Path, case: Case) -> Path:
@@ -66,9 +53,9 @@ def record_path(out_root: Path, pid: str) -> Path:
 
 def _sources(case: Case, settings: RegisterSettings) -> dict[str, str]:
     files = {role: getattr(case, role) for role in ("mr", "ct", "mask")}
-    files.update({f"map:{p.name}": p for p in parameter_files(settings.method, settings.parameter_dir)})
+    files.update({f"map:{p.name}": p for p in method_files(settings)})
     files.update({f"truth:{name}": case.folder / name for name in (CT_TRUE, MOTION_TRUE) if (case.folder / name).is_file()})
-    return {role: sha256_file(path) for role, path in files.items()}
+    return {**{role: sha256_file(path) for role, path in files.items()}, **method_identity(settings)}
 
 
 def _done(case: Case, out_root: Path, settings: RegisterSettings, sources: dict[str, str]) -> dict | None:
@@ -109,12 +96,12 @@ def register_case(case: Case, data_root: Path, out_root: Path, settings: Registe
     started = time.perf_counter()
     mr, mask, ct, properties = read_native(case)
     spacing_zyx = tuple(float(s) for s in reversed(properties.spacing))
-    field = register_arrays(mr, ct, mask, spacing_zyx, settings.method, settings.parameter_dir, settings.threads)
+    field = register_field(mr, ct, mask, spacing_zyx, settings)
     fill = -1024.0 if float(ct.min()) <= -1024.0 else -1000.0
     moved = np.rint(np.clip(warp(ct, field, spacing_zyx, fill), -32768, 32767)).astype(np.int16)
     before, after = (nmi(mr, volume, mask, settings.nmi_bins) for volume in (ct, moved))
     mean_mm, p95_mm = displacement_stats(field, mask)
-    folding = negative_jacobian_fraction(field, mask, spacing_zyx) if settings.method == "bspline" else 0.0
+    folding = negative_jacobian_fraction(field, mask, spacing_zyx) if settings.method != "rigid" else 0.0
     row = {"pid": case.pid, "region": case.region, "method": settings.method, "nmi_before": round(before, 5),
            "nmi_after": round(after, 5), "mean_displacement_mm": round(mean_mm, 3),
            "p95_displacement_mm": round(p95_mm, 3), "negative_jacobian_fraction": round(folding, 6)}

@@ -22,12 +22,18 @@ TRUTH_COLUMNS = ("residual_mm_before", "residual_mm_after", "residual_p95_mm_bef
                  "true_mae_before", "true_mae_after")
 
 
-def residual_motion(field_mm: np.ndarray, motion_mm: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
-    """r(x) = f(x) + m(x + f(x)) in mm, (3, z, y, x); ``m`` read linearly (nearest value beyond the grid)."""
+def compose_fields(first_mm: np.ndarray, then_mm: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """f(x) + g(x + f(x)) in mm, (3, z, y, x): reading through ``f`` an image already read through ``g``
+    is reading the original through this one. ``g`` is read linearly (nearest value beyond the grid)."""
     spacing = np.asarray(spacing_zyx, dtype=np.float32)[:, None, None, None]
-    points = np.indices(field_mm.shape[1:], dtype=np.float32) + field_mm / spacing
-    moved = np.stack([ndimage.map_coordinates(component, points, order=1, mode="nearest") for component in motion_mm])
-    return field_mm + moved
+    points = np.indices(first_mm.shape[1:], dtype=np.float32) + first_mm / spacing
+    moved = np.stack([ndimage.map_coordinates(component, points, order=1, mode="nearest") for component in then_mm])
+    return first_mm + moved
+
+
+def residual_motion(field_mm: np.ndarray, motion_mm: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
+    """r(x) = f(x) + m(x + f(x)) in mm, (3, z, y, x): the registration composed with the true motion."""
+    return compose_fields(field_mm, motion_mm, spacing_zyx)
 
 
 def _length_stats(vectors: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
