@@ -9,8 +9,10 @@ import csv
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -164,6 +166,38 @@ def test_resume_marks_the_interrupted_trial_failed_and_counts_nothing_twice(runs
     assert counted_trials(study) == 3
     assert "ran 0 trial(s)" in tune(recipe_path, space_path, out, 3, "--resume").output
     assert "no study" in tune(recipe_path, space_path, tmp_path / "empty", 1, "--resume").output
+
+
+def test_a_study_resumes_after_its_process_is_killed_mid_trial(runs, tmp_path):  # noqa: F811
+    """A real SIGKILL while a trial trains: --resume marks that trial failed and runs what is left."""
+    recipe_path, space_path = write_inputs(runs, tmp_path)
+    out = tmp_path / "tune"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "latent", "tune", "--config", str(recipe_path), "--space", str(space_path),
+               "--trials", "2", "--out", str(out), "--pruner", "none", "--trial-seconds", "300", "-q",
+               "train.max_steps=100000"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            metrics = out / "trials" / "0000" / "metrics.jsonl"
+            if metrics.is_file() and metrics.read_text().strip():  # the trial is training
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the first trial never started training")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert [t.state for t in study_of(out).trials] == [TrialState.RUNNING]
+
+    result = tune(recipe_path, space_path, out, 2, "--pruner", "none", "--resume")
+    assert result.exit_code == 0, result.output
+    assert "marked interrupted (failed): trial(s) 0" in result.output and "ran 2 trial(s)" in result.output
+    states = [(t.state, t.user_attrs.get("reason")) for t in study_of(out).trials]
+    assert states == [(TrialState.FAIL, INTERRUPTED)] + [(TrialState.COMPLETE, None)] * 2
+    assert sorted(p.name for p in (out / "trials").iterdir()) == ["0000", "0001", "0002"]
 
 
 @pytest.mark.parametrize("space, message", [

@@ -10,6 +10,7 @@ so nothing is counted twice.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ INTERRUPTED = "interrupted"
 #: Seconds a process waits for another one's lock on a SQLite study before giving up.
 SQLITE_TIMEOUT_S = 60
 PRUNERS = ("median", "hyperband", "none")
+#: Tries at opening a new storage: two processes starting on one fresh database race to create its tables.
+CREATE_ATTEMPTS = 5
 
 
 def default_storage(out: Path) -> str:
@@ -39,11 +42,22 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         BadConfigError: the URL cannot be opened (no driver, unknown scheme, unreachable, no folder).
     """
     engine = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}} if url.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as error:  # noqa: BLE001 - sqlalchemy / driver errors of every kind: the URL is the problem
-        raise BadConfigError(f"--storage {redact(url)}: cannot be opened ({type(error).__name__}: "
-                             f"{one_line(error).split('(Background on this error')[0].rstrip('; ')})") from None
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        except Exception as error:  # noqa: BLE001 - sqlalchemy / driver errors of every kind: the URL is the problem
+            if creation_race(error) and attempt + 1 < CREATE_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))  # another process created the schema between check and create
+                continue
+            raise BadConfigError(f"--storage {redact(url)}: cannot be opened ({type(error).__name__}: "
+                                 f"{one_line(error).split('(Background on this error')[0].rstrip('; ')})") from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def creation_race(error: Exception) -> bool:
+    """True for the errors of two processes creating one new database's schema at once."""
+    text = str(error)
+    return any(sign in text for sign in ("already exists", "UNIQUE constraint failed", "database is locked"))
 
 
 def redact(url: str) -> str:
