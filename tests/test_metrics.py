@@ -387,8 +387,9 @@ def test_score_case_matches_the_benchmark_reference(implant: bool) -> None:
 
 
 def test_the_metric_table_names_every_score_and_nothing_else() -> None:
-    """One table (latent.evaluation.metrics.METRICS) describes every value of score_case, plus the std-map
-    Spearman that evaluate adds; evaluate, the demo and the bench report read it."""
+    """One table (latent.evaluation.metrics.METRICS) describes every value of score_case, plus the two
+    std-map values evaluate adds (the per-voxel Spearman and the mean std in the mask); evaluate, the
+    demo and the bench report read it."""
     from latent.evaluation.metrics import METRICS, metric_names
 
     rng = np.random.default_rng(0)
@@ -397,6 +398,6 @@ def test_the_metric_table_names_every_score_and_nothing_else() -> None:
     mask[2:10, 2:10, 2:10] = True
     scores = metrics.score_case(ct, ct + 10, mask, (1.0, 1.0, 1.0))
     assert set(scores) == set(metric_names("image")) | set(metric_names("tissue"))
-    assert set(METRICS) == set(scores) | {"std_error_spearman"}
+    assert set(METRICS) == set(scores) | {"std_error_spearman", "std_mean"}
     assert [name for name, metric in METRICS.items() if metric.paired] == ["mae", "psnr", "ms_ssim"]
     assert METRICS["mae"].lower_is_better and not METRICS["psnr"].lower_is_better
