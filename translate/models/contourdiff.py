@@ -30,6 +30,7 @@ from latent.translate.models.base import TranslationModel
 from latent.translate.models.contour_map import contour_map
 from latent.translate.models.gan_views import (
     SIGNED_BACKGROUND,
+    odd_context_slices,
     gather_stacks,
     pad_to_multiple,
     sample_slices,
@@ -77,12 +78,7 @@ class ContourDiffConfig(DiffusionConfig):
     edge_scales: tuple[float, ...] = (1.0, 2.0)
     inference_batch_size: int = Field(16, ge=1)
 
-    @field_validator("context_slices")
-    @classmethod
-    def _odd_context(cls, value: int) -> int:
-        if value < 1 or value % 2 == 0:
-            raise ValueError(f"must be an odd number >= 1 (the centre slice is predicted), got {value}")
-        return value
+    _odd_context = field_validator("context_slices")(odd_context_slices)
 
     @field_validator("edge_scales")
     @classmethod

@@ -31,6 +31,7 @@ from latent.translate.models.gan_losses import (
     masked_l1,
 )
 from latent.translate.models.gan_views import (  # noqa: F401 - re-exported: the GAN families import them from here
+    odd_context_slices,
     SIGNED_BACKGROUND, avoid_same, body_slices, centre_channel, gather_patches, gather_stacks, make_inferer, pad_to_multiple,
     pad_volume_to, sample_patch_starts, sample_slices, sliding_window_translate, slicewise_translate,
     unpaired_partner,
@@ -90,12 +91,7 @@ class PixelGANConfig(ModelConfig):
     sw_batch_size: int = 4
     sw_sigma_scale: float = 0.125
 
-    @field_validator("context_slices")
-    @classmethod
-    def _odd_context(cls, value: int) -> int:
-        if value < 1 or value % 2 == 0:
-            raise ValueError(f"context_slices must be an odd number >= 1 (the centre slice is predicted), got {value}")
-        return value
+    _odd_context = field_validator("context_slices")(odd_context_slices)
 
     @field_validator("num_res_units")
     @classmethod

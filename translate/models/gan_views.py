@@ -15,6 +15,13 @@ SIGNED_BACKGROUND = -1.0
 
 
 # -- sampling ---------------------------------------------------------------------------------
+def odd_context_slices(value: int) -> int:
+    """Validator of a ``context_slices`` field: an odd count >= 1 (the centre slice is predicted)."""
+    if value < 1 or value % 2 == 0:
+        raise ValueError(f"context_slices must be an odd number >= 1 (the centre slice is predicted), got {value}")
+    return value
+
+
 def pad_to_multiple(x: torch.Tensor, multiple: int, value: float, axes: int = 2) -> torch.Tensor:
     """Pad the last ``axes`` dimensions at their end up to a multiple of ``multiple``."""
     pads: list[int] = []

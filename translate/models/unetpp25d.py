@@ -35,7 +35,8 @@ from latent.core.errors import WeightsError
 from latent.core.network_weights import read_state_dict
 from latent.translate.models.base import ModelConfig, PositiveRate, TranslationModel
 from latent.translate.models.gan_losses import background_l1, masked_l1
-from latent.translate.models.gan_views import gather_stacks, pad_to_multiple, sample_slices, slicewise_translate
+from latent.translate.models.gan_views import (gather_stacks, odd_context_slices, pad_to_multiple, sample_slices,
+                                               slicewise_translate)
 from latent.translate.models.l2sct import AIR_VALUE, START_VALUE
 from latent.translate.models.perception import PerceptionNetwork, PerceptionSettings, PerceptionTerm
 
@@ -81,12 +82,7 @@ class UNetPP25DConfig(PerceptionSettings, ModelConfig):
     background_weight: float = Field(0.1, ge=0)
     inference_batch_size: int = Field(16, ge=1)
 
-    @field_validator("context_slices")
-    @classmethod
-    def _odd_context(cls, value: int) -> int:
-        if value < 1 or value % 2 == 0:
-            raise ValueError(f"context_slices must be an odd number >= 1 (the centre slice is predicted), got {value}")
-        return value
+    _odd_context = field_validator("context_slices")(odd_context_slices)
 
     @field_validator("decoder_channels")
     @classmethod
