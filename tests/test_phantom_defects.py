@@ -135,6 +135,9 @@ def check_signal_void(base, case, record):
     assert changed_slices(dark, np.zeros_like(dark)) == slices
     centre = record["centre_zyx"]
     assert case.mr[tuple(centre)] < 0.1 * np.percentile(base.mr[base.mask > 0], 99)
+    # its central disc darkens soft tissue, which was bright before (not bone or air, dark anyway)
+    disc = dark[centre[0]]
+    assert np.mean(base.mr[centre[0]][disc] > 0.1 * np.percentile(base.mr[base.mask > 0], 99)) > 0.9
 
 
 def check_ct_offset(base, case, record):

@@ -114,8 +114,9 @@ def _beside_body(body2d: np.ndarray, fov2d: np.ndarray, radius: float, first: in
 
 
 def add_signal_void(mr, body, soft, spacing_zyx, rng, info: dict) -> dict:
-    """An ellipsoid inside the body (centred in soft tissue) where the MR falls to the noise floor;
-    ``voxels`` counts them."""
+    """An ellipsoid inside the body where the MR falls to the noise floor; ``voxels`` counts them.
+    Its central disc lies in soft tissue (MR-bright): a void over bone or air, already dark on MR,
+    would change nothing a detector or a model could see."""
     dz, pixel = float(spacing_zyx[0]), float(spacing_zyx[2])
     radius = rng.uniform(*VOID_RADIUS_MM) / pixel
     half_z = max(1.0, rng.uniform(4.0, 8.0) / dz)
@@ -127,7 +128,8 @@ def add_signal_void(mr, body, soft, spacing_zyx, rng, info: dict) -> dict:
         r = max(1.5, radius * shrink)
         for z in order:
             depth = ndimage.distance_transform_edt(body[z])
-            candidates = np.argwhere(soft[z] & (depth >= r + 2))
+            soft_depth = ndimage.distance_transform_edt(soft[z])
+            candidates = np.argwhere((soft_depth >= r) & (depth >= r + 2))
             if len(candidates):
                 centre = (int(z), *(int(v) for v in candidates[rng.integers(0, len(candidates))]))
                 break
