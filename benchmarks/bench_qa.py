@@ -7,7 +7,9 @@
    one modality only, an MR signal void, a CT offset, metal, rigid misregistration). ``latent qa``
    labels the cohort; a defect is *found* when its case is not GREEN, and *localised* when, for
    defects with slices, a flagged slice of the right kind lies on a recorded slice. The clean
-   cases give the false-flag rate (not GREEN). Seconds per 10 cases are timed.
+   cases give the false-flag rate (not GREEN). Seconds per 10 cases are timed. Then, since each
+   defect appears only a few times there, ``--void-seeds`` cohorts of ``--cases`` phantoms with an
+   MR signal void in half of them (the smallest defect, the hardest to tell from dark tissue).
 2. **Worth**: 40 phantoms, 6 of them (a fifth of the 31 training cases) with one defect each;
    clean validation (3) and test (6) cases. The demo's ``l2l_regress`` recipe is trained twice at
    the same budget on the same cache (the shipped stand-in VAE, the demo grid): on every training
@@ -35,18 +37,21 @@ SLICE_CODES = {"banding": {"mr_banding"}, "signal_void": {"mr_void", "mr_dark"},
                "extra_object": {"one_modality", "mr_void", "ct_air"}, "fov_cut": {"fov_cut"}}
 
 
-def detection(work: Path, cases: int, seed: int) -> dict:
-    """Generate the cohort, run ``latent qa`` on it, and score what it finds against the record."""
+def detection(work: Path, cases: int, seed: int, defects: tuple[str, ...] | None = None, fraction: float = 0.35,
+              name: str = "detection") -> dict:
+    """Generate the cohort (every defect, or ``defects``), run ``latent qa`` on it, and score what it
+    finds against the record."""
     from latent.app.qa_run import run_qa
     from latent.core.phantom.defects import DEFECTS
     from latent.core.phantom.generate import generate_phantom_dataset
     from latent.core.qa.config import QAConfig
 
-    data = work / "detection" / "data"
-    generate_phantom_dataset(data, cases, seed=seed, defects=DEFECTS, defect_fraction=0.35, defects_per_case="one")
+    data = work / name / "data"
+    generate_phantom_dataset(data, cases, seed=seed, defects=defects or DEFECTS, defect_fraction=fraction,
+                             defects_per_case="one")
     injected = json.loads((data / "phantom.json").read_text())["defect_cases"]
     started = time.perf_counter()
-    outcome = run_qa(data, work / "detection" / "qa", QAConfig(), quiet=True)
+    outcome = run_qa(data, work / name / "qa", QAConfig(), quiet=True)
     seconds = time.perf_counter() - started
     by_pid = {qa.pid: qa for qa in outcome.cohort.cases}
     rows = []
@@ -61,11 +66,11 @@ def detection(work: Path, cases: int, seed: int) -> dict:
     clean = [qa for pid, qa in by_pid.items() if pid not in injected]
     false_flags = [qa.pid for qa in clean if qa.values.get("label") != "GREEN"]
     per_defect = {}
-    for name in DEFECTS:
-        mine = [row for row in rows if row["defect"] == name]
+    for defect in DEFECTS:
+        mine = [row for row in rows if row["defect"] == defect]
         if mine:
             localised = [row["localised"] for row in mine if row["localised"] is not None]
-            per_defect[name] = {"cases": len(mine), "found": sum(row["found"] for row in mine),
+            per_defect[defect] = {"cases": len(mine), "found": sum(row["found"] for row in mine),
                                 "localised": sum(localised) if localised else None}
     return {"cases": cases, "defect_cases": len(injected), "clean_cases": len(clean), "failed": outcome.run.failures,
             "false_flags": false_flags, "false_flag_rate": len(false_flags) / max(1, len(clean)),
@@ -145,6 +150,15 @@ def markdown(record: dict) -> str:
         lines += ["", "Missed: " + "; ".join(f"{row['pid']} ({row['defect']})" for row in missed)]
     if found["false_flags"]:
         lines += ["", "Flagged clean cases: " + ", ".join(found["false_flags"])]
+    for voids in record.get("signal_voids", []):
+        missed = [row["pid"] for row in voids["rows"] if not row["found"]]
+        lines += ["", f"## Signal voids alone (seed {voids['seed']})", "",
+                  f"{voids['cases']} phantoms, {voids['defect_cases']} with an MR signal void: found "
+                  f"{voids['per_defect']['signal_void']['found']} of {voids['defect_cases']}, localised "
+                  f"{voids['per_defect']['signal_void']['localised']}; false flags on clean cases: "
+                  f"{len(voids['false_flags'])} of {voids['clean_cases']}"
+                  + (f" ({', '.join(voids['false_flags'])})" if voids["false_flags"] else "")
+                  + (f"; missed: {', '.join(missed)}" if missed else "") + "."]
     lines += ["", "## Worth (l2l_regress, same budget, clean test cases, MAE in HU)", "",
               f"{trained['train']} training cases, {len(trained['defect_train_cases'])} with a defect "
               f"({', '.join(f'{pid}: {names[0]}' for pid, names in trained['defects'].items())}); latent qa kept "
@@ -167,6 +181,8 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=60, help="phantoms of the detection cohort")
     parser.add_argument("--seconds", type=float, default=120.0, help="training budget of each l2l_regress run")
     parser.add_argument("--seed", type=int, default=21, help="phantom seed")
+    parser.add_argument("--void-seeds", default="22,23",
+                        help="seeds of extra cohorts with signal voids only (half the cases; empty: none)")
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPOSITORY))
@@ -179,6 +195,8 @@ def main() -> int:
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "note": args.note, "detection": detection(work, args.cases, args.seed)}
     print(json.dumps({k: v for k, v in record["detection"].items() if k != "rows"}, indent=1), flush=True)
+    record["signal_voids"] = [dict(detection(work, args.cases, seed, ("signal_void",), 0.5, f"voids_{seed}"), seed=seed)
+                              for seed in (int(text) for text in args.void_seeds.split(",") if text.strip())]
     record["worth"] = worth(work, args.seconds, args.seed + 1)
     record["load_average_after"] = os.getloadavg()
     record["wall_seconds"] = time.perf_counter() - started
