@@ -8,8 +8,9 @@
    labels the cohort; a defect is *found* when its case is not GREEN, and *localised* when, for
    defects with slices, a flagged slice of the right kind lies on a recorded slice. The clean
    cases give the false-flag rate (not GREEN). Seconds per 10 cases are timed. Then, since each
-   defect appears only a few times there, ``--void-seeds`` cohorts of ``--cases`` phantoms with an
-   MR signal void in half of them (the smallest defect, the hardest to tell from dark tissue).
+   defect appears only a few times there, ``--stress`` cohorts of ``--cases`` phantoms with one
+   kind of defect in half of them (by default the two smallest: MR signal voids, which can look
+   like dark tissue, and rigid misregistrations of 2 degrees and 2 mm at most).
 2. **Worth**: 40 phantoms, 6 of them (a fifth of the 31 training cases) with one defect each;
    clean validation (3) and test (6) cases. The demo's ``l2l_regress`` recipe is trained twice at
    the same budget on the same cache (the shipped stand-in VAE, the demo grid): on every training
@@ -150,14 +151,15 @@ def markdown(record: dict) -> str:
         lines += ["", "Missed: " + "; ".join(f"{row['pid']} ({row['defect']})" for row in missed)]
     if found["false_flags"]:
         lines += ["", "Flagged clean cases: " + ", ".join(found["false_flags"])]
-    for voids in record.get("signal_voids", []):
-        missed = [row["pid"] for row in voids["rows"] if not row["found"]]
-        lines += ["", f"## Signal voids alone (seed {voids['seed']})", "",
-                  f"{voids['cases']} phantoms, {voids['defect_cases']} with an MR signal void: found "
-                  f"{voids['per_defect']['signal_void']['found']} of {voids['defect_cases']}, localised "
-                  f"{voids['per_defect']['signal_void']['localised']}; false flags on clean cases: "
-                  f"{len(voids['false_flags'])} of {voids['clean_cases']}"
-                  + (f" ({', '.join(voids['false_flags'])})" if voids["false_flags"] else "")
+    for single in record.get("stress", []):
+        missed = [row["pid"] for row in single["rows"] if not row["found"]]
+        row = single["per_defect"][single["defect"]]
+        localised = "" if row["localised"] is None else f", localised {row['localised']}"
+        lines += ["", f"## {single['defect']} alone (seed {single['seed']})", "",
+                  f"{single['cases']} phantoms, {single['defect_cases']} with {single['defect']}: found "
+                  f"{row['found']} of {single['defect_cases']}{localised}; false flags on clean cases: "
+                  f"{len(single['false_flags'])} of {single['clean_cases']}"
+                  + (f" ({', '.join(single['false_flags'])})" if single["false_flags"] else "")
                   + (f"; missed: {', '.join(missed)}" if missed else "") + "."]
     lines += ["", "## Worth (l2l_regress, same budget, clean test cases, MAE in HU)", "",
               f"{trained['train']} training cases, {len(trained['defect_train_cases'])} with a defect "
@@ -181,8 +183,8 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=60, help="phantoms of the detection cohort")
     parser.add_argument("--seconds", type=float, default=120.0, help="training budget of each l2l_regress run")
     parser.add_argument("--seed", type=int, default=21, help="phantom seed")
-    parser.add_argument("--void-seeds", default="22,23",
-                        help="seeds of extra cohorts with signal voids only (half the cases; empty: none)")
+    parser.add_argument("--stress", default="signal_void:22,signal_void:23,misregistration:24,misregistration:25",
+                        help="extra cohorts DEFECT:SEED with that defect only, in half the cases (empty: none)")
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPOSITORY))
@@ -195,8 +197,9 @@ def main() -> int:
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "note": args.note, "detection": detection(work, args.cases, args.seed)}
     print(json.dumps({k: v for k, v in record["detection"].items() if k != "rows"}, indent=1), flush=True)
-    record["signal_voids"] = [dict(detection(work, args.cases, seed, ("signal_void",), 0.5, f"voids_{seed}"), seed=seed)
-                              for seed in (int(text) for text in args.void_seeds.split(",") if text.strip())]
+    record["stress"] = [dict(detection(work, args.cases, int(seed), (defect,), 0.5, f"{defect}_{seed}"),
+                             defect=defect, seed=int(seed))
+                        for defect, seed in (text.split(":") for text in args.stress.split(",") if text.strip())]
     record["worth"] = worth(work, args.seconds, args.seed + 1)
     record["load_average_after"] = os.getloadavg()
     record["wall_seconds"] = time.perf_counter() - started

@@ -1,6 +1,8 @@
 """`latent register` against the phantom's truth: residual misalignment (mm) and MAE against the true CT.
 
     python benchmarks/bench_register.py [--work bench_register] [--cases 10] [--threads 2] [--note "idle machine"]
+    python benchmarks/bench_register.py --maps benchmarks/register_variants/noz --methods bspline \
+        --cohorts deformation --name bench_register_noz
 
 Two cohorts of ``--cases`` small phantoms with their truth (``--write-truth``): one with a rigid
 offset (``misregistration``: <= 2 deg, <= 2 mm), one with a smooth deformation (2-4 mm). Each is
@@ -9,8 +11,11 @@ own walk, default settings). Per cohort and method: cases registered / refused, 
 misalignment in mm (length of the residual motion over the mask, docs/registration.md) before and
 after, split into through-plane (z) and in-plane, the smoothed MAE against the true CT before and
 after, how many cases improved on each, and the median seconds per case (the first case also pays
-the itk import; ``feature`` also runs elastix's rigid registration first). Writes ``benchmarks/results/bench_register.{json,md}`` with the machine, its load
-and the git revision.
+the itk import; ``feature`` also runs elastix's rigid registration first). Writes
+``benchmarks/results/<name>.{json,md}`` (default ``bench_register``) with the machine, its load and
+the git revision. ``--maps DIR`` registers with other parameter maps (``rigid.txt`` and
+``bspline.txt`` named like the shipped ones; the variants tried are in
+``benchmarks/register_variants/``), recorded with their text.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ def _mean(values: list[float]) -> float | None:
     return round(statistics.fmean(values), 3) if values else None
 
 
-def measure(work: Path, cohort: str, defect: str, method: str, cases: int, seed: int, threads: int) -> dict:
+def measure(work: Path, cohort: str, defect: str, method: str, cases: int, seed: int, threads: int,
+            maps: Path | None = None) -> dict:
     """Register one cohort with one method; summarise its rows against the truth."""
     from latent.app.register_run import run_register
     from latent.core.phantom.generate import generate_phantom_dataset
@@ -43,8 +49,9 @@ def measure(work: Path, cohort: str, defect: str, method: str, cases: int, seed:
     data = work / defect
     if not (data / "phantom.json").is_file():
         generate_phantom_dataset(data, cases, ["AB", "HN", "TH"], seed=seed, defects=[defect], write_truth=True)
-    out = work / f"{defect}_{method}"
-    outcome = run_register(data, out, RegisterSettings(method=method, threads=threads), quiet=True)
+    out = work / f"{defect}_{method}" if maps is None else work / f"{defect}_{method}_{maps.name}"
+    settings = RegisterSettings(method=method, threads=threads, parameter_dir=maps)
+    outcome = run_register(data, out, settings, quiet=True)
     rows = [row for row in outcome.run.results.values() if not row.get("reused")]
     failures = {pid: str(error) for pid, error in outcome.run.failures.items()}
     summary = {"cohort": cohort, "method": method, "cases": cases, "registered": len(rows),
@@ -55,11 +62,11 @@ def measure(work: Path, cohort: str, defect: str, method: str, cases: int, seed:
     summary["residual_improved"] = sum(row["residual_mm_after"] < row["residual_mm_before"] for row in rows)
     summary["mae_improved"] = sum(row["true_mae_after"] < row["true_mae_before"] for row in rows)
     summary["median_seconds"] = round(statistics.median(row["seconds"] for row in rows), 2) if rows else None
-    summary.update(axes(data, out, rows, threads))
+    summary.update(axes(data, rows, settings))
     return summary
 
 
-def axes(data: Path, out: Path, rows: list[dict], threads: int) -> dict:
+def axes(data: Path, rows: list[dict], settings) -> dict:
     """Mean through-plane (z) and in-plane residual (mm) after registering, from the written CTs' fields."""
     import numpy as np
 
@@ -67,10 +74,9 @@ def axes(data: Path, out: Path, rows: list[dict], threads: int) -> dict:
     from latent.core.phantom.truth import read_truth
     from latent.core.prepare import read_native
     from latent.core.registration.methods import register_field
-    from latent.core.registration.settings import RegisterSettings
     from latent.core.registration.truth import residual_motion
 
-    del out  # the registered root keeps no field; re-derive it with the same maps (deterministic seed; the feature
+    # the registered root keeps no field; re-derive it with the same maps (deterministic seed; the feature
     # fit is deterministic on the CPU)
     through, inplane, through_before, inplane_before = [], [], [], []
     registered = {row["pid"]: row["method"] for row in rows}
@@ -80,7 +86,7 @@ def axes(data: Path, out: Path, rows: list[dict], threads: int) -> dict:
         mr, mask, ct, properties = read_native(case)
         spacing = tuple(float(s) for s in reversed(properties.spacing))
         motion = read_truth(case.folder)[1]
-        field = register_field(mr, ct, mask, spacing, RegisterSettings(method=registered[case.pid], threads=threads))
+        field = register_field(mr, ct, mask, spacing, settings)
         residual, inside = residual_motion(field, motion, spacing), mask > 0
         through.append(float(np.abs(residual[0])[inside].mean()))
         inplane.append(float(np.linalg.norm(residual[1:], axis=0)[inside].mean()))
@@ -94,7 +100,8 @@ def markdown(record: dict) -> str:
     """The report: one row per cohort and method."""
     lines = [record["header"], "",
              f"{record['cases']} small phantoms per cohort (regions AB, HN, TH, seed {record['seed']}), "
-             "shipped parameter maps, default settings (feature: the stand-in VAE). Residual: mean length (mm) over the mask of the motion "
+             + (f"parameter maps of {record['maps']} (below)" if record.get("maps") else "shipped parameter maps")
+             + ", default settings (feature: the stand-in VAE). Residual: mean length (mm) over the mask of the motion "
              "left between the registered CT and the true CT; MAE: smoothed MAE (HU) against the true CT "
              "(docs/registration.md). Before -> after; refused cases (diverged or folded) are left out.", "",
              "| cohort | method | registered | residual mm | through-plane mm | in-plane mm | p95 mm "
@@ -109,6 +116,8 @@ def markdown(record: dict) -> str:
                      f"{pair('true_mae')} | {row['mae_improved']} of {row['registered']} | {row['median_seconds']} |")
     lines += ["", "Refused cases:"] + [f"- {row['cohort']}, {row['method']}: {why}"
                                        for row in record["results"] for pid, why in row["refused"].items()]
+    for name, text in record.get("map_texts", {}).items():
+        lines += ["", f"`{name}`:", "", "```", text.strip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -118,6 +127,10 @@ def main() -> int:
     parser.add_argument("--cases", type=int, default=10, help="phantoms per cohort")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed")
     parser.add_argument("--threads", type=int, default=2, help="elastix threads per case")
+    parser.add_argument("--maps", type=Path, default=None, help="another folder of parameter maps")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    parser.add_argument("--cohorts", default=",".join(COHORTS.values()), help="comma-separated cohorts (defects)")
+    parser.add_argument("--name", default="bench_register", help="file stem of the report")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the report goes")
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
@@ -127,19 +140,23 @@ def main() -> int:
     load_before = os.getloadavg()
     started = time.perf_counter()
     work = args.work.resolve()
-    results = [measure(work, cohort, defect, method, args.cases, args.seed, args.threads)
-               for cohort, defect in COHORTS.items() for method in METHODS]
+    maps = args.maps.resolve() if args.maps else None
+    results = [measure(work, cohort, defect, method, args.cases, args.seed, args.threads, maps)
+               for cohort, defect in COHORTS.items() if defect in args.cohorts.split(",")
+               for method in METHODS if method in args.methods.split(",")]
     record = {"script": "benchmarks/bench_register.py", "git": git_revision(), "machine": machine_description(),
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "note": args.note, "cases": args.cases, "seed": args.seed, "threads": args.threads, "results": results,
+              "maps": str(args.maps) if maps else None,
+              "map_texts": {path.name: path.read_text() for path in sorted(maps.glob("*.txt"))} if maps else {},
               "load_average_after": os.getloadavg(), "wall_seconds": round(time.perf_counter() - started, 1)}
     record["header"] = (f"<!-- written by benchmarks/bench_register.py at git {record['git']}, {record['date']}, "
                         f"{record['machine']}, load average {load_before[0]:.2f} before / "
                         f"{record['load_average_after'][0]:.2f} after. {args.note} -->\n"
                         "# latent register against the phantom's truth")
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "bench_register.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (args.results / "bench_register.md").write_text(markdown(record))
+    (args.results / f"{args.name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (args.results / f"{args.name}.md").write_text(markdown(record))
     print(markdown(record))
     return 0
 
