@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from latent.core.errors import BadConfigError, BadFileError, WeightsError
 from latent.translate.models.base import load_pretrained
-from latent.translate.models.perception import IntensityMap, load_perception_network
-from latent.translate.models.regress3d_parts import register_once
+from latent.core.segmentation_network import IntensityMap, register_once
+from latent.translate.models.perception import load_perception_network
 from latent.translate.train import ConfigError, parse_config, train
 
 from test_regress3d import PATCH, TINY, ToyVolumes, make, one_thread, toy_volumes  # noqa: F401 (fixture)
@@ -51,9 +51,11 @@ def weights(tmp_path: Path) -> Path:
 
 
 def test_intensity_map_clips_hu_then_scales():
-    ct = torch.tensor([-1.0, 1.0])  # -1024 HU and 3071 HU
-    assert torch.allclose(IntensityMap()(ct), torch.tensor([0.0, 1.0]))
-    assert torch.allclose(IntensityMap(-1000.0, 1000.0, 0.0, 500.0)(ct), torch.tensor([-2.0, 2.0]))
+    hu = torch.tensor([-1024.0, 3071.0])
+    assert torch.allclose(IntensityMap().from_hu(hu), torch.tensor([0.0, 1.0]))
+    assert torch.allclose(IntensityMap(-1000.0, 1000.0, 0.0, 500.0).from_hu(hu), torch.tensor([-2.0, 2.0]))
+    assert torch.allclose(IntensityMap(-1000.0, 1000.0).from_unit(torch.tensor([0.0, 0.25, 1.0])),
+                          torch.tensor([0.0, 0.25, 1.0]))
 
 
 @pytest.mark.parametrize("pt", [False, True])

@@ -114,3 +114,62 @@ def test_a_bad_feature_vae_is_one_line(deformed_root, tmp_path):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: VAE spec") and "nothing' does not exist" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_feature_runs_with_a_segmentation_network_from_a_weights_folder(deformed_root, tmp_path):
+    """The CLI path: the network is loaded, recorded with its weights' hash, and the case is registered
+    or refused by the usual checks (a tiny random network is no guide to anatomy, so either may happen)."""
+    from test_perception_loss import write_weights
+
+    weights = write_weights(tmp_path / "seg")
+    out = tmp_path / "registered"
+    result = runner.invoke(app, ["register", "--data", str(deformed_root), "--out", str(out), "--method", "feature",
+                                 "--feature-network", str(weights), "--feature-layers", "input_block", "-q"])
+    assert result.exit_code in (0, 1), result.output
+    record = json.loads((out / "register.json").read_text())
+    assert record["feature"]["network"] == str(weights) and record["feature"]["network_layers"] == ["input_block"]
+    if result.exit_code:
+        assert "feature registration diverged" in result.output or "folds" in result.output
+    else:
+        assert record["cases"][0]["method"] == "feature"
+
+
+def test_segmentation_network_features_recover_a_known_shift(tmp_path):
+    """Features on the image grid (padding cropped, resized back): a shift of the image is a shift of them."""
+    from latent.core.registration.feature import network_feature_maps
+    from latent.core.segmentation_network import load_segmentation_network
+    from test_perception_loss import write_weights
+
+    loaded = load_segmentation_network(write_weights(tmp_path / "seg"), ["input_block"])
+    fixed, moving, _, spacing = _toy_shift()
+    maps = [network_feature_maps(loaded, loaded.intensity.from_unit(torch.from_numpy(image) * 0.2 + 0.5))
+            for image in (fixed, moving)]
+    field = optimise_displacement(*maps, np.ones(fixed.shape, bool), spacing,
+                                  FeatureSettings(feature_spacing_mm=1.0, levels=1, steps=50, lr_mm=0.2, smoothness=1.0))
+    inner = field[:, 5:11, 8:16, 8:16].reshape(3, -1).mean(axis=1)
+    np.testing.assert_allclose(inner, [0.0, -2.0, 3.0], atol=0.6)
+
+
+def test_segmentation_features_cover_the_image_grid_whatever_its_size(tmp_path):
+    from latent.core.registration.feature import network_feature_maps
+    from latent.core.segmentation_network import load_segmentation_network
+    from test_perception_loss import write_weights
+
+    loaded = load_segmentation_network(write_weights(tmp_path / "seg"))  # input_block (full) + downsamples.0 (1/2)
+    maps = network_feature_maps(loaded, torch.rand(7, 19, 23))
+    assert maps.shape == (1, 12, 7, 19, 23) and torch.isfinite(maps).all()
+
+
+def test_a_bad_feature_network_is_one_line(deformed_root, tmp_path):
+    from test_perception_loss import write_weights
+
+    weights = write_weights(tmp_path / "seg")
+    for extra, expected in ((["--feature-network", str(tmp_path / "none")], "config.json: missing"),
+                            (["--feature-network", str(weights), "--feature-layers", "nope"],
+                             "DynUNet has no layer 'nope' (--feature-layers)")):
+        result = runner.invoke(app, ["register", "--data", str(deformed_root), "--out", str(tmp_path / "o"),
+                                     "--method", "feature", *extra])
+        assert result.exit_code == 2
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], lines
+    assert not (tmp_path / "o").exists()

@@ -20,6 +20,11 @@ def register(
                                        "bspline.txt; default latent/configs/elastix)."),
     feature_vae: str = typer.Option("standin", "--feature-vae", help="--method feature: the frozen VAE whose first "
                                     "encoder level gives the features (a --vae spec of `latent encode`: name, folder, file)."),
+    feature_network: Path = typer.Option(None, "--feature-network", help="--method feature: instead of the VAE, a "
+                                         "weights folder of a frozen MONAI segmentation network (config.json + "
+                                         "model.safetensors; docs/registration.md)."),
+    feature_layers: str = typer.Option("", "--feature-layers", help="--feature-network: comma-separated module names "
+                                       "whose outputs are the features (default: the folder's config.json 'layers')."),
     workers: int = typer.Option(1, "--workers", min=1, help="Processes registering cases side by side."),
     keep_going: bool = typer.Option(False, "--keep-going", help="Exit 0 even if some cases failed."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
@@ -35,9 +40,11 @@ def register(
     setup_logging(quiet)
     try:
         settings = RegisterSettings(method=method, parameter_dir=parameter_dir, threads=max(1, 2 // workers),
-                                    feature=FeatureSettings(vae=feature_vae))
+                                    feature=FeatureSettings(
+                                        vae=feature_vae, network=str(feature_network) if feature_network else None,
+                                        network_layers=tuple(name for name in feature_layers.split(",") if name)))
         method_files(settings)
-        method_identity(settings)  # --method feature: the VAE loads and has a full-resolution level
+        method_identity(settings)  # --method feature: the VAE (or network) loads and gives features
         check_output_folder(out, "--out")
         if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
             raise BadFileError(f"--out {out}: inside --data {data}; latent register never writes under the data")

@@ -33,13 +33,13 @@ from latent.core.intensity import FULL_CT_MAX_HU, FULL_CT_MIN_HU
 from latent.translate.models.base import ModelConfig, PositiveRate, Size3, TranslationModel
 from latent.translate.models.gan_common import pad_volume_to
 from latent.translate.models.gan_views import make_inferer, sliding_window_translate
+from latent.core.segmentation_network import register_once
 from latent.translate.models.l2sct import AIR_VALUE, START_VALUE
 from latent.translate.models.perception import PerceptionNetwork, PerceptionSettings, PerceptionTerm
 from latent.translate.models.regress3d_parts import (
     downsample_target,
     gradient_l1,
     masked_mean,
-    register_once,
     supervision_weights,
     use_channels_last,
 )

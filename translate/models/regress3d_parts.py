@@ -1,12 +1,11 @@
 """Parts of the ``regress3d`` family shared with its perception loss: deep-supervision weights,
-targets on a head's grid, masked means, the gradient-matching term, DynUNet registered once and
-kept channels-last."""
+targets on a head's grid, masked means, the gradient-matching term, networks kept channels-last
+(DynUNet registered once: ``latent.core.segmentation_network.register_once``)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DynUNet
 
 
 def supervision_weights(heads: int) -> list[float]:
@@ -35,18 +34,6 @@ def gradient_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tens
         pairs = mask.narrow(axis, 1, mask.shape[axis] - 1) * mask.narrow(axis, 0, mask.shape[axis] - 1)
         total = total + masked_mean((prediction.diff(dim=axis) - target.diff(dim=axis)).abs(), pairs)
     return total / 3.0
-
-
-def register_once(network: DynUNet) -> DynUNet:
-    """Unregister DynUNet's ``skip_layers`` tree, whose blocks are also registered by name.
-
-    MONAI registers every block twice (``input_block``, ``downsamples``, ... and again inside the
-    recursive ``skip_layers``), so its state dict holds each tensor under two keys, which
-    safetensors refuses to save. The tree stays a plain attribute (``forward`` calls it); every
-    block it holds is still registered once, so ``.to()``, ``train()`` and the optimizer reach it.
-    """
-    object.__setattr__(network, "skip_layers", network._modules.pop("skip_layers"))
-    return network
 
 
 def use_channels_last(network: torch.nn.Module) -> torch.nn.Module:

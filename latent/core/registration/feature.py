@@ -1,8 +1,9 @@
-"""CT onto MR by a semantic (IMPACT-style) metric: local correlation of frozen VAE features.
+"""CT onto MR by a semantic (IMPACT-style) metric: local correlation of frozen network features.
 
 Both images go through the first level of a frozen VAE encoder (the blocks before its first
 downsampling: full resolution, local, trained on MR and CT alike), each after the project's own
-normalisation for its modality. The CT's feature maps are computed once and warped (IMPACT's
+normalisation for its modality; or through named layers of a frozen MONAI segmentation network
+from a weights folder (``FeatureSettings.network``), upsampled to the image grid. The CT's feature maps are computed once and warped (IMPACT's
 "static" mode) through a smooth displacement: a coarse grid of control points (every
 ``grid_spacing_mm``) upsampled trilinearly to a dense field, fitted with Adam, coarse to fine,
 against 1 - the squared local correlation of the features in the dilated mask plus a
@@ -26,6 +27,7 @@ from latent.core.intensity import VAE_CT_MIN_HU, ct_to_vae, fit_mr_scaling, mr_t
 from latent.core.registration.elastix import dilate_mask, warp
 from latent.core.registration.settings import FeatureSettings
 from latent.core.registration.truth import compose_fields
+from latent.core.segmentation_network import SegmentationNetwork, layer_outputs, load_segmentation_network
 from latent.core.vae.loading import LAYOUT_MAISI, LoadedVAE, VAEError, load_vae
 
 
@@ -56,6 +58,28 @@ def feature_maps(extractor: nn.Module, volume: np.ndarray, layout: str) -> torch
         if layout == LAYOUT_MAISI:
             return extractor(image.permute(0, 1, 4, 3, 2).to(device)).permute(0, 1, 4, 3, 2).cpu()
         return extractor(image.to(device)).cpu()
+
+
+#: Each axis is edge-padded to a multiple of this before a segmentation network sees it (its
+#: downsamplings and skip connections need divisible sizes; 2^5 covers five halvings).
+NETWORK_MULTIPLE = 32
+
+
+def network_feature_maps(loaded: SegmentationNetwork, image: torch.Tensor) -> torch.Tensor:
+    """Features (1, C, z, y, x) of a network input (z, y, x): the outputs of ``loaded.layers``, each
+    cropped to the image's share of the padded volume and trilinearly resized to the image grid,
+    concatenated over channels."""
+    shape = tuple(int(n) for n in image.shape)
+    padding = [(-n) % NETWORK_MULTIPLE for n in shape]
+    padded = F.pad(image[None, None], [p for pad in reversed(padding) for p in (0, pad)], mode="replicate")
+    with torch.no_grad():
+        outputs = layer_outputs(loaded.network, loaded.layers, padded)
+    maps = []
+    for output in outputs:
+        kept = [max(1, round(m * n / (n + p))) for m, n, p in zip(output.shape[2:], shape, padding)]
+        cropped = output[:, :, :kept[0], :kept[1], :kept[2]].float()
+        maps.append(F.interpolate(cropped, size=shape, mode="trilinear", align_corners=False))
+    return torch.cat(maps, dim=1)
 
 
 def control_grid(shape: Sequence[int], spacing_zyx: Sequence[float], grid_spacing_mm: float) -> tuple[int, ...]:
@@ -114,11 +138,18 @@ def feature_identity(settings: FeatureSettings) -> dict[str, str]:
 
     Raises:
         VAEError: the VAE does not load, or has no full-resolution encoder level.
+        BadFileError, BadConfigError, WeightsError: the segmentation network's folder does not load.
     """
+    record = {"feature:settings": json.dumps(settings.model_dump(), sort_keys=True)}
+    if settings.network:
+        return record | {"feature:network": _network(settings).weights_sha256}
     loaded = load_vae(settings.vae)
     feature_extractor(loaded)
-    return {"feature:settings": json.dumps(settings.model_dump(), sort_keys=True),
-            "feature:vae": loaded.weights_sha256}
+    return record | {"feature:vae": loaded.weights_sha256}
+
+
+def _network(settings: FeatureSettings) -> SegmentationNetwork:
+    return load_segmentation_network(settings.network, settings.network_layers, layers_field="--feature-layers")
 
 
 def register_feature(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, spacing_zyx: Sequence[float],
@@ -134,10 +165,16 @@ def register_feature(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, spacing_z
         The displacement field (3, z, y, x) in mm, components (z, y, x), the start composed with
         the fitted smooth part: the CT value that lands on voxel ``p`` is read at ``p + field / spacing``.
     """
-    loaded = load_vae(settings.vae)
-    extractor = feature_extractor(loaded)
     start = ct if initial is None else warp(ct, initial, spacing_zyx, VAE_CT_MIN_HU)
-    fixed = feature_maps(extractor, mr_to_unit(mr, fit_mr_scaling(mr, mask)), loaded.layout)
-    moving = feature_maps(extractor, ct_to_vae(start), loaded.layout)
+    mr_unit = mr_to_unit(mr, fit_mr_scaling(mr, mask))
+    if settings.network:  # the MR read as the network's CT window: the squared correlation ignores sign and gain
+        network = _network(settings)
+        fixed = network_feature_maps(network, network.intensity.from_unit(torch.from_numpy(np.ascontiguousarray(mr_unit, np.float32))))
+        moving = network_feature_maps(network, network.intensity.from_hu(torch.from_numpy(np.ascontiguousarray(start, np.float32))))
+    else:
+        loaded = load_vae(settings.vae)
+        extractor = feature_extractor(loaded)
+        fixed = feature_maps(extractor, mr_unit, loaded.layout)
+        moving = feature_maps(extractor, ct_to_vae(start), loaded.layout)
     smooth = optimise_displacement(fixed, moving, dilate_mask(mask, spacing_zyx), spacing_zyx, settings)
     return smooth if initial is None else compose_fields(smooth, initial, spacing_zyx)

@@ -18,6 +18,10 @@ class FeatureSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     vae: str = Field("standin", description="frozen VAE whose first encoder level gives the features (--feature-vae)")
+    network: str | None = Field(None, description="instead of the VAE: a weights folder of a frozen MONAI segmentation "
+                                "network (latent.core.segmentation_network; --feature-network)")
+    network_layers: tuple[str, ...] = Field((), description="its layers whose outputs are the features (empty: the "
+                                            "folder's config.json 'layers')")
     initial: Literal["rigid", "identity"] = Field(
         "rigid", description="start from elastix's rigid result (rigid.txt) or from no motion")
     grid_spacing_mm: float = Field(32.0, gt=0, description="control-point spacing of the displacement grid")
