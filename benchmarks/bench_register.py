@@ -10,8 +10,9 @@ registered with ``--method rigid``, ``bspline`` and ``feature`` through ``run_re
 own walk, default settings). Per cohort and method: cases registered / refused, mean residual
 misalignment in mm (length of the residual motion over the mask, docs/registration.md) before and
 after, split into through-plane (z) and in-plane, the smoothed MAE against the true CT before and
-after, how many cases improved on each, and the median seconds per case (the first case also pays
-the itk import; ``feature`` also runs elastix's rigid registration first). Writes
+after, how many cases improved on each, the median seconds per case (the first case also pays
+the itk import; ``feature`` also runs elastix's rigid registration first), and the floor: the
+motion the method finds when handed the true CT (its bias on the phantom). Writes
 ``benchmarks/results/<name>.{json,md}`` (default ``bench_register``) with the machine, its load and
 the git revision. ``--maps DIR`` registers with other parameter maps (``rigid.txt`` and
 ``bspline.txt`` named like the shipped ones; the variants tried are in
@@ -33,6 +34,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RESULTS = REPOSITORY / "benchmarks" / "results"
 COHORTS = {"rigid offset": "misregistration", "deformation": "deformation"}
 METHODS = ("rigid", "bspline", "feature")
+#: Slices left out at each end of the volume for the interior MAE.
+END_SLICES = 2
 
 
 def _mean(values: list[float]) -> float | None:
@@ -63,37 +66,68 @@ def measure(work: Path, cohort: str, defect: str, method: str, cases: int, seed:
     summary["mae_improved"] = sum(row["true_mae_after"] < row["true_mae_before"] for row in rows)
     summary["median_seconds"] = round(statistics.median(row["seconds"] for row in rows), 2) if rows else None
     summary.update(axes(data, rows, settings))
+    summary.update(floor(data, settings))
     return summary
 
 
 def axes(data: Path, rows: list[dict], settings) -> dict:
-    """Mean through-plane (z) and in-plane residual (mm) after registering, from the written CTs' fields."""
+    """Mean through-plane (z) and in-plane residual (mm) after registering, from the written CTs' fields,
+    and the smoothed MAE against the true CT without the first and last :data:`END_SLICES` slices of
+    the mask (where a slide along z reads the -1000 HU outside the volume)."""
     import numpy as np
 
     from latent.core.cases import discover_cases
     from latent.core.phantom.truth import read_truth
     from latent.core.prepare import read_native
     from latent.core.registration.methods import register_field
-    from latent.core.registration.truth import residual_motion
+    from latent.core.registration.elastix import warp
+    from latent.core.registration.truth import residual_motion, smoothed_mae
 
     # the registered root keeps no field; re-derive it with the same maps (deterministic seed; the feature
     # fit is deterministic on the CPU)
-    through, inplane, through_before, inplane_before = [], [], [], []
+    through, inplane, through_before, inplane_before, interior_before, interior = [], [], [], [], [], []
     registered = {row["pid"]: row["method"] for row in rows}
     for case in discover_cases(data):
         if case.pid not in registered:
             continue
         mr, mask, ct, properties = read_native(case)
         spacing = tuple(float(s) for s in reversed(properties.spacing))
-        motion = read_truth(case.folder)[1]
+        truth, motion = read_truth(case.folder)
         field = register_field(mr, ct, mask, spacing, settings)
+        core = mask.copy()
+        core[:END_SLICES], core[-END_SLICES:] = 0, 0
+        interior_before.append(smoothed_mae(ct, truth, core))
+        interior.append(smoothed_mae(warp(ct, field, spacing, -1000.0), truth, core))
         residual, inside = residual_motion(field, motion, spacing), mask > 0
         through.append(float(np.abs(residual[0])[inside].mean()))
         inplane.append(float(np.linalg.norm(residual[1:], axis=0)[inside].mean()))
         through_before.append(float(np.abs(motion[0])[inside].mean()))
         inplane_before.append(float(np.linalg.norm(motion[1:], axis=0)[inside].mean()))
     return {"through_plane_mm_before": _mean(through_before), "through_plane_mm_after": _mean(through),
-            "in_plane_mm_before": _mean(inplane_before), "in_plane_mm_after": _mean(inplane)}
+            "in_plane_mm_before": _mean(inplane_before), "in_plane_mm_after": _mean(inplane),
+            "interior_mae_before": _mean(interior_before), "interior_mae_after": _mean(interior)}
+
+
+def floor(data: Path, settings) -> dict:
+    """The method's own bias: the motion (mm, mean over the mask and the cases) it finds when given
+    the true, aligned CT, where the right answer is none."""
+    import numpy as np
+
+    from latent.core.cases import discover_cases
+    from latent.core.phantom.truth import read_truth
+    from latent.core.prepare import read_native
+    from latent.core.registration.methods import register_field
+
+    length, through, inplane = [], [], []
+    for case in discover_cases(data):
+        mr, mask, _, properties = read_native(case)
+        spacing = tuple(float(s) for s in reversed(properties.spacing))
+        truth = read_truth(case.folder)[0].astype(np.float32)
+        field, inside = register_field(mr, truth, mask, spacing, settings), mask > 0
+        length.append(float(np.linalg.norm(field, axis=0)[inside].mean()))
+        through.append(float(np.abs(field[0])[inside].mean()))
+        inplane.append(float(np.linalg.norm(field[1:], axis=0)[inside].mean()))
+    return {"floor_mm": _mean(length), "floor_through_plane_mm": _mean(through), "floor_in_plane_mm": _mean(inplane)}
 
 
 def markdown(record: dict) -> str:
@@ -103,17 +137,22 @@ def markdown(record: dict) -> str:
              + (f"parameter maps of {record['maps']} (below)" if record.get("maps") else "shipped parameter maps")
              + ", default settings (feature: the stand-in VAE). Residual: mean length (mm) over the mask of the motion "
              "left between the registered CT and the true CT; MAE: smoothed MAE (HU) against the true CT "
-             "(docs/registration.md). Before -> after; refused cases (diverged or folded) are left out.", "",
+             "(docs/registration.md). Before -> after; refused cases (diverged or folded) are left out. "
+             "Interior MAE: the same without the "
+             f"first and last {END_SLICES} slices. Floor: the motion the method finds when given the true, aligned CT (mean length, through-plane / "
+             "in-plane, mm): its own bias, where the right answer is 0.", "",
              "| cohort | method | registered | residual mm | through-plane mm | in-plane mm | p95 mm "
-             "| residual improved | true MAE HU | MAE improved | median s / case |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| residual improved | true MAE HU | MAE improved | interior MAE HU | median s / case | floor mm (z / in-plane) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in record["results"]:
         def pair(key: str) -> str:
             return f"{row[key + '_before']} -> {row[key + '_after']}"
         lines.append(f"| {row['cohort']} | {row['method']} | {row['registered']} of {row['cases']} | "
                      f"{pair('residual_mm')} | {pair('through_plane_mm')} | {pair('in_plane_mm')} | "
                      f"{pair('residual_p95_mm')} | {row['residual_improved']} of {row['registered']} | "
-                     f"{pair('true_mae')} | {row['mae_improved']} of {row['registered']} | {row['median_seconds']} |")
+                     f"{pair('true_mae')} | {row['mae_improved']} of {row['registered']} | {pair('interior_mae')} | "
+                     f"{row['median_seconds']} | "
+                     f"{row.get('floor_mm')} ({row.get('floor_through_plane_mm')} / {row.get('floor_in_plane_mm')}) |")
     lines += ["", "Refused cases:"] + [f"- {row['cohort']}, {row['method']}: {why}"
                                        for row in record["results"] for pid, why in row["refused"].items()]
     for name, text in record.get("map_texts", {}).items():
