@@ -101,10 +101,11 @@ def test_bspline_improves_a_deformed_case(tmp_path):
     assert float(row["nmi_after"]) > float(row["nmi_before"]) and float(row["negative_jacobian_fraction"]) == 0
     truth, mask = read_volume(case.folder / "ct_true.mha")[0], read_volume(case.mask)[0]
     registered = read_volume(case_folder(out, case) / "ct.mha")[0]
-    assert _residual(registered, truth, mask) < _residual(read_volume(case.ct)[0], truth, mask)
-    # the B-spline also slides along z, where the phantom barely changes (docs/registration.md): the
-    # residual in mm is reported, not required to fall
-    assert float(row["residual_mm_before"]) > 0 and float(row["residual_mm_after"]) > 0
+    interior = mask.copy()
+    interior[:2], interior[-2:] = 0, 0  # at the end slices a slide along z reads the air outside the volume
+    assert _residual(registered, truth, interior) < _residual(read_volume(case.ct)[0], truth, interior)
+    # the truth in mm: the in-plane B-spline (z left to the rigid stage) brings the CT closer
+    assert 0 < float(row["residual_mm_after"]) < float(row["residual_mm_before"])
 
 
 def test_residual_motion_composes_the_registration_with_the_true_motion():
