@@ -56,7 +56,7 @@ def _misregister(ct: np.ndarray, spacing_zyx, rng, info: dict) -> tuple[np.ndarr
     offset = centre - matrix @ centre + shift_mm / np.asarray(spacing_zyx)
     info["misregistration"] = {"yaw_deg": float(np.rad2deg(yaw)), "pitch_deg": float(np.rad2deg(pitch)),
                                "shift_mm_zyx": [float(v) for v in shift_mm]}
-    moved = ndimage.affine_transform(ct, matrix, offset, order=1, mode="constant", cval=-1000.0)
+    moved = ndimage.affine_transform(ct, matrix, offset, order=1, mode="nearest")
     return moved, matrix, offset
 
 
@@ -76,7 +76,7 @@ def _deform(ct: np.ndarray, spacing_zyx, rng, info: dict) -> tuple[np.ndarray, n
     info["deformation"] = {"amplitude_mm": amplitude, "control_grid_zyx": [4, 5, 5],
                            "mean_mm": float(np.linalg.norm(field_mm, axis=0).mean())}
     field = field_mm / spacing
-    return ndimage.map_coordinates(ct, grid + field, order=1, mode="constant", cval=-1000.0), field
+    return ndimage.map_coordinates(ct, grid + field, order=1, mode="nearest"), field
 
 
 def move_ct(ct: np.ndarray, spacing_zyx, rng, misregistration: bool, deformation: bool,
@@ -86,6 +86,9 @@ def move_ct(ct: np.ndarray, spacing_zyx, rng, misregistration: bool, deformation
 
     Returns the moved CT and the true motion (None when nothing moved): a (3, z, y, x) field in mm
     (z, y, x components) such that the moved CT at voxel p is the unmoved CT at p + motion[:, p] / spacing.
+    Reads beyond the volume take its nearest voxel: the anatomy goes on past the end slices of a scan
+    (in-plane the canvas ends in air anyway); air there would be a defect of its own, which real
+    misregistration never shows.
     """
     deform_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0]) if deformation else None
     if not (misregistration or deformation):

@@ -91,10 +91,14 @@ def register_arrays(mr: np.ndarray, ct: np.ndarray, mask: np.ndarray, spacing_zy
 
 
 def warp(volume: np.ndarray, field_mm: np.ndarray, spacing_zyx: Sequence[float], fill: float) -> np.ndarray:
-    """``volume`` resampled through the displacement field (linear; ``fill`` outside it)."""
+    """``volume`` resampled through the displacement field (linear). Reads beyond its first or last
+    slice take that slice (the anatomy goes on past a scan's ends; air there would teach a model that
+    the body stops), reads outside it in-plane take ``fill``."""
     grid = np.indices(volume.shape, dtype=np.float32)
     spacing = np.asarray(spacing_zyx, dtype=np.float32)[:, None, None, None]
-    return ndimage.map_coordinates(np.asarray(volume, dtype=np.float32), grid + field_mm / spacing, order=1,
+    points = grid + field_mm / spacing
+    points[0] = np.clip(points[0], 0, volume.shape[0] - 1)
+    return ndimage.map_coordinates(np.asarray(volume, dtype=np.float32), points, order=1,
                                    mode="constant", cval=float(fill))
 
 

@@ -106,6 +106,7 @@ def optimise_displacement(fixed: torch.Tensor, moving: torch.Tensor, mask: np.nd
     """
     shape = tuple(int(n) for n in fixed.shape[2:])
     coarse = torch.zeros((1, 3, *control_grid(shape, spacing_zyx, settings.grid_spacing_mm)), requires_grad=True)
+    fitted = torch.tensor([0.0 if settings.in_plane_only else 1.0, 1.0, 1.0]).view(1, 3, 1, 1, 1)
     optimiser = torch.optim.Adam([coarse], lr=settings.lr_mm)
     warper = Warp(mode="bilinear", padding_mode="border")
     similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=settings.window, reduction="none")
@@ -121,15 +122,16 @@ def optimise_displacement(fixed: torch.Tensor, moving: torch.Tensor, mask: np.nd
                                 dtype=torch.float32).view(1, 3, 1, 1, 1)
         for _ in range(settings.steps):
             optimiser.zero_grad()
-            dense = F.interpolate(coarse, size=size, mode="trilinear", align_corners=True)
+            grid = coarse * fitted
+            dense = F.interpolate(grid, size=size, mode="trilinear", align_corners=True)
             squared_correlation = -similarity(warper(source, dense / voxel_mm), target).mean(dim=1)[0]
             loss = (1.0 - (squared_correlation * weight).sum()
-                    + settings.smoothness * penalty(coarse / settings.grid_spacing_mm)
-                    + settings.anchor * (coarse / settings.grid_spacing_mm).square().mean())
+                    + settings.smoothness * penalty(grid / settings.grid_spacing_mm)
+                    + settings.anchor * (grid / settings.grid_spacing_mm).square().mean())
             loss.backward()
             optimiser.step()
     with torch.no_grad():
-        dense = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
+        dense = F.interpolate(coarse * fitted, size=shape, mode="trilinear", align_corners=True)
     return np.ascontiguousarray(dense[0].numpy(), dtype=np.float32)
 
 

@@ -25,6 +25,8 @@ class FeatureSettings(BaseModel):
     initial: Literal["rigid", "identity"] = Field(
         "rigid", description="start from elastix's rigid result (rigid.txt) or from no motion")
     grid_spacing_mm: float = Field(32.0, gt=0, description="control-point spacing of the displacement grid")
+    in_plane_only: bool = Field(True, description="fit only the in-plane (y, x) components of the smooth part: "
+                                "the slices stay where the start put them (off: it slid deformed phantoms along z)")
     feature_spacing_mm: float = Field(4.0, gt=0, description="finest working voxel: the features are averaged "
                                       "down to about this size along each axis (never below the image's)")
     levels: int = Field(2, ge=1, le=4, description="resolutions (each half the next), coarse to fine")
