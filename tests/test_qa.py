@@ -88,6 +88,7 @@ def test_misregistered_case_lower_nmi_and_positive_gain(phantom_root, tmp_path):
     shifted = describe_case(_case(tmp_path, "1ABA001"), QAConfig())
     assert shifted.values["nmi_before"] < clean.values["nmi_before"]
     assert shifted.values["nmi_delta"] > 0.01 > clean.values["nmi_delta"]
+    assert shifted.values["rigid_motion_mm"] > 3.0 and clean.values["rigid_motion_mm"] < 0.4
     assert "misregistered" in {f.code for f in shifted.findings}
 
 

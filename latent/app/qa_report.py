@@ -25,7 +25,8 @@ plt = bench_figures.plt
 #: Main features drawn as cohort distributions, with their titles.
 DISTRIBUTIONS = {"ct_soft_median": "CT soft-tissue median (HU)", "ct_p99": "CT p99 (HU)",
                  "air_fraction": "CT air fraction in the mask", "metal_volume_mm3": "metal volume (mm^3)",
-                 "nmi_before": "CT-MR NMI", "nmi_delta": "NMI gain of the rigid refinement",
+                 "nmi_before": "CT-MR NMI", "nmi_delta": "NMI gain of the rigid registration",
+                 "rigid_motion_mm": "in-plane motion of the rigid registration (mm)",
                  "mr_cv": "MR coefficient of variation", "bias_field_ratio": "MR bias field p95/p5",
                  "flagged_slices": "flagged slices"}
 COLOURS = {"GREEN": "tab:green", "YELLOW": "orange", "RED": "tab:red"}

@@ -117,10 +117,11 @@ def rule_findings(qa: CaseQA, borders: list[str], judged: int, config: QAConfig)
                                                             f"metal's neighbourhood <= {config.streak_hu:g} HU)"))
     if float(v["nmi_before"]) < config.nmi_low:
         found.append(Finding("RED", "nmi_low", f"low CT-MR similarity (NMI {float(v['nmi_before']):.3f})"))
-    if float(v["nmi_delta"]) > config.nmi_gain:
+    if float(v["nmi_delta"]) > config.nmi_gain or float(v["rigid_motion_mm"]) > config.rigid_motion_mm:
         found.append(Finding("RED", "misregistered", (
-            f"CT-MR misregistration (NMI {float(v['nmi_before']):.3f} -> {float(v['nmi_after']):.3f} after a rigid "
-            f"refinement moving {float(v['rigid_shift_mm']):.1f} mm, {float(v['rigid_rotation_deg']):.1f} deg)")))
+            f"CT-MR misregistration (a rigid registration moves the CT by {float(v['rigid_motion_mm']):.1f} mm "
+            f"in-plane, {float(v['rigid_motion_z_mm']):.1f} mm along z; NMI {float(v['nmi_before']):.3f} -> "
+            f"{float(v['nmi_after']):.3f})")))
     for code, words in (("ct_air", "mask overlaps CT air on slices"), ("mr_dark", "MR dark inside the mask on slices"),
                         ("mr_banding", "MR banding on slices"),
                         ("mr_void", f"MR signal void in soft tissue ({float(v['mr_void_mm3']):.0f} mm^3) on slices"),

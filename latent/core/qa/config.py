@@ -75,11 +75,10 @@ class QAConfig(BaseModel):
     # -- alignment
     nmi_bins: int = Field(32, ge=8)
     nmi_low: float = Field(1.03, description="NMI below this: low CT-MR similarity (RED)")
-    nmi_gain: float = Field(0.01, ge=0, description="NMI gain of the rigid refinement above this: misregistered")
-    registration_iterations: int = Field(30, ge=1)
-    registration_shrink: tuple[int, ...] = Field((4, 2), min_length=1)
-    registration_sampling: float = Field(0.1, gt=0, le=1, description="share of voxels the metric samples")
-    registration: bool = Field(True, description="run the rigid refinement (off: NMI after = before)")
+    nmi_gain: float = Field(0.01, ge=0, description="NMI gain of the rigid registration above this: misregistered")
+    rigid_motion_mm: float = Field(0.4, gt=0, description="mean in-plane motion (mm) of the rigid registration in "
+                                   "the mask above this: misregistered (aligned phantoms: <= 0.15)")
+    registration: bool = Field(True, description="run the rigid registration (off: NMI after = before, no motion)")
     # -- cohort
     z_threshold: float = Field(3.5, gt=0, description="|MAD z| above this is a cohort outlier")
     z_features: tuple[str, ...] = Field(DEFAULT_Z_FEATURES, description="features whose z-score raises a flag")

@@ -20,7 +20,7 @@ from latent.core.hashing import sha256_file
 from latent.core.io import write_volume
 from latent.core.prepare import read_native
 from latent.core.phantom.truth import CT_TRUE, MOTION_TRUE, read_truth
-from latent.core.qa.alignment import nmi
+from latent.core.registration.similarity import nmi
 from latent.core.registration.elastix import displacement_stats, negative_jacobian_fraction, warp
 from latent.core.registration.methods import method_files, method_identity, register_field
 from latent.core.registration.settings import RegisterSettings
