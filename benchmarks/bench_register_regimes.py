@@ -10,8 +10,10 @@ budget on four versions of the same training pairs: (a) aligned (the true CT), (
 method refuses are left out of its training set). All four predict the same test cases from
 their MR files and are scored against (i) the true aligned CT and (ii) the misregistered CT:
 MAE in HU, bone Dice and bone HD95 (the blur of bone edges), with Wilcoxon signed-rank tests of
-each regime against (a). Writes ``benchmarks/results/bench_register_regimes.{json,md}`` with the
-machine, its load and the git revision.
+each regime against (a), and the slices of the first test case against the true CT per regime
+(``benchmarks/results/bench_register_regimes/<regime>.png``). Writes
+``benchmarks/results/bench_register_regimes.{json,md}`` with the machine, its load and the git
+revision.
 """
 
 from __future__ import annotations
@@ -98,6 +100,30 @@ def train_and_score(work: Path, roots: dict[str, Path], splits: dict[str, list[s
     return scores
 
 
+def figures(work: Path, roots: dict[str, Path], pid: str) -> dict[str, str]:
+    """Per regime, the slices of test case ``pid`` against the true CT (MR | CT | sCT | error), as
+    PNGs in ``benchmarks/results/bench_register_regimes/``; their paths relative to the report."""
+    import numpy as np
+
+    from latent.app.bench.figures import slice_panel
+    from latent.core.cases import discover_cases
+    from latent.core.io import read_volume
+    from latent.core.prepare import read_native
+    from latent.evaluation.scoring import find_prediction
+
+    case = next(c for c in discover_cases(roots["aligned"]) if c.pid == pid)
+    mr, mask, ct, properties = read_native(case)
+    folder = RESULTS / "bench_register_regimes"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for regime in REGIMES:
+        sct = read_volume(find_prediction(work / "runs" / regime / "pred", pid), dtype=np.float32)[0]
+        slice_panel(mr, ct, sct, mask, folder / f"{regime}.png", title=f"trained on {regime} pairs: {pid}, true CT",
+                    spacing_zyx=tuple(reversed(properties.spacing)))
+        paths[regime] = f"bench_register_regimes/{regime}.png"
+    return paths
+
+
 def paired(scores: dict, target: str, metric: str, regime: str) -> dict:
     """Mean of ``regime`` and of ``aligned`` on ``target`` and the Wilcoxon p of their pairs."""
     from scipy.stats import wilcoxon
@@ -130,6 +156,9 @@ def markdown(record: dict) -> str:
             p_value = row["mae"]["wilcoxon_p"]
             lines.append(f"| {regime} | {row['mae']['mean']:.1f} | {'-' if regime == 'aligned' or p_value is None else f'{p_value:.3g}'}"
                          f" | {row['bone_dice']['mean']:.3f} | {row['bone_hd95']['mean']:.2f} |")
+    if record.get("figures"):
+        lines += ["", f"## slices of test case {record['test'][0]} against the true CT", ""]
+        lines += [f"![{regime}]({path})" for regime, path in record["figures"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -151,11 +180,12 @@ def main() -> int:
         shutil.rmtree(work)
     roots, splits, refused = build(work, args.cases, args.seed)
     scores = train_and_score(work, roots, splits, args.seconds)
+    panels = figures(work, roots, splits["test"][0])
     record = {"script": "benchmarks/bench_register_regimes.py", "git": git_revision(), "machine": machine_description(),
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "wall_seconds": time.perf_counter() - started,
               "note": args.note, "cases": args.cases, "seconds": args.seconds, "test": splits["test"],
-              "refused": refused, "scores": scores,
+              "refused": refused, "scores": scores, "figures": panels,
               "paired": {target: {metric: {regime: paired(scores, target, metric, regime) for regime in REGIMES}
                                   for metric in COLUMNS} for target in ("aligned", "misregistered")}}
     record["header"] = (f"<!-- written by benchmarks/bench_register_regimes.py at git {record['git']}, {record['date']}, "
