@@ -16,7 +16,8 @@ motion the method finds when handed the true CT (its bias on the phantom). Write
 ``benchmarks/results/<name>.{json,md}`` (default ``bench_register``) with the machine, its load and
 the git revision. ``--maps DIR`` registers with other parameter maps (``rigid.txt`` and
 ``bspline.txt`` named like the shipped ones; the variants tried are in
-``benchmarks/register_variants/``), recorded with their text.
+``benchmarks/register_variants/``), recorded with their text. ``--feature-network DIR`` gives
+``feature`` a segmentation weights folder (e.g. from ``benchmarks/train_phantom_segmenter.py``).
 """
 
 from __future__ import annotations
@@ -43,17 +44,19 @@ def _mean(values: list[float]) -> float | None:
 
 
 def measure(work: Path, cohort: str, defect: str, method: str, cases: int, seed: int, threads: int,
-            maps: Path | None = None) -> dict:
+            maps: Path | None = None, feature_network: Path | None = None) -> dict:
     """Register one cohort with one method; summarise its rows against the truth."""
     from latent.app.register_run import run_register
     from latent.core.phantom.generate import generate_phantom_dataset
     from latent.core.registration.case import RegisterSettings
+    from latent.core.registration.settings import FeatureSettings
 
     data = work / defect
     if not (data / "phantom.json").is_file():
         generate_phantom_dataset(data, cases, ["AB", "HN", "TH"], seed=seed, defects=[defect], write_truth=True)
-    out = work / f"{defect}_{method}" if maps is None else work / f"{defect}_{method}_{maps.name}"
-    settings = RegisterSettings(method=method, threads=threads, parameter_dir=maps)
+    out = work / "_".join([defect, method] + [path.name for path in (maps, feature_network) if path is not None])
+    feature = FeatureSettings(network=str(feature_network)) if feature_network else FeatureSettings()
+    settings = RegisterSettings(method=method, threads=threads, parameter_dir=maps, feature=feature)
     outcome = run_register(data, out, settings, quiet=True)
     rows = [row for row in outcome.run.results.values() if not row.get("reused")]
     failures = {pid: str(error) for pid, error in outcome.run.failures.items()}
@@ -135,7 +138,9 @@ def markdown(record: dict) -> str:
     lines = [record["header"], "",
              f"{record['cases']} small phantoms per cohort (regions AB, HN, TH, seed {record['seed']}), "
              + (f"parameter maps of {record['maps']} (below)" if record.get("maps") else "shipped parameter maps")
-             + ", default settings (feature: the stand-in VAE). Residual: mean length (mm) over the mask of the motion "
+             + ", default settings (feature: "
+             + (f"the segmentation network of {record['feature_network']}" if record.get("feature_network")
+                else "the stand-in VAE") + "). Residual: mean length (mm) over the mask of the motion "
              "left between the registered CT and the true CT; MAE: smoothed MAE (HU) against the true CT "
              "(docs/registration.md). Before -> after; refused cases (diverged or folded) are left out. "
              "Interior MAE: the same without the "
@@ -167,6 +172,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="phantom seed")
     parser.add_argument("--threads", type=int, default=2, help="elastix threads per case")
     parser.add_argument("--maps", type=Path, default=None, help="another folder of parameter maps")
+    parser.add_argument("--feature-network", type=Path, default=None,
+                        help="--method feature reads this segmentation weights folder instead of the stand-in VAE")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--cohorts", default=",".join(COHORTS.values()), help="comma-separated cohorts (defects)")
     parser.add_argument("--name", default="bench_register", help="file stem of the report")
@@ -180,13 +187,15 @@ def main() -> int:
     started = time.perf_counter()
     work = args.work.resolve()
     maps = args.maps.resolve() if args.maps else None
-    results = [measure(work, cohort, defect, method, args.cases, args.seed, args.threads, maps)
+    network = args.feature_network.resolve() if args.feature_network else None
+    results = [measure(work, cohort, defect, method, args.cases, args.seed, args.threads, maps, network)
                for cohort, defect in COHORTS.items() if defect in args.cohorts.split(",")
                for method in METHODS if method in args.methods.split(",")]
     record = {"script": "benchmarks/bench_register.py", "git": git_revision(), "machine": machine_description(),
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "note": args.note, "cases": args.cases, "seed": args.seed, "threads": args.threads, "results": results,
               "maps": str(args.maps) if maps else None,
+              "feature_network": str(args.feature_network) if network else None,
               "map_texts": {path.name: path.read_text() for path in sorted(maps.glob("*.txt"))} if maps else {},
               "load_average_after": os.getloadavg(), "wall_seconds": round(time.perf_counter() - started, 1)}
     record["header"] = (f"<!-- written by benchmarks/bench_register.py at git {record['git']}, {record['date']}, "
