@@ -109,6 +109,42 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         torch.testing.assert_close(final_b.state_dict()[key], value, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_average_is_what_a_run_keeps_and_resumes_exactly(tmp_path):
+    """train.ema_decay: final/ holds the ramped EMA of the per-step weights, and a resumed run the same one."""
+    data = dict(train_dataset=ToyLatents(5), val_dataset=None, quiet=True)
+    live = [load_pretrained(train(tiny_config(tmp_path / f"live{k}", max_steps=k, checkpoint_every=4), **data)
+                            / "final").state_dict() for k in (1, 2, 3, 4)]
+    decay = 0.2  # below the ramp's (1 + n) / (10 + n) from n = 1 on, so both branches are used
+    expected = {key: value.clone() for key, value in live[0].items()}
+    for n, weights in enumerate(live[1:], start=1):
+        effective = min(decay, (1 + n) / (10 + n))
+        for key, value in weights.items():
+            if value.is_floating_point():
+                expected[key] = expected[key] * effective + value * (1 - effective)
+    averaged = train(tiny_config(tmp_path / "ema", max_steps=4, checkpoint_every=4, ema_decay=decay), **data)
+    got = load_pretrained(averaged / "final").state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(got[key], live[-1][key]) for key in got if got[key].is_floating_point())
+    # Interrupted at step 2 and resumed: the average continues from its checkpoint.
+    train(tiny_config(tmp_path / "cut", max_steps=2, checkpoint_every=2, ema_decay=decay), **data)
+    resumed = train(tiny_config(tmp_path / "cut", max_steps=4, checkpoint_every=2, ema_decay=decay, resume=True),
+                    **data)
+    for key, value in load_pretrained(resumed / "final").state_dict().items():
+        torch.testing.assert_close(value, got[key], rtol=1e-5, atol=1e-6)
+
+
+def test_weight_average_copies_buffers():
+    from latent.core.weight_average import update_average, weight_average
+
+    model = torch.nn.BatchNorm1d(3)
+    average = weight_average(model, 0.9)
+    model(torch.randn(8, 3) * 5 + 2)  # running statistics move in training mode
+    update_average(average, model)
+    torch.testing.assert_close(average.module.running_mean, model.running_mean)
+    assert int(average.module.num_batches_tracked) == 1
+
+
 def test_time_budget_stops_early_with_a_resumable_checkpoint(tmp_path):
     run_dir = train(tiny_config(tmp_path / "run", max_steps=100_000, max_seconds=1.0, checkpoint_every=100_000),
                     train_dataset=ToyLatents(4), quiet=True)

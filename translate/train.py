@@ -18,6 +18,8 @@ config), ``producer.json`` (the cache producer the latents came from), ``metrics
 and validation metrics),
 ``checkpoints/step_NNNNNNN/`` (``accelerator.save_state`` + ``trainer_state.json``), ``best/``
 (lowest validation MAE) and ``final/`` (both ``save_pretrained`` folders), and TensorBoard logs.
+With ``train.ema_decay`` an exponential moving average of the weights is kept beside them (in
+every checkpoint too); validation scores the average, and ``best/`` and ``final/`` hold it.
 
 Resume is exact: the data order depends only on (seed, epoch), the batches already consumed in
 the interrupted epoch are skipped, and every micro-batch reseeds the RNGs from (seed, micro-step),
@@ -45,6 +47,7 @@ from torch.utils.data import Dataset
 
 from latent.core.accelerator import make_accelerator
 from latent.core.training import LoopSettings, LRSchedule, resume_point, run_loop
+from latent.core.weight_average import update_average, weight_average
 from latent.translate.data import build_cache_datasets, model_batch_keys, model_config_for_grid, train_loader, val_loader
 from latent.translate.init_from import init_from_run
 from latent.translate.models.base import build_model, model_class
@@ -95,12 +98,16 @@ class TranslationTask:
 
     def __init__(self, config: TrainConfig, accelerator: Any, model: Any, loader: Any, epoch_sampler: Any,
                  optimizers: dict[str, torch.optim.Optimizer], phase_params: dict[str, list],
-                 validator: Validator | None, val_batches: Any) -> None:
+                 validator: Validator | None, val_batches: Any, average: Any = None) -> None:
         self.config, self.accelerator, self.model, self.loader = config, accelerator, model, loader
         self.epoch_sampler, self.optimizers, self.phase_params = epoch_sampler, optimizers, phase_params
-        self.validator, self.val_batches = validator, val_batches
+        self.validator, self.val_batches, self.average = validator, val_batches, average
         self.unwrapped = accelerator.unwrap_model(model)
         self.run_dir = Path(config.run_dir)
+
+    def kept_model(self) -> Any:
+        """The weights that are validated and saved: the EMA when on, else the trained ones."""
+        return self.unwrapped if self.average is None else self.average.module
 
     def epoch_length(self) -> int:
         return len(self.loader)
@@ -130,19 +137,22 @@ class TranslationTask:
                 optimizer.step()
                 prefix = "" if len(self.optimizers) == 1 else f"{phase}/"
                 losses_out.update({prefix + name: float(value.detach()) for name, value in losses.items()})
+        if self.average is not None and self.accelerator.sync_gradients:
+            update_average(self.average, self.unwrapped)
         return losses_out, bool(self.accelerator.sync_gradients)
 
     def validate(self, step: int) -> dict[str, float] | None:
         if self.validator is None or self.val_batches is None:
             return None
-        self.unwrapped.eval()
+        kept = self.kept_model()
+        kept.eval()
         with self.accelerator.autocast():
-            metrics = {k: float(v) for k, v in self.validator(self.unwrapped, self.val_batches).items()}
-        self.unwrapped.train()
+            metrics = {k: float(v) for k, v in self.validator(kept, self.val_batches).items()}
+        kept.train()
         return metrics
 
     def save_best(self, step: int, metrics: dict[str, float]) -> None:
-        self.unwrapped.save_pretrained(self.run_dir / "best")
+        self.kept_model().save_pretrained(self.run_dir / "best")
         record = {"step": step, "selected_by": describe_validator(self.validator, self.unwrapped), **metrics}
         (self.run_dir / "best" / "validation.json").write_text(json.dumps(record, indent=2) + "\n")
 
@@ -217,14 +227,18 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
         producer["init_from"] = str(config.init_from if checkpoint is not None
                                     else init_from_run(model, config.init_from))
     model.prepare_training()
+    average = None if section.ema_decay is None else weight_average(model, section.ema_decay)  # before prepare()
     optimizer_class = torch.optim.AdamW if section.optimizer == "adamw" else torch.optim.Adam
     phase_params = {phase: model.phase_parameters(phase) for phase in model.phases}
     optimizers = [optimizer_class([group for group in model.optimizer_groups(phase) if group["params"]],
                                   lr=config.model.lr, betas=config.model.betas, weight_decay=section.weight_decay)
                   for phase in model.phases]
     model, loader, *optimizers = accelerator.prepare(model, loader, *optimizers)
+    if average is not None:
+        average.to(accelerator.device)
+        accelerator.register_for_checkpointing(average)  # a resumed run continues the same average
     task = TranslationTask(config, accelerator, model, loader, epoch_sampler, dict(zip(model_cls.phases, optimizers)),
-                           phase_params, validator, val_batches)
+                           phase_params, validator, val_batches, average)
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
     state = run_loop(accelerator, task, loop_settings(config, overwrite), checkpoint, quiet=quiet, desc="train",
@@ -234,7 +248,7 @@ def train(config: TrainConfig, *, train_dataset: Dataset | None = None, val_data
         logger.warning("checkpoint written by %d processes, resumed with %d: the data order differs from an "
                        "uninterrupted run", state.num_processes, accelerator.num_processes)
     if accelerator.is_main_process:
-        task.unwrapped.save_pretrained(run_dir / "final")
+        task.kept_model().save_pretrained(run_dir / "final")
         (run_dir / "final" / "trainer_state.json").write_text(json.dumps(
             {"step": state.step, "best_step": state.best_step, "best_metric": state.best_metric}, indent=2) + "\n")
     accelerator.wait_for_everyone()

@@ -107,6 +107,9 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0)
     #: Cosine floor as a fraction of the model's lr.
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    #: EMA of the weights (decay per optimiser step, ramped up over the first steps); when set,
+    #: validation scores the EMA and ``best/`` / ``final/`` hold it. None = off.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     optimizer: Literal["adamw", "adam"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     #: Gradient-norm clip per phase; None = off.

@@ -54,6 +54,7 @@ from latent.core.atomic import write_text_atomic
 from latent.core.vae.loading import LAYOUT_CANONICAL, LoadedVAE, build_vae, save_vae_dir
 from latent.core.vae.fit_config import VAE_LEVELS, VAEFitConfig  # noqa: F401 - re-exported
 from latent.core.vae.fit_data import _BatchSampler, _check_masks, _check_volumes
+from latent.core.weight_average import update_average, weight_average
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +77,6 @@ def _build_model(config: VAEFitConfig) -> torch.nn.Module:
         # sigma ~ 1 at init makes the sampled latent pure noise and training slow (docs/vae.md).
         model.quant_conv_log_sigma.conv.bias.fill_(config.log_sigma_bias_init)
     return model
-
-
-def _ema_average(decay: float):
-    """EMA update for ``AveragedModel``: the decay ramps up over the first steps (early weights fade fast)."""
-
-    def average(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        effective = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
-        return averaged * effective + current * (1.0 - effective)
-
-    return average
 
 
 def _loaded(network: torch.nn.Module, config: VAEFitConfig) -> LoadedVAE:
@@ -181,7 +172,7 @@ class _VAEFitTask:
         accelerator.backward(loss)
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update_parameters(accelerator.unwrap_model(self.model))
+            update_average(self.ema, accelerator.unwrap_model(self.model))
         losses = {"loss": float(loss.detach()), "l1": float(l1.detach())}
         if use_adversarial:
             discriminator, optimizer_d, adversarial_loss = self.adversary
@@ -274,7 +265,6 @@ def fit_vae(
         ValueError: bad volumes, or a checkpoint of another architecture.
     """
     from accelerate.utils import set_seed
-    from torch.optim.swa_utils import AveragedModel
 
     out_dir = Path(out_dir)
     data = _check_volumes(volumes, config.downsample_factor)
@@ -302,7 +292,7 @@ def fit_vae(
     accelerator = make_accelerator(config.mixed_precision, cpu=config.cpu,
                                    log_with="tensorboard" if config.tensorboard else None, project_dir=str(out_dir))
     model = _build_model(config)
-    ema = AveragedModel(model, avg_fn=_ema_average(config.ema_decay)) if config.ema_decay else None
+    ema = weight_average(model, config.ema_decay) if config.ema_decay else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     adversary = None
     if config.adversarial:
