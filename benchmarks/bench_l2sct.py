@@ -11,8 +11,9 @@ Same phantoms, split, grid and shipped stand-in VAE as ``latent demo`` (built af
 300 s, its recipe's budget); ``l2l_regress`` (75 s, the demo's budget) decoded both ways; and
 ``l2sct`` with (1) a decoder from scratch, (2) the exact decoder frozen, (3) the exact decoder
 fine-tuned, (4) = (3) with the translator started from that ``l2l_regress`` run (the demo's
-recipe), (5) = (4) with the residual head on the MR pixels, (6) = (4) with the decoder started
-from the adapted one. Seconds include the runs a
+recipe), (5) = (4) with the residual head on the MR pixels, (6) = (4) without the EMA of the
+weights (the recipe's ``train.ema_decay``; every other row keeps it), (7) = (4) with the decoder
+started from the adapted one. Seconds include the runs a
 row starts from. Each is scored on the test split on the native grid from the raw MR files,
 with the per-tissue errors. Writes
 ``benchmarks/results/bench_l2sct.{json,md}`` with the machine, its load and the git revision.
@@ -41,6 +42,7 @@ VARIANTS = {
     "l2sct_exact_tuned": ["model.init_trunk_from=null", "model.lr=5e-4", "train.warmup_steps=0"],
     "l2sct_exact_tuned_from_regress": [],
     "l2sct_exact_tuned_from_regress_mr_head": ["model.mr_head=true"],
+    "l2sct_exact_tuned_from_regress_no_ema": ["train.ema_decay=null"],
 }
 #: The demo recipe with its decoder started from the adapted decoder (latent vae adapt).
 ADAPTED_VARIANT = "l2sct_exact_tuned_from_regress_and_adapted"
