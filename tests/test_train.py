@@ -134,6 +134,17 @@ def test_weight_average_is_what_a_run_keeps_and_resumes_exactly(tmp_path):
         torch.testing.assert_close(value, got[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_vae_recipe_refuses_the_translation_ema_field():
+    """The VAE's EMA is model.ema_decay; train.ema_decay in a VAE recipe is named, not ignored."""
+    from latent.core.errors import BadConfigError
+    from latent.core.vae.pipeline import fit_config_of_recipe
+
+    recipe = {"model": {"family": "vae"}, "data": {"root": "data"}, "train": {"max_steps": 2}}
+    assert fit_config_of_recipe(recipe).ema_decay == 0.995
+    with pytest.raises(BadConfigError, match=r"^train\.ema_decay: .*model\.ema_decay"):
+        fit_config_of_recipe({**recipe, "train": {"max_steps": 2, "ema_decay": 0.9}})
+
+
 def test_weight_average_copies_buffers():
     from latent.core.weight_average import update_average, weight_average
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from latent.core.accelerator import MixedPrecision
+from latent.core.errors import BadConfigError
 from latent.core.training import LRSchedule
 from latent.core.vae.network import LAYOUT_CANONICAL
 
@@ -127,7 +128,10 @@ def vae_fit_config(model: VAEModelConfig, data: Any, train: Any) -> VAEFitConfig
     """The settings of :func:`fit_vae` from a recipe's ``model``, ``data`` and ``train`` sections.
 
     ``train.val_every: null`` (validate only at the end) becomes a period of ``max_steps``.
+    ``train.ema_decay`` is refused: the VAE's EMA is ``model.ema_decay`` (on by default).
     """
+    if getattr(train, "ema_decay", None) is not None:
+        raise BadConfigError("train.ema_decay: a VAE recipe sets its EMA as model.ema_decay (default 0.995)")
     loop = {name: getattr(train, name) for name in LOOP_FIELDS}
     if loop["val_every"] is None:
         loop["val_every"] = train.max_steps
