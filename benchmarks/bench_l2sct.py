@@ -7,7 +7,7 @@ the translator from l2l_regress and the adapted decoder each give, at one CPU bu
         --work bench_l2sct_long_adapted   # 600 s in all: adapt 200 s + l2l_regress 75 s + l2sct 325 s
 
 Same phantoms, split, grid and shipped stand-in VAE as ``latent demo`` (built afresh under
-``--work``). Rows: the VAE floor, frozen and through the adapted decoder (``latent vae adapt``,
+``--work``; ``--name`` names the record). Rows: the VAE floor, frozen and through the adapted decoder (``latent vae adapt``,
 300 s, its recipe's budget); ``l2l_regress`` (75 s, the demo's budget) decoded both ways; and
 ``l2sct`` with (1) a decoder from scratch, (2) the exact decoder frozen, (3) the exact decoder
 fine-tuned, (4) = (3) with the translator started from that ``l2l_regress`` run (the demo's
@@ -131,6 +131,9 @@ def main() -> int:
     parser.add_argument("--long-from-adapted", action="store_true",
                         help="with --long: l2sct's decoder starts from that adapted one, within the same total "
                              "(bench_l2sct_long_adapted.*)")
+    parser.add_argument("--name", default=None,
+                        help="file name of the record without suffix (default: bench_l2sct, bench_l2sct_long or "
+                             "bench_l2sct_long_adapted; another name keeps a record of another CPU kind beside it)")
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPOSITORY))
@@ -143,7 +146,8 @@ def main() -> int:
                         args.long_from_adapted)
     else:
         rows = run(args.work.resolve(), args.seconds, args.regress_seconds, args.adapt_seconds)
-    stem = "bench_l2sct" if args.long is None else "bench_l2sct_long" + ("_adapted" if args.long_from_adapted else "")
+    stem = args.name or ("bench_l2sct" if args.long is None
+                         else "bench_l2sct_long" + ("_adapted" if args.long_from_adapted else ""))
     record = {"script": "benchmarks/bench_l2sct.py", "git": git_revision(), "machine": machine_description(),
               "date": f"{datetime.now(timezone.utc):%Y-%m-%d}", "load_average_before": load_before,
               "load_average_after": os.getloadavg(), "seconds_per_variant": args.seconds,
