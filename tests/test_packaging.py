@@ -98,3 +98,14 @@ def test_every_recipe_the_demo_trains_is_shipped_and_valid() -> None:
     for name, (recipe, _seconds) in DEMO_METHODS.items():
         config = load_config(folder / recipe)
         assert config.model.family == name.split("+")[0] or config.model.family in name, (name, recipe)
+
+
+def test_the_demo_trains_every_method_with_the_same_tools() -> None:
+    """Equal tools: every recipe the demo compares picks its precision by ``auto`` (bf16 only where
+    the CPU's bf16 passes the self-test) and keeps the same EMA of the weights."""
+    from latent.app.demo import DEMO_METHODS, DemoConfig
+    from latent.translate.train_config import load_config
+
+    configs = {name: load_config(DemoConfig().configs_dir / recipe) for name, (recipe, _) in DEMO_METHODS.items()}
+    assert {name: config.train.mixed_precision for name, config in configs.items()} == dict.fromkeys(configs, "auto")
+    assert len({config.train.ema_decay for config in configs.values()}) == 1
