@@ -89,6 +89,34 @@ def test_saved_model_rebuilds_without_the_vae_and_keeps_its_provenance(tmp_path)
     assert torch.equal(loaded.translate(mr), model.eval().translate(mr))
 
 
+def test_channels_last_weights_train_like_contiguous_ones(tmp_path):
+    """The default channels-last layout changes speed only: same loss and gradients to rounding,
+    and the saved weights are plain contiguous tensors that load into either layout."""
+    spec = str(tiny_vae_folder(tmp_path))
+    models = {}
+    for layout in (True, False):
+        torch.manual_seed(0)
+        models[layout] = build_model({"family": "l2sct", **UNET, "vae": spec, "ct_latent_mean": MEAN,
+                                      "ct_latent_std": STD, "channels_last": layout})
+    fast, plain = models[True], models[False]
+    kernels = [p for p in fast.parameters() if p.dim() == 5]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)
+    assert not all(p.is_contiguous() for p in kernels)
+    assert all(p.is_contiguous() for p in plain.parameters())
+    batch = {"mr_mu": torch.randn(2, 4, 2, 4, 4, generator=torch.Generator().manual_seed(1)),
+             "ct_pixels": torch.rand(2, 1, 8, 16, 16) * 2 - 1, "mask_pixels": torch.ones(2, 1, 8, 16, 16)}
+    losses = [model(batch)["loss"] for model in (fast, plain)]
+    for loss in losses:
+        loss.backward()
+    assert torch.allclose(losses[0], losses[1], atol=1e-6)
+    for (name, a), (_, b) in zip(fast.named_parameters(), plain.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+    fast.save_pretrained(tmp_path / "model")
+    assert all(t.is_contiguous() for t in fast.state_dict().values())
+    mr = torch.randn(1, 4, 2, 4, 4)
+    assert torch.allclose(load_pretrained(tmp_path / "model").translate(mr), plain.eval().translate(mr), atol=1e-5)
+
+
 def test_for_producer_takes_the_cache_vae_and_statistics_and_refuses_another_vae(tmp_path):
     folder = tiny_vae_folder(tmp_path)
     sha = load_vae(str(folder)).weights_sha256
