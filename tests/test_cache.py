@@ -233,7 +233,7 @@ def test_exception_during_write_leaves_case_invisible(store, monkeypatch):
 
 
 CHILD = textwrap.dedent("""
-    import json, sys, time
+    import json, os, sys, time
     import numpy as np
     sys.path.insert(0, sys.argv[1])
     from latent.cache.store import LatentCache
@@ -241,8 +241,9 @@ CHILD = textwrap.dedent("""
     class StallsAfterFirstArray(LatentCache):
         def _write_array(self, group, name, data):
             super()._write_array(group, name, data)
-            with open(sys.argv[3], "w") as handle:
+            with open(sys.argv[3] + ".tmp", "w") as handle:
                 handle.write(name)
+            os.replace(sys.argv[3] + ".tmp", sys.argv[3])  # the parent never sees an empty sentinel
             time.sleep(120)  # the parent kills us here
 
     cache = StallsAfterFirstArray(sys.argv[2], json.loads(sys.argv[4]))
