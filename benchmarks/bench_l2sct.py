@@ -5,6 +5,7 @@ the translator from l2l_regress and the adapted decoder each give, at one CPU bu
     python benchmarks/bench_l2sct.py --long 600 --work bench_l2sct_long   # l2sct at 600 s in all, adapt 600 s
     python benchmarks/bench_l2sct.py --long 600 --long-adapt-seconds 200 --long-from-adapted \
         --work bench_l2sct_long_adapted   # 600 s in all: adapt 200 s + l2l_regress 75 s + l2sct 325 s
+    python benchmarks/bench_l2sct.py --long 600 --long-set model.mr_head=true --name bench_l2sct_long_mr_head
 
 Same phantoms, split, grid and shipped stand-in VAE as ``latent demo`` (built afresh under
 ``--work``; ``--name`` names the record). Rows: the VAE floor, frozen and through the adapted decoder (``latent vae adapt``,
@@ -83,11 +84,12 @@ def run(work: Path, seconds: float, regress_seconds: float = 75.0, adapt_seconds
 
 
 def run_long(work: Path, total_seconds: float, regress_seconds: float = 75.0, adapt_seconds: float = 600.0,
-             from_adapted: bool = False) -> list[dict]:
+             from_adapted: bool = False, overrides: tuple[str, ...] = ()) -> list[dict]:
     """The demo's l2sct recipe at a longer total budget (its l2l_regress start included), beside the
     VAE floor, frozen and adapted for ``adapt_seconds``: the comparison with the recorded 600 s rows
     of the phantom study (same data and split). ``from_adapted``: the l2sct decoder starts from that
-    adapted decoder, whose seconds count in the total too."""
+    adapted decoder, whose seconds count in the total too. ``overrides``: recipe overrides of the
+    l2sct run (``model.mr_head=true``); the row's name then ends in ``_variant``."""
     from latent.app.demo import DemoConfig, comparison_rows, prepare_data, vae_and_encode
     from latent.app.methods import predict_method, train_method, vae_floor_result
     from latent.core.recipes import RECIPES_DIR
@@ -99,10 +101,11 @@ def run_long(work: Path, total_seconds: float, regress_seconds: float = 75.0, ad
     results = [vae_floor_result(data, work, vae_spec, cache_path, test, 0.0),
                vae_floor_result(data, work, vae_spec, cache_path, test, adapt_seconds, adapted, "vae_floor_adapted")]
     regress_dir, regress_seconds = train_method("l2l_regress", RECIPES_DIR / "l2l_regress_demo.yaml", work, regress_seconds)
-    name = f"l2sct_{total_seconds:.0f}s" + ("_from_adapted" if from_adapted else "")
+    name = (f"l2sct_{total_seconds:.0f}s" + ("_from_adapted" if from_adapted else "")
+            + ("_variant" if overrides else ""))
     starts = [f"model.init_trunk_from={regress_dir}"] + ([f"model.init_decoder_from={adapted}"] if from_adapted else [])
     spent = regress_seconds + (adapt_seconds if from_adapted else 0.0)
-    run_dir, seconds = train_method(name, RECIPES_DIR / RECIPE, work, total_seconds - spent, starts)
+    run_dir, seconds = train_method(name, RECIPES_DIR / RECIPE, work, total_seconds - spent, [*overrides, *starts])
     results.append(predict_method(name, run_dir, data, work, test, seconds + spent, vae_spec=vae_spec))
     return [summary(row) for row in comparison_rows(results)]
 
@@ -131,6 +134,8 @@ def main() -> int:
     parser.add_argument("--long-from-adapted", action="store_true",
                         help="with --long: l2sct's decoder starts from that adapted one, within the same total "
                              "(bench_l2sct_long_adapted.*)")
+    parser.add_argument("--long-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --long: an override of the l2sct recipe (repeatable), e.g. model.mr_head=true")
     parser.add_argument("--name", default=None,
                         help="file name of the record without suffix (default: bench_l2sct, bench_l2sct_long or "
                              "bench_l2sct_long_adapted; another name keeps a record of another CPU kind beside it)")
@@ -143,7 +148,7 @@ def main() -> int:
     started = time.perf_counter()
     if args.long is not None:
         rows = run_long(args.work.resolve(), args.long, args.regress_seconds, args.long_adapt_seconds,
-                        args.long_from_adapted)
+                        args.long_from_adapted, tuple(args.long_set))
     else:
         rows = run(args.work.resolve(), args.seconds, args.regress_seconds, args.adapt_seconds)
     stem = args.name or ("bench_l2sct" if args.long is None
@@ -153,7 +158,7 @@ def main() -> int:
               "load_average_after": os.getloadavg(), "seconds_per_variant": args.seconds,
               "regress_seconds": args.regress_seconds, "adapt_seconds": args.adapt_seconds, "long_seconds": args.long,
               "long_adapt_seconds": args.long_adapt_seconds if args.long is not None else None,
-              "long_from_adapted": args.long_from_adapted,
+              "long_from_adapted": args.long_from_adapted, "long_overrides": args.long_set,
               "wall_seconds": time.perf_counter() - started, "note": args.note, "variants": VARIANTS, "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -161,7 +166,8 @@ def main() -> int:
               f"load average {load_before[0]:.2f} before / {record['load_average_after'][0]:.2f} after; "
               + (f"{args.seconds:.0f} s per l2sct variant" if args.long is None else
                  f"l2sct at {args.long:.0f} s in all ({args.regress_seconds:.0f} s of them its l2l_regress start"
-                 + (f", {args.long_adapt_seconds:.0f} s its adapted decoder" if args.long_from_adapted else "") + ")")
+                 + (f", {args.long_adapt_seconds:.0f} s its adapted decoder" if args.long_from_adapted else "") + ")"
+                 + (f"; l2sct overrides {' '.join(args.long_set)}" if args.long_set else ""))
               + f". {args.note} -->\n"
               + ("# l2sct ablation" if args.long is None else "# l2sct at a longer budget")
               + " (demo phantoms, test split, native grid, HU)")
