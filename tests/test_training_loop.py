@@ -111,6 +111,19 @@ def test_resume_continues_exactly_and_rotates_checkpoints(tmp_path: Path) -> Non
     assert [f.name for f in (tmp_path / "one" / CHECKPOINT_DIR).iterdir()] == ["step_0000007"]
 
 
+def test_checkpoint_seconds_saves_between_step_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
+    """A run under a wall-clock limit checkpoints by time too, at any step, and resumes from it exactly."""
+    full, _ = run(tmp_path / "full", 7, keep_checkpoints=10)
+    run(tmp_path / "steps", 5, keep_checkpoints=10, checkpoint_seconds=1e9)
+    assert sorted(f.name for f in (tmp_path / "steps" / CHECKPOINT_DIR).iterdir()) == ["step_0000003", "step_0000005"]
+    run(tmp_path / "timed", 4, keep_checkpoints=10, checkpoint_seconds=1e-9)
+    saved = sorted(f.name for f in (tmp_path / "timed" / CHECKPOINT_DIR).iterdir())
+    assert saved == [f"step_{step:07d}" for step in (1, 2, 3, 4)]
+    resumed, state = run(tmp_path / "timed", 7, resume_point(True, tmp_path / "timed"), keep_checkpoints=10)
+    assert state.step == 7 and resumed.seen == full.seen
+    assert float(resumed.weight.detach()) == pytest.approx(float(full.weight.detach()))
+
+
 def test_an_incomplete_checkpoint_is_never_resumed(tmp_path: Path) -> None:
     run(tmp_path / "run", 3)
     (tmp_path / "run" / CHECKPOINT_DIR / "step_0000009").mkdir()  # save_state died before trainer_state.json

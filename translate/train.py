@@ -88,7 +88,8 @@ def loop_settings(config: TrainConfig, overwrite: bool = False) -> LoopSettings:
     section = config.train
     return LoopSettings(run_dir=Path(config.run_dir), seed=section.seed, max_steps=section.max_steps,
                         max_seconds=section.max_seconds, log_every=section.log_every,
-                        checkpoint_every=section.checkpoint_every, keep_checkpoints=section.keep_checkpoints,
+                        checkpoint_every=section.checkpoint_every, checkpoint_seconds=section.checkpoint_seconds,
+                        keep_checkpoints=section.keep_checkpoints,
                         val_every=section.val_every, selection_metric="mae", tensorboard=section.tensorboard,
                         overwrite=overwrite)
 

@@ -120,6 +120,9 @@ class TrainSection(Section):
     num_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    #: Also a checkpoint once this many seconds have passed since the last one (a run under a
+    #: wall-clock limit loses at most this much); None = by steps only.
+    checkpoint_seconds: float | None = Field(None, gt=0)
     #: Checkpoints kept (oldest removed first).
     keep_checkpoints: int = Field(2, ge=1)
     #: Validation period in steps; None = only at the end.

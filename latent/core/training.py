@@ -185,6 +185,9 @@ class LoopSettings:
     max_seconds: float | None = None
     log_every: int = 10
     checkpoint_every: int = 500
+    #: also a checkpoint once this many seconds have passed since the last one (runs under a
+    #: wall-clock limit lose at most this much); None = by steps only.
+    checkpoint_seconds: float | None = None
     keep_checkpoints: int = 2
     #: validation period in steps; None = only at the end.
     val_every: int | None = None
@@ -324,6 +327,7 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
     window_micro = window_steps = 0
     diverged: str | None = None  # the first non-finite loss of this process
     last_checkpoint, done = state.step, state.step >= max_steps
+    last_checkpoint_time = time.monotonic()
     while not done:
         length = task.epoch_length()
         if length is not None and state.position >= length:  # resumed exactly at the end of an epoch
@@ -344,8 +348,10 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
             progress.update(1)
             elapsed = time.monotonic() - start
             time_up = settings.max_seconds is not None and elapsed >= settings.max_seconds
-            # Every process must stop at the same step: take the decisions collectively.
-            flags = accelerator.reduce(torch.tensor([float(time_up), float(diverged is not None)],
+            save_due = (settings.checkpoint_seconds is not None
+                        and time.monotonic() - last_checkpoint_time >= settings.checkpoint_seconds)
+            # Every process must stop (and save) at the same step: take the decisions collectively.
+            flags = accelerator.reduce(torch.tensor([float(time_up), float(diverged is not None), float(save_due)],
                                                     device=accelerator.device), "max").tolist()
             if flags[1]:
                 kept = latest_checkpoint(run_dir)
@@ -367,9 +373,9 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
                 window, window_micro, window_steps = {}, 0, 0
             if done or (settings.val_every and state.step % settings.val_every == 0):
                 done = validate() or done
-            if state.step % settings.checkpoint_every == 0 or done:
+            if state.step % settings.checkpoint_every == 0 or done or flags[2]:
                 save_checkpoint()
-                last_checkpoint = state.step
+                last_checkpoint, last_checkpoint_time = state.step, time.monotonic()
             if done:
                 break
         else:

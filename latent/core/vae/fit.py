@@ -315,7 +315,8 @@ def fit_vae(
                        adversary)
     settings = LoopSettings(run_dir=out_dir, seed=config.seed, max_steps=config.max_steps,
                             max_seconds=config.time_budget_s, log_every=config.log_every,
-                            checkpoint_every=config.checkpoint_every, keep_checkpoints=1, val_every=config.val_every,
+                            checkpoint_every=config.checkpoint_every, checkpoint_seconds=config.checkpoint_seconds,
+                            keep_checkpoints=1, val_every=config.val_every,
                             selection_metric="mae", tensorboard=config.tensorboard, overwrite=overwrite)
     model.train()
     start_time = time.monotonic()

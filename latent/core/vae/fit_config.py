@@ -67,6 +67,9 @@ class VAEFitConfig(VAEModelConfig):
     batch_size: int = Field(1, ge=1, description="volumes per step, all of one shape")
     seed: int = 0
     checkpoint_every: int = Field(200, ge=1, description="steps between resumable checkpoints")
+    checkpoint_seconds: float | None = Field(
+        None, gt=0, description="also a checkpoint once this many seconds have passed since the last one"
+    )
     log_every: int = Field(10, ge=1, description="steps between loss records in metrics.jsonl")
     tensorboard: bool = Field(False, description="also log to TensorBoard (out_dir/tensorboard)")
     mixed_precision: MixedPrecision = "no"
@@ -120,8 +123,8 @@ class VAEFitConfig(VAEModelConfig):
 
 
 #: Loop settings of :class:`VAEFitConfig` read from the recipe's ``train`` section under their own names.
-LOOP_FIELDS = ("lr_schedule", "warmup_steps", "min_lr_ratio", "max_steps", "seed", "checkpoint_every", "log_every",
-               "tensorboard", "mixed_precision", "val_every")
+LOOP_FIELDS = ("lr_schedule", "warmup_steps", "min_lr_ratio", "max_steps", "seed", "checkpoint_every",
+               "checkpoint_seconds", "log_every", "tensorboard", "mixed_precision", "val_every")
 
 
 def vae_fit_config(model: VAEModelConfig, data: Any, train: Any) -> VAEFitConfig:
