@@ -73,3 +73,26 @@ def test_demo_refuses_too_few_cases(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--cases 8: the demo needs at least 9 cases"):
         run_demo(tmp_path, DemoConfig(cases=8))
     assert not any(tmp_path.iterdir())
+
+
+def test_the_v2_command_writes_its_data_once_and_continues_its_run(tmp_path: Path) -> None:
+    """benchmarks/standin_v2.sh at a tiny size: phantoms and split once, a resumed second call."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "standin_v2.sh"
+    env = {**__import__("os").environ, "CASES": "8", "LATENT": str(Path(sys.executable).parent / "latent")}
+    tiny = ["model.channels=[4,8,8]", "model.crop=[16,32,32]", "data.batch_size=1", "model.val_cases=1",
+            "train.checkpoint_seconds=1", "train.val_every=100000", "-q"]
+
+    def call() -> int:
+        subprocess.run(["bash", str(script), str(tmp_path), "4", *tiny], env=env, check=True, capture_output=True)
+        (checkpoint,) = (tmp_path / "vae" / "checkpoints").iterdir()  # the VAE keeps the newest only
+        return int(checkpoint.name.split("_")[1])
+
+    first = call()
+    assert first > 0 and not (tmp_path / "data.partial").exists()
+    data_files = sorted(p.name for p in (tmp_path / "data").rglob("*"))
+    assert json.loads((tmp_path / "splits.json").read_text())["val"]
+    assert call() > first  # continued, not restarted
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == data_files
