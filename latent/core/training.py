@@ -346,10 +346,11 @@ def run_loop(accelerator: Any, task: TrainingTask, settings: LoopSettings, check
             state.step += 1
             window_steps += 1
             progress.update(1)
-            elapsed = time.monotonic() - start
+            now = time.monotonic()
+            elapsed = now - start
             time_up = settings.max_seconds is not None and elapsed >= settings.max_seconds
             save_due = (settings.checkpoint_seconds is not None
-                        and time.monotonic() - last_checkpoint_time >= settings.checkpoint_seconds)
+                        and now - last_checkpoint_time >= settings.checkpoint_seconds)
             # Every process must stop (and save) at the same step: take the decisions collectively.
             flags = accelerator.reduce(torch.tensor([float(time_up), float(diverged is not None), float(save_due)],
                                                     device=accelerator.device), "max").tolist()
