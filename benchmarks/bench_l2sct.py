@@ -141,6 +141,8 @@ def main() -> int:
                              "bench_l2sct_long_adapted; another name keeps a record of another CPU kind beside it)")
     parser.add_argument("--note", default="", help="recorded with the results (machine state, purpose)")
     args = parser.parse_args()
+    if args.long_set and args.long is None:
+        parser.error("--long-set: only with --long (the ablation's variants are fixed)")
     sys.path.insert(0, str(REPOSITORY))
     from latent.core.provenance import git_revision, machine_description
 

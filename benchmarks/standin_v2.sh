@@ -17,6 +17,7 @@ CASES=${CASES:-60}
 LATENT=${LATENT:-latent}
 if [ ! -f "$OUT/splits.json" ]; then
   if [ ! -d "$OUT/data" ]; then
+    rm -rf "$OUT/data.partial"  # left by an interrupted call: never read, written afresh
     $LATENT phantom --out "$OUT/data.partial" --cases "$CASES" --seed 9001
     mv "$OUT/data.partial" "$OUT/data"
   fi

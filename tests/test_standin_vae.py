@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -81,7 +82,7 @@ def test_the_v2_command_writes_its_data_once_and_continues_its_run(tmp_path: Pat
     import sys
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "standin_v2.sh"
-    env = {**__import__("os").environ, "CASES": "8", "LATENT": str(Path(sys.executable).parent / "latent")}
+    env = {**os.environ, "CASES": "8", "LATENT": str(Path(sys.executable).parent / "latent")}
     tiny = ["model.channels=[4,8,8]", "model.crop=[16,32,32]", "data.batch_size=1", "model.val_cases=1",
             "train.checkpoint_seconds=1", "train.val_every=100000", "-q"]
 
